@@ -1,0 +1,1 @@
+"""Runtime adapters for camcore: ONNX graph analysis and onnxruntime sessions."""

@@ -1,0 +1,2 @@
+"""Placeholder while the module is being written."""
+def overlay(*a, **k): raise NotImplementedError
