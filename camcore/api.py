@@ -1,3 +1,71 @@
-"""Placeholder while the module is being written."""
-def load(*a, **k): raise NotImplementedError
-def fuse(*a, **k): raise NotImplementedError
+"""Entry points that reach a backend: `load` and `fuse` (backends are imported lazily)."""
+
+from __future__ import annotations
+
+import importlib
+
+from .backend import get_backend
+from .explainer import Explainer
+from .preprocess import Preprocess
+
+__all__ = ["load", "fuse"]
+
+
+def load(model=None, *, providers=None, feature=None, logits=None, backend: str = "onnxruntime",
+         output=None, preprocess: Preprocess | None = None, class_names=None, batch_size: int = 32) -> Explainer:
+    """Load a model and find its CAM head.
+
+    Parameters
+    ----------
+    model : path, onnx.ModelProto or None
+        The model; None means the embedded default (EfficientNet-Lite0, ImageNet),
+        which comes with its own preprocessing and class names.
+    providers : list, optional
+        onnxruntime providers: names (``"CUDAExecutionProvider"``, or the aliases
+        ``"cpu"``, ``"cuda"``, ``"tensorrt"``) or ``(name, options)`` pairs.  Default:
+        CUDA then CPU when CUDA is available, otherwise CPU.
+    feature, logits : str, optional
+        Tensor-name overrides for ambiguous graphs.
+    backend : str
+        A name from the backend registry (`camcore.register_backend`).
+    output : str, optional
+        The model output to explain (default: the first).
+    preprocess : Preprocess, optional
+        Default preprocessing for `Explainer.explain_images`.
+    class_names : sequence of str, optional
+    batch_size : int
+        Chunk size for large batches.
+
+    Returns
+    -------
+    Explainer
+
+    Raises
+    ------
+    NotCamCompatible
+        The model has no global average pooling, or its head is not affine.
+    CamError
+        Unreadable model, missing external data, unknown provider.
+    """
+    from . import default_model
+
+    if model is None:
+        model = default_model.path()
+        preprocess = preprocess or default_model.preprocess()
+        class_names = class_names if class_names is not None else default_model.class_names()
+    factory = get_backend(backend)
+    runtime = factory(model, providers=providers, feature=feature, logits=logits, output=output)
+    source = str(model) if not hasattr(model, "SerializeToString") else None
+    return Explainer(runtime, preprocess=preprocess, class_names=class_names, batch_size=batch_size,
+                     source=source)
+
+
+def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True):
+    """Build a model that computes its own CAMs: see `backends.fuse_graph.fuse`.
+
+    Returns an ``onnx.ModelProto`` that keeps every original output and adds
+    ``cam_classes (N, k)`` int64, ``cam_scores (N, k)`` float32 and ``cam_maps``
+    ``(N, k, h, w)`` float32 (``(N, k, H, W)`` when `size` is given).
+    """
+    fuse_graph = importlib.import_module("backends.fuse_graph")
+    return fuse_graph.fuse(model, top_k=top_k, size=size, normalize=normalize)

@@ -23,8 +23,7 @@ class MissingDependency(CamError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 
 
-def missing_dependency(module: str, extra: str) -> MissingDependency:
-    """Build the error for a missing optional module, naming the pip extra."""
-    return MissingDependency(
-        f"{module} is required for this; install it with: pip install 'camcore[{extra}]'"
-    )
+def missing_dependency(module: str, *extras: str) -> MissingDependency:
+    """Build the error for a missing optional module, naming the pip extra(s) to install."""
+    options = " or ".join(f"pip install 'camcore[{extra}]'" for extra in extras)
+    return MissingDependency(f"{module} is required for this; install it with: {options}")

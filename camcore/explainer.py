@@ -1,4 +1,344 @@
-"""Placeholder while the module is being written."""
-class Explainer: pass
-class Explanation: pass
-class ImageExplanation: pass
+"""`Explainer`: the glue between a backend (which runs the model) and the array core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .backend import Backend, Head
+from .errors import CamError, InvalidInput
+from .localize import boxes as find_boxes
+from .maps import cam, normalize, upsample
+from .preprocess import Geometry, Preprocess, read_image
+
+__all__ = ["Explainer", "Explanation", "ImageExplanation", "softmax", "sigmoid"]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, computed stably."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * logits))
+
+
+@dataclass(frozen=True, eq=False)
+class Explanation:
+    """Result of `Explainer.explain`.
+
+    Attributes
+    ----------
+    logits : (N, C) float32 ndarray
+        Pre-activation scores, even when the graph ends in Softmax or Sigmoid.
+    classes : (N, k) int64 ndarray
+    scores : (N, k) float32 ndarray
+        Probabilities of `classes`: softmax over the logits, or sigmoid for
+        multi-label models whose graph ends in Sigmoid.
+    maps : (N, k, h, w) float32 ndarray
+        Raw CAMs at feature resolution, channels-first whatever the model's layout.
+        The bias is not included: ``maps.mean((-2, -1)) + bias[classes] == logits``.
+    """
+
+    logits: np.ndarray
+    classes: np.ndarray
+    scores: np.ndarray
+    maps: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class ImageExplanation:
+    """Result of `Explainer.explain_images` for one image.
+
+    Attributes
+    ----------
+    source : str or None
+        The image path, when one was given.
+    size : (H0, W0)
+        Original image size.
+    classes : (k,) int64 ndarray
+    scores : (k,) float32 ndarray
+    boxes : list of k (m, 4) int64 ndarrays, m in {0, 1}
+        The largest box of each class's map (paper heuristic), in original-image
+        pixels, ``(x0, y0, x1, y1)`` half-open; empty when the map is constant.
+    cams : (k, h, w) float32 ndarray
+        Raw CAMs at feature resolution.
+    geometry : Geometry
+        How the model input was cut from the original image.
+    error : str or None
+        Why the image could not be explained (then `classes` is empty).
+    """
+
+    source: str | None
+    size: tuple
+    classes: np.ndarray
+    scores: np.ndarray
+    boxes: list
+    cams: np.ndarray
+    geometry: Geometry | None
+    upsample: str = "bilinear"
+    error: str | None = None
+
+    @property
+    def maps(self) -> np.ndarray:
+        """``(k, H0, W0)`` float32 maps in [0, 1] on the original image (recomputed per access)."""
+        if self.geometry is None:
+            return np.zeros((0,) + tuple(self.size), np.float32)
+        return _image_maps(self.cams, self.geometry, self.upsample)
+
+    def box(self, j: int = 0):
+        """The j-th class's box as a tuple ``(x0, y0, x1, y1)``, or None."""
+        b = self.boxes[j]
+        return tuple(int(v) for v in b[0]) if len(b) else None
+
+
+def _image_maps(cams: np.ndarray, geometry: Geometry, method: str) -> np.ndarray:
+    window = normalize(upsample(cams, geometry.window_size, method=method))
+    return geometry.place(window.astype(np.float32, copy=False))
+
+
+def _class_selection(classes, n: int, num_classes: int):
+    """Validate `classes` -> None (top-k) or an (n, k) int64 array."""
+    if classes is None:
+        return None
+    try:
+        sel = np.asarray(classes)
+    except Exception:
+        raise InvalidInput(f"classes must be a list of ints or an (N, k) array, got {classes!r}") from None
+    if sel.dtype.kind not in "iu" and not (sel.size == 0 and sel.dtype.kind == "f"):
+        raise InvalidInput(f"classes must be integers, got dtype {sel.dtype}")
+    if sel.ndim == 1:
+        sel = np.broadcast_to(sel, (n, sel.size))
+    elif sel.ndim != 2 or sel.shape[0] != n:
+        raise InvalidInput(f"classes must be 1-D (k,) or 2-D ({n}, k), got shape {sel.shape}")
+    if sel.shape[1] == 0:
+        raise InvalidInput("classes must name at least one class")
+    bad = (sel < 0) | (sel >= num_classes)
+    if bad.any():
+        raise InvalidInput(f"classes must be in [0, {num_classes}), got {sel[bad].ravel()[0]}")
+    return sel.astype(np.int64)
+
+
+def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
+    if k >= logits.shape[1]:
+        return np.argsort(-logits, axis=1, kind="stable")
+    part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(logits, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+class Explainer:
+    """Explain a model's predictions with CAM.
+
+    Usually made by `camcore.load`.  It holds a backend (anything with the
+    `Backend` protocol) and, optionally, the model's preprocessing and class names.
+
+    Parameters
+    ----------
+    backend : Backend
+    preprocess : Preprocess, optional
+        Default preprocessing for `explain_images`.
+    class_names : sequence of str, optional
+    batch_size : int
+        Inputs are run in chunks of this many items, so memory stays bounded.
+    """
+
+    def __init__(self, backend: Backend, *, preprocess: Preprocess | None = None,
+                 class_names: Sequence[str] | None = None, batch_size: int = 32, source=None):
+        if not isinstance(backend, Backend):
+            raise InvalidInput(f"backend must implement camcore.Backend, got {type(backend).__name__}")
+        if int(batch_size) < 1:
+            raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
+        self.backend = backend
+        self.preprocess = preprocess
+        self.class_names = list(class_names) if class_names is not None else None
+        self.batch_size = int(batch_size)
+        self.source = source
+
+    @property
+    def head(self) -> Head:
+        return self.backend.head
+
+    def __repr__(self) -> str:
+        h = self.head
+        return (f"Explainer(input={h.input.name!r} {h.input.shape}, feature={h.feature!r}, "
+                f"layout={h.layout!r}, pooling={h.pooling!r}, classes={h.num_classes}, channels={h.channels})")
+
+    def class_name(self, index: int) -> str:
+        if self.class_names is not None and 0 <= index < len(self.class_names):
+            return self.class_names[index]
+        return str(index)
+
+    # ------------------------------------------------------------------ arrays
+
+    def _feed(self, inputs) -> tuple[dict, int]:
+        if not isinstance(inputs, Mapping):
+            inputs = {self.head.input.name: inputs}
+        feed = {name: np.asarray(value) for name, value in inputs.items()}
+        sizes = {v.shape[0] if v.ndim else None for v in feed.values()}
+        if len(sizes) != 1 or None in sizes:
+            raise InvalidInput(f"inputs must share one batch size, got shapes {[v.shape for v in feed.values()]}")
+        return feed, sizes.pop()
+
+    def explain(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None) -> Explanation:
+        """Run model-ready inputs and compute CAMs.
+
+        Parameters
+        ----------
+        inputs : ndarray or dict of ndarray
+            In the model's own dtype and layout, batch first; a dict for multi-input models.
+        classes : None, (k,) sequence or (N, k) array of int, optional
+            None: the `top_k` classes by logit.  1-D: the same classes for every item.
+            2-D: per item.
+        top_k : int
+        batch_size : int, optional
+            Chunk size (default: the explainer's).
+
+        Returns
+        -------
+        Explanation
+            ``logits (N, C)``, ``classes (N, k)``, ``scores (N, k)``, ``maps (N, k, h, w)``.
+        """
+        feed, n = self._feed(inputs)
+        head = self.head
+        sel = _class_selection(classes, n, head.num_classes)
+        if sel is None:
+            if not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= head.num_classes):
+                raise InvalidInput(f"top_k must be an int in [1, {head.num_classes}], got {top_k!r}")
+        chunk = self.batch_size if batch_size is None else int(batch_size)
+        if chunk < 1:
+            raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
+        parts = []
+        for start in range(0, max(n, 1), chunk):
+            part = {name: value[start:start + chunk] for name, value in feed.items()}
+            parts.append(self._explain_chunk(part, None if sel is None else sel[start:start + chunk], top_k))
+        if n == 0:
+            raise InvalidInput("inputs must hold at least one item")
+        return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)))
+
+    def _explain_chunk(self, feed, sel, top_k):
+        head = self.head
+        features, logits = self.backend.run(feed)
+        logits = np.asarray(logits, dtype=np.float32).reshape(len(logits), -1)
+        if logits.shape[1] != head.num_classes:
+            raise CamError(f"the backend returned {logits.shape[1]} logits, the head has {head.num_classes}")
+        if sel is None:
+            sel = _top_k(logits, top_k)
+        probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
+        scores = np.take_along_axis(probabilities, sel, axis=1).astype(np.float32)
+        maps = cam(features, head.weights, sel, layout=head.layout).astype(np.float32, copy=False)
+        return logits, sel, scores, maps
+
+    # ------------------------------------------------------------------ images
+
+    def default_preprocess(self) -> Preprocess:
+        """The explainer's preprocessing, else ImageNet's at the model's input size."""
+        if self.preprocess is not None:
+            return self.preprocess
+        shape = self.head.input.shape
+        hw = shape[2:4] if self._input_layout() == "NCHW" else shape[1:3]
+        size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) for d in hw) else (224, 224)
+        return Preprocess.imagenet(size)
+
+    def _input_layout(self) -> str:
+        shape = self.head.input.shape
+        if len(shape) == 4 and shape[1] in (1, 3):
+            return "NCHW"
+        if len(shape) == 4 and shape[3] in (1, 3):
+            return "NHWC"
+        return self.head.layout
+
+    def explain_images(self, images, *, preprocess: Preprocess | None = None, top_k: int = 1,
+                       threshold: float = 0.2, upsample: str = "bilinear", classes=None,
+                       batch_size: int | None = None) -> list[ImageExplanation]:
+        """Explain raw images: paths, or (H, W), (H, W, 3), (H, W, 4) uint8 or float arrays.
+
+        Each image is preprocessed (`preprocess`, default `default_preprocess()`), run
+        in chunks, and its maps are put back onto the original image through the
+        same resize/crop geometry.  Results keep only feature-resolution CAMs and
+        the boxes, so memory stays bounded; ``ImageExplanation.maps`` rebuilds the
+        full-size maps on access.
+
+        Parameters
+        ----------
+        images : iterable of path or ndarray
+        preprocess : Preprocess, optional
+        top_k : int
+        threshold : float in [0, 1]
+            Box threshold, as a fraction of each map's max (paper: 0.2).
+        upsample : {"nearest", "bilinear", "bicubic"}
+        classes : optional
+            As in `explain`, instead of `top_k`.
+
+        Returns
+        -------
+        list of ImageExplanation
+        """
+        return list(self.iter_explain_images(images, preprocess=preprocess, top_k=top_k, threshold=threshold,
+                                             upsample=upsample, classes=classes, batch_size=batch_size,
+                                             errors="raise"))
+
+    def iter_explain_images(self, images: Iterable, *, preprocess: Preprocess | None = None, top_k: int = 1,
+                            threshold: float = 0.2, upsample: str = "bilinear", classes=None,
+                            batch_size: int | None = None, errors: str = "raise") -> Iterator[ImageExplanation]:
+        """Like `explain_images`, one result at a time, reading images chunk by chunk.
+
+        With ``errors="report"``, an image that cannot be read or preprocessed gives an
+        `ImageExplanation` whose `error` holds the one-line reason, and the others go on.
+        """
+        if errors not in ("raise", "report"):
+            raise InvalidInput(f"errors must be 'raise' or 'report', got {errors!r}")
+        if not 0 <= float(threshold) <= 1:
+            raise InvalidInput(f"threshold must be in [0, 1], got {threshold!r}")
+        if upsample not in ("nearest", "bilinear", "bicubic"):
+            raise InvalidInput(f"upsample must be one of 'nearest', 'bilinear', 'bicubic', got {upsample!r}")
+        preprocess = preprocess or self.default_preprocess()
+        chunk = self.batch_size if batch_size is None else int(batch_size)
+        layout, dtype = self._input_layout(), self.head.input.dtype
+        class_rows = None if classes is None else np.asarray(classes)
+        index = 0
+        batch = []
+        for image in images:
+            batch.append((index, image))
+            index += 1
+            if len(batch) == chunk:
+                yield from self._image_chunk(batch, preprocess, layout, dtype, top_k, threshold, upsample,
+                                             class_rows, errors)
+                batch = []
+        if batch:
+            yield from self._image_chunk(batch, preprocess, layout, dtype, top_k, threshold, upsample,
+                                         class_rows, errors)
+
+    def _image_chunk(self, batch, preprocess, layout, dtype, top_k, threshold, method, class_rows, errors):
+        prepared, results = [], {}
+        for index, image in batch:
+            source = str(image) if not isinstance(image, np.ndarray) else None
+            try:
+                array = read_image(image) if source is not None else image
+                x, geometry = preprocess(array)
+                prepared.append((index, source, x, geometry))
+            except CamError as exc:
+                if errors == "raise":
+                    raise
+                results[index] = ImageExplanation(source, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                                  [], np.zeros((0, 0, 0), np.float32), None, method, str(exc))
+        if prepared:
+            x = np.stack([p[2] for p in prepared])
+            if layout == "NCHW":
+                x = x.transpose(0, 3, 1, 2)
+            x = np.ascontiguousarray(x, dtype=dtype)
+            sel = None
+            if class_rows is not None:
+                sel = class_rows if class_rows.ndim == 1 else class_rows[[p[0] for p in prepared]]
+            out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x))
+            for j, (index, source, _, geometry) in enumerate(prepared):
+                full = _image_maps(out.maps[j], geometry, method)
+                found = [find_boxes(m, threshold=threshold) for m in full]
+                results[index] = ImageExplanation(source, geometry.original_size, out.classes[j], out.scores[j],
+                                                  found, out.maps[j], geometry, method)
+        for index, _ in batch:
+            yield results[index]

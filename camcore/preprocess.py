@@ -1,2 +1,248 @@
-"""Placeholder while the module is being written."""
-class Preprocess: pass
+"""Image preprocessing with invertible geometry.
+
+`Preprocess` turns raw images of any size into model-ready arrays and remembers
+where each model-input pixel came from, so that maps computed on the model input
+can be put back onto the original image (`Geometry.unmap`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ._validate import check_choice, check_ndim, check_size, float_array
+from .errors import CamError, InvalidInput
+from .maps import upsample
+
+__all__ = ["Preprocess", "Geometry", "read_image", "as_rgb"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def read_image(path) -> np.ndarray:
+    """Read an image file into an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array.
+
+    Raises `CamError` (with the path) when the file is missing or not a readable image.
+    """
+    from skimage import io
+
+    path = Path(path)
+    if not path.is_file():
+        raise CamError(f"image not found: {path}")
+    try:
+        image = io.imread(path)
+    except Exception as exc:
+        raise CamError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
+        raise CamError(f"cannot read image {path}: unexpected shape {image.shape}")
+    return image
+
+
+def as_rgb(image, *, name: str = "image") -> np.ndarray:
+    """Return ``image`` as an ``(H, W, 3)`` array (gray is repeated, alpha dropped).
+
+    uint8/uint16 images keep their dtype; float images are returned as floats.
+    """
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "uif" or arr.dtype == np.bool_:
+        raise InvalidInput(f"{name} must be a uint8 or float array, got dtype {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    check_ndim(arr, (2, 3), name, "(H, W), (H, W, 3) or (H, W, 4)")
+    if arr.ndim == 3 and arr.shape[-1] not in (3, 4):
+        raise InvalidInput(f"{name} must have 3 or 4 channels, got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise InvalidInput(f"{name} must not be empty, got shape {arr.shape}")
+    if arr.ndim == 2:
+        return np.repeat(arr[..., None], 3, axis=-1)
+    return arr[..., :3]
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model input came from in the original image.
+
+    The model input of size ``input_size = (H, W)`` is the resize of the original
+    window ``crop = (x0, y0, x1, y1)`` (half-open, original-image pixels) of an
+    image of size ``original_size = (H0, W0)``.
+    """
+
+    original_size: tuple
+    crop: tuple
+    input_size: tuple
+
+    def unmap(self, maps, *, method: str = "bilinear") -> np.ndarray:
+        """Put maps computed on the model input back onto the original image.
+
+        Parameters
+        ----------
+        maps : (..., h, w) ndarray
+            Maps at any resolution that covers the whole model input.
+        method : {"nearest", "bilinear", "bicubic"}
+
+        Returns
+        -------
+        (..., H0, W0) ndarray
+            The maps resized onto the crop window; pixels outside it are 0.
+
+        Examples
+        --------
+        >>> g = Geometry(original_size=(4, 6), crop=(1, 0, 5, 4), input_size=(2, 2))
+        >>> g.unmap(np.ones((2, 2))).astype(int)
+        array([[0, 1, 1, 1, 1, 0],
+               [0, 1, 1, 1, 1, 0],
+               [0, 1, 1, 1, 1, 0],
+               [0, 1, 1, 1, 1, 0]])
+        """
+        return self.place(upsample(maps, self.window_size, method=method))
+
+    @property
+    def window_size(self) -> tuple:
+        """``(height, width)`` of the crop window in original-image pixels."""
+        x0, y0, x1, y1 = self.crop
+        return (y1 - y0, x1 - x0)
+
+    def place(self, window) -> np.ndarray:
+        """Put ``(..., *window_size)`` maps into ``(..., H0, W0)`` zeros at the crop window."""
+        x0, y0, x1, y1 = self.crop
+        h0, w0 = self.original_size
+        if (x0, y0, x1, y1) == (0, 0, w0, h0):
+            return window
+        out = np.zeros(window.shape[:-2] + (h0, w0), dtype=window.dtype)
+        out[..., y0:y1, x0:x1] = window
+        return out
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """What a model expects of its image input.
+
+    Parameters
+    ----------
+    size : int or (H, W)
+        Model input size.
+    resize : {"stretch", "crop"}
+        ``"stretch"`` resizes the whole image to `size`, ignoring the aspect ratio.
+        ``"crop"`` takes the centered window that, resized to `size`, covers
+        `crop_fraction` of the shorter scaled side (the usual ImageNet "resize 256,
+        center-crop 224" for ``crop_fraction=0.875``).
+    mean, std : 3 floats
+        Per-channel normalization, applied after `scale`: ``(x * scale - mean) / std``.
+    scale : float
+        Applied to integer images (uint8 ``0..255`` -> ``0..1`` by default).  Float
+        images are taken as already scaled.
+    channel_order : {"RGB", "BGR"}
+    crop_fraction : float in (0, 1]
+        Only for ``resize="crop"``.
+
+    Examples
+    --------
+    >>> p = Preprocess(4, mean=(0, 0, 0), std=(1, 1, 1))
+    >>> x, geometry = p(np.full((8, 6, 3), 255, np.uint8))
+    >>> x.shape, float(x.max()), geometry.crop
+    ((4, 4, 3), 1.0, (0, 0, 6, 8))
+    """
+
+    size: object = 224
+    resize: str = "stretch"
+    mean: tuple = (0.0, 0.0, 0.0)
+    std: tuple = (1.0, 1.0, 1.0)
+    scale: float = 1 / 255
+    channel_order: str = "RGB"
+    crop_fraction: float = 0.875
+
+    def __post_init__(self):
+        size = (self.size, self.size) if np.isscalar(self.size) else tuple(self.size)
+        object.__setattr__(self, "size", check_size(size, "size"))
+        check_choice(self.resize, ("stretch", "crop"), "resize")
+        check_choice(self.channel_order, ("RGB", "BGR"), "channel_order")
+        for field_name in ("mean", "std"):
+            value = tuple(float(v) for v in np.ravel(getattr(self, field_name)))
+            if len(value) == 1:
+                value = value * 3
+            if len(value) != 3 or not np.all(np.isfinite(value)):
+                raise InvalidInput(f"{field_name} must be 1 or 3 finite floats, got {getattr(self, field_name)!r}")
+            object.__setattr__(self, field_name, value)
+        if any(s == 0 for s in self.std):
+            raise InvalidInput(f"std must be non-zero, got {self.std!r}")
+        if not 0 < self.crop_fraction <= 1:
+            raise InvalidInput(f"crop_fraction must be in (0, 1], got {self.crop_fraction!r}")
+        if not (np.isfinite(self.scale) and self.scale > 0):
+            raise InvalidInput(f"scale must be a positive float, got {self.scale!r}")
+
+    @classmethod
+    def imagenet(cls, size=224, **overrides) -> "Preprocess":
+        """The usual ImageNet preset: resize 256 / center-crop 224, torchvision mean and std."""
+        options = dict(resize="crop", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        options.update(overrides)
+        return cls(size, **options)
+
+    def geometry(self, original_size) -> Geometry:
+        """The `Geometry` used for an image of size ``(H0, W0)``."""
+        h0, w0 = check_size(original_size, "original_size")
+        h, w = self.size
+        if self.resize == "stretch":
+            return Geometry((h0, w0), (0, 0, w0, h0), (h, w))
+        # Scale so that the (h, w) window covers crop_fraction of the scaled image.
+        s = max(h / (self.crop_fraction * h0), w / (self.crop_fraction * w0))
+        ch, cw = min(h0, max(1, round(h / s))), min(w0, max(1, round(w / s)))
+        y0, x0 = (h0 - ch) // 2, (w0 - cw) // 2
+        return Geometry((h0, w0), (x0, y0, x0 + cw, y0 + ch), (h, w))
+
+    def __call__(self, image) -> tuple[np.ndarray, Geometry]:
+        """Preprocess one image.
+
+        Parameters
+        ----------
+        image : (H0, W0), (H0, W0, 3) or (H0, W0, 4) ndarray
+            uint8/uint16 (multiplied by `scale`) or float (already scaled).
+
+        Returns
+        -------
+        x : (H, W, 3) float32 ndarray
+            Channels-last; `batch` arranges the layout.
+        geometry : Geometry
+        """
+        from skimage.transform import resize
+
+        rgb = as_rgb(image)
+        integer = rgb.dtype.kind in "ui"
+        geometry = self.geometry(rgb.shape[:2])
+        x0, y0, x1, y1 = geometry.crop
+        window = float_array(rgb[y0:y1, x0:x1], "image").astype(np.float32, copy=False)
+        if not np.all(np.isfinite(window)):
+            raise InvalidInput("image must be finite, got NaN or inf values")
+        if integer:
+            window = window * np.float32(self.scale)
+        if window.shape[:2] != self.size:
+            downscale = window.shape[0] > self.size[0] or window.shape[1] > self.size[1]
+            window = resize(window, self.size, order=1, mode="edge", anti_aliasing=downscale,
+                            preserve_range=True).astype(np.float32, copy=False)
+        if self.channel_order == "BGR":
+            window = window[..., ::-1]
+        x = (window - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return x.astype(np.float32, copy=False), geometry
+
+    def batch(self, images, *, layout: str = "NCHW", dtype=np.float32):
+        """Preprocess several images into one model-ready batch.
+
+        Returns
+        -------
+        x : (N, 3, H, W) or (N, H, W, 3) ndarray of `dtype`
+        geometries : list of Geometry
+        """
+        check_choice(layout, ("NCHW", "NHWC"), "layout")
+        arrays, geometries = [], []
+        for image in images:
+            x, g = self(image)
+            arrays.append(x)
+            geometries.append(g)
+        if not arrays:
+            raise InvalidInput("images must not be empty")
+        x = np.stack(arrays)
+        if layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x, dtype=dtype), geometries

@@ -1,0 +1,546 @@
+"""ONNX graph analysis: find the global average pooling, the feature tensor and the affine head.
+
+The head is not pattern-matched.  We walk back from an output to the logits,
+find the last global *average* pooling the logits depend on, cut the graph at
+the pooled tensor and read the affine map ``logits = W @ pooled + b`` back by
+feeding probes (zeros and unit vectors), then check it on random vectors.  Any
+chain of affine ops (Gemm with alpha/beta/transB, MatMul+Add, 1x1 Conv,
+BatchNormalization, scalar Mul/Div, Dropout, Casts, computed Reshapes, weights
+made by nodes) is handled without per-pattern code.
+
+Every function that edits a graph returns a copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, shape_inference
+
+from camcore.backend import Head, TensorSpec
+from camcore.errors import CamError, NotCamCompatible
+
+__all__ = [
+    "load_model",
+    "find_head",
+    "expose_outputs",
+    "graph_inputs",
+    "np_dtype",
+]
+
+# Walked through between an output and the logits tensor.
+_PASS_THROUGH = {"Identity", "Cast", "Flatten", "Reshape", "Squeeze", "Unsqueeze"}
+_ACTIVATIONS = {"Softmax": "softmax", "LogSoftmax": "softmax", "Sigmoid": "sigmoid"}
+_AVERAGE_POOLS = {"GlobalAveragePool", "ReduceMean", "AveragePool"}
+_MAX_POOLS = {"GlobalMaxPool", "ReduceMax", "MaxPool", "GlobalLpPool"}
+# Ops that keep a head affine in the pooled tensor (products of two pooled-dependent
+# tensors are caught by the numerical check).
+_AFFINE_OPS = {
+    "Add", "BatchNormalization", "Cast", "CastLike", "Concat", "Constant", "ConstantOfShape",
+    "Conv", "Div", "Dropout", "Einsum", "Expand", "Flatten", "Gather", "Gemm", "Identity",
+    "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Reshape", "Shape", "Size",
+    "Slice", "Split", "Squeeze", "Sub", "Sum", "Tile", "Transpose", "Unsqueeze",
+}
+_SHAPE_ONLY = {"Shape", "Size"}
+_PROBE_BATCH = 512
+
+
+def np_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def _dims(type_proto) -> tuple:
+    if not type_proto.tensor_type.HasField("shape"):
+        return ()
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in type_proto.tensor_type.shape.dim
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_model(model) -> tuple[onnx.ModelProto, Path | None]:
+    """Read a model from a path or copy a ``ModelProto``; external data is loaded safely.
+
+    External-data files are read from the model's own folder only: a location that is
+    absolute or escapes that folder is refused.
+
+    Returns
+    -------
+    model : onnx.ModelProto
+        A copy the caller may edit.
+    folder : Path or None
+        The model's folder (None for an in-memory model).
+    """
+    from onnx import external_data_helper as edh
+
+    if isinstance(model, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(model)
+        if any(edh.uses_external_data(t) for t in edh._get_all_tensors(proto)):
+            raise CamError("the in-memory model refers to external data; pass the .onnx path instead")
+        return proto, None
+    if not isinstance(model, (str, os.PathLike)):
+        raise CamError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
+    path = Path(model)
+    if not path.is_file():
+        raise CamError(f"model file not found: {path}")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:
+        raise CamError(f"cannot read {path}: not a valid ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise CamError(f"cannot read {path}: not a valid ONNX model (empty graph)")
+    folder = path.resolve().parent
+    for tensor in edh._get_all_tensors(proto):
+        if not edh.uses_external_data(tensor):
+            continue
+        info = edh.ExternalDataInfo(tensor)
+        target = (folder / info.location).resolve()
+        if os.path.isabs(info.location) or folder not in target.parents:
+            raise CamError(
+                f"external data of tensor {tensor.name!r} points outside the model folder: {info.location!r}"
+            )
+        if not target.is_file():
+            raise CamError(f"external data file missing for tensor {tensor.name!r}: {target}")
+    try:
+        edh.load_external_data_for_model(proto, str(folder))
+    except Exception as exc:
+        raise CamError(f"cannot load the external data of {path}: {exc}") from None
+    return proto, folder
+
+
+# --------------------------------------------------------------------------- graph helpers
+
+
+@dataclass
+class _Graph:
+    """Index of one (shape-inferred) graph."""
+
+    model: onnx.ModelProto
+    producer: dict
+    consumers: dict
+    order: dict
+    types: dict
+    constants: dict
+
+    @classmethod
+    def build(cls, model: onnx.ModelProto) -> "_Graph":
+        try:
+            inferred = shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:
+            inferred = model
+        g = inferred.graph
+        producer, consumers, order = {}, {}, {}
+        for i, node in enumerate(g.node):
+            order[id(node)] = i
+            for out in node.output:
+                producer[out] = node
+            for inp in node.input:
+                consumers.setdefault(inp, []).append(node)
+        types = {}
+        for vi in list(g.value_info) + list(g.input) + list(g.output):
+            types[vi.name] = vi.type
+        constants = {t.name: t for t in g.initializer}
+        for t in g.initializer:
+            types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
+        return cls(inferred, producer, consumers, order, types, constants)
+
+    def shape(self, name: str) -> tuple:
+        return _dims(self.types[name]) if name in self.types else ()
+
+    def elem_type(self, name: str) -> int | None:
+        t = self.types.get(name)
+        return t.tensor_type.elem_type if t is not None else None
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """Value of an initializer or Constant-node output, else None."""
+        if name in self.constants:
+            return onnx.numpy_helper.to_array(self.constants[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    return onnx.numpy_helper.to_array(attr.t)
+                if attr.name in ("value_ints", "value_int"):
+                    return np.array(helper.get_attribute_value(attr), dtype=np.int64)
+        return None
+
+    def ancestors(self, name: str, *, stop: str | None = None, shape_only_stops: bool = False):
+        """Nodes the tensor `name` depends on, not walking past `stop`."""
+        seen, stack, nodes = set(), [name], []
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen or tensor == stop:
+                continue
+            seen.add(tensor)
+            node = self.producer.get(tensor)
+            if node is None:
+                continue
+            nodes.append(node)
+            if shape_only_stops and node.op_type in _SHAPE_ONLY:
+                continue
+            stack.extend(i for i in node.input if i)
+        unique = {id(n): n for n in nodes}
+        return sorted(unique.values(), key=lambda n: self.order[id(n)])
+
+
+def graph_inputs(model: onnx.ModelProto) -> tuple[TensorSpec, ...]:
+    """The real inputs of a model (initializers excluded)."""
+    initializers = {t.name for t in model.graph.initializer}
+    return tuple(
+        TensorSpec(vi.name, _dims(vi.type), np_dtype(vi.type.tensor_type.elem_type))
+        for vi in model.graph.input
+        if vi.name not in initializers
+    )
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _node_label(node) -> str:
+    return f"{node.op_type} at node {node.name or node.output[0]!r}"
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+@dataclass(frozen=True)
+class _Pooling:
+    node: onnx.NodeProto
+    kind: str  # "average" or "max"
+    layout: str
+    keepdims: bool
+    kernel: tuple | None = None  # AveragePool: the feature size it covers
+
+
+def _spatial_axes(g: _Graph, node) -> tuple | None:
+    """``(axes, rank)`` of a ReduceMean/ReduceMax node, axes normalized; None if unknown."""
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = g.constant(node.input[1])
+        if value is None:
+            return None
+        axes = value.ravel().tolist()
+    rank = len(g.shape(node.input[0])) or 4
+    if axes is None:
+        return None if _attr(node, "noop_with_empty_axes", 0) else (tuple(range(rank)), rank)
+    return tuple(sorted(int(a) % rank for a in axes)), rank
+
+
+def _as_global_pool(g: _Graph, node) -> _Pooling | None:
+    """Return the pooling description if `node` pools over the whole spatial map."""
+    op = node.op_type
+    if op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
+        kind = "average" if op == "GlobalAveragePool" else "max"
+        return _Pooling(node, kind, "NCHW", True)
+    if op in ("ReduceMean", "ReduceMax"):
+        found = _spatial_axes(g, node)
+        if found is None:
+            return None
+        axes, rank = found
+        if rank != 4:
+            return None
+        layout = {(2, 3): "NCHW", (1, 2): "NHWC"}.get(axes)
+        if layout is None:
+            return None
+        kind = "average" if op == "ReduceMean" else "max"
+        return _Pooling(node, kind, layout, bool(_attr(node, "keepdims", 1)))
+    if op in ("AveragePool", "MaxPool"):
+        kernel = tuple(_attr(node, "kernel_shape", ()))
+        pads = _attr(node, "pads", None) or []
+        if len(kernel) != 2 or any(pads) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+            return None
+        spatial = g.shape(node.input[0])[2:]
+        if len(spatial) == 2 and all(isinstance(s, int) for s in spatial) and tuple(spatial) != kernel:
+            return None  # a local pooling inside the backbone
+        kind = "average" if op == "AveragePool" else "max"
+        return _Pooling(node, kind, "NCHW", True, kernel)
+    return None
+
+
+# --------------------------------------------------------------------------- the head
+
+
+def _walk_to_logits(g: _Graph, output: str) -> tuple[str, str]:
+    """Walk back from `output` through activations and reshapes to the logits tensor."""
+    tensor, scoring = output, None
+    while True:
+        node = g.producer.get(tensor)
+        if node is None:
+            break
+        if node.op_type in _ACTIVATIONS:
+            return node.input[0], _ACTIVATIONS[node.op_type]
+        if node.op_type not in _PASS_THROUGH:
+            break
+        tensor = node.input[0]
+    return output, scoring or "softmax"
+
+
+def _scoring_of(g: _Graph, logits: str) -> str:
+    """'sigmoid' if the logits tensor feeds a Sigmoid (through pass-through ops)."""
+    stack, seen = [logits], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for node in g.consumers.get(t, []):
+            if node.op_type == "Sigmoid":
+                return "sigmoid"
+            if node.op_type in _PASS_THROUGH:
+                stack.extend(node.output)
+    return "softmax"
+
+
+def _find_pooling(g: _Graph, logits: str, output: str, feature: str | None) -> _Pooling:
+    if feature is not None:
+        for node in g.consumers.get(feature, []):
+            pooling = _as_global_pool(g, node)
+            if pooling is not None and node.input[0] == feature:
+                break
+        else:
+            raise NotCamCompatible(f"tensor {feature!r} does not feed a global pooling node")
+    else:
+        candidates = [p for p in (_as_global_pool(g, n) for n in g.ancestors(logits)) if p is not None]
+        if not candidates:
+            raise NotCamCompatible(f"no global average pooling on the path to output {output!r}")
+        pooling = candidates[-1]  # the last one; earlier ones sit in SE blocks
+    if pooling.kind == "max":
+        raise NotCamCompatible(
+            f"global max pooling ({_node_label(pooling.node)}) does not satisfy the CAM identity"
+        )
+    return pooling
+
+
+def _check_head_structure(g: _Graph, pooled: str, logits: str, output: str) -> list:
+    """Nodes between the pooled tensor and the logits; refuse non-affine ops and bypasses."""
+    nodes = g.ancestors(logits, stop=pooled)
+    dependent = {pooled}
+    for node in nodes:
+        if node.op_type in _SHAPE_ONLY:
+            continue
+        if any(i in dependent for i in node.input):
+            dependent.update(node.output)
+            if node.op_type not in _AFFINE_OPS:
+                raise NotCamCompatible(f"head after pooling is not affine: {_node_label(node)}")
+    if logits not in dependent:
+        raise NotCamCompatible(f"output {output!r} does not depend on the pooled features {pooled!r}")
+    # Value paths that reach a graph input without passing through the pooling.
+    inputs = {vi.name for vi in g.model.graph.input} - set(g.constants)
+    for node in g.ancestors(logits, stop=pooled, shape_only_stops=True):
+        if node.op_type in _SHAPE_ONLY:
+            continue
+        bypass = [i for i in node.input if i in inputs]
+        if bypass:
+            raise NotCamCompatible(
+                f"logits depend on input {bypass[0]!r} other than through the global average pooling"
+            )
+    return nodes
+
+
+def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.ModelProto:
+    """The sub-graph pooled -> logits, with a free batch axis on the pooled input."""
+    from onnx.utils import Extractor
+
+    model = onnx.ModelProto()
+    model.CopyFrom(g.model)
+    # Extractor needs a type for every cut tensor; shape inference may not have found one.
+    for name in (pooled, logits):
+        if name not in g.types:
+            model.graph.value_info.append(helper.make_value_info(name, pooled_type if name == pooled else
+                                          helper.make_tensor_type_proto(pooled_type.tensor_type.elem_type, None)))
+    extractor = Extractor(model)
+    # Inputs reached only through Shape ops (computed reshapes) are fed as dummies.
+    needed = [i.name for i in extractor.model.graph.input
+              if i.name not in g.constants and any(
+                  n.op_type in _SHAPE_ONLY and i.name in n.input
+                  for n in g.ancestors(logits, stop=pooled))]
+    sub = extractor.extract_model([pooled, *needed], [logits])
+    # Free the batch axis of the cut: probes come in batches.
+    sub.graph.input[0].type.CopyFrom(pooled_type)
+    sub.ir_version = g.model.ir_version
+    sub.graph.output[0].type.tensor_type.ClearField("shape")
+    return sub
+
+
+def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: np.dtype, label: str):
+    """Read W (C, K) and b (C,) back from `run(pooled_batch) -> logits`, then verify."""
+
+    def evaluate(vectors: np.ndarray) -> np.ndarray:
+        shape = [1] * len(pooled_shape)
+        out = []
+        for start in range(0, len(vectors), _PROBE_BATCH):
+            chunk = vectors[start:start + _PROBE_BATCH]
+            shape[0], shape[channel_axis] = len(chunk), k
+            batch = np.moveaxis(chunk.reshape([len(chunk)] + [1] * (len(shape) - 2) + [k]), -1, channel_axis)
+            try:
+                result = run(np.ascontiguousarray(batch.reshape(shape), dtype=dtype))
+            except Exception:
+                # A head with a fixed batch size (e.g. Reshape to [1, K]): one probe at a time.
+                result = np.concatenate([run(np.ascontiguousarray(b[None], dtype=dtype)) for b in batch])
+            out.append(np.asarray(result, dtype=np.float64).reshape(len(chunk), -1))
+        return np.concatenate(out)
+
+    probes = np.vstack([np.zeros((1, k)), np.eye(k)])
+    response = evaluate(probes)
+    bias = response[0]
+    weights = (response[1:] - bias).T
+    rng = np.random.default_rng(0)
+    tests = rng.standard_normal((8, k))
+    predicted = tests @ weights.T + bias
+    actual = evaluate(tests)
+    scale = np.abs(tests) @ np.abs(weights).T + np.abs(bias)
+    rtol = 2e-2 if dtype == np.float16 else 1e-4
+    if not np.all(np.abs(actual - predicted) <= rtol * scale + rtol):
+        raise NotCamCompatible(f"head after pooling is not affine: {label}")
+    return weights.astype(np.float32), bias.astype(np.float32)
+
+
+def _product_label(g: _Graph, nodes: list, pooled: str) -> str:
+    """Name the first node that multiplies two pooled-dependent tensors."""
+    dependent = {pooled}
+    for node in nodes:
+        hits = [i for i in node.input if i in dependent]
+        if node.op_type in ("Mul", "Div", "MatMul", "Gemm", "Einsum") and len(hits) > 1:
+            return _node_label(node)
+        if hits and node.op_type not in _SHAPE_ONLY:
+            dependent.update(node.output)
+    return "the numerical probe found a nonlinear response"
+
+
+def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str | None = None,
+              output: str | None = None) -> Head:
+    """Find the feature tensor, the pooling and the affine head of a GAP classifier.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        With its external data loaded (see `load_model`).
+    feature, logits : str, optional
+        Tensor-name overrides for ambiguous graphs.
+    output : str, optional
+        The output to explain (default: the first graph output).
+
+    Returns
+    -------
+    Head
+        ``weights`` ``(C, K)`` and ``bias`` ``(C,)`` float32 such that
+        ``logits = weights @ mean_xy(features) + bias``.
+
+    Raises
+    ------
+    NotCamCompatible
+        With a one-line reason.
+    """
+    g = _Graph.build(model)
+    names = {o.name for o in model.graph.output}
+    if output is None:
+        output = model.graph.output[0].name if model.graph.output else None
+    if output is None or (output not in names):
+        raise CamError(f"output {output!r} not found; the model's outputs are {sorted(names)}")
+    known = set(g.producer) | {i.name for i in model.graph.input}
+    for name, value in (("feature", feature), ("logits", logits)):
+        if value is not None and value not in known:
+            raise CamError(f"{name} tensor {value!r} not found in the graph")
+    if logits is None:
+        logits, scoring = _walk_to_logits(g, output)
+    else:
+        scoring = _scoring_of(g, logits)
+    pooling = _find_pooling(g, logits, output, feature)
+    feature = pooling.node.input[0]
+    pooled = pooling.node.output[0]
+    head_nodes = _check_head_structure(g, pooled, logits, output)
+
+    feature_shape = g.shape(feature)
+    channel_axis_feature = 1 if pooling.layout == "NCHW" else 3
+    k = feature_shape[channel_axis_feature] if len(feature_shape) == 4 else None
+    if not isinstance(k, int):
+        raise NotCamCompatible(f"cannot infer the channel count of feature tensor {feature!r}")
+    if pooling.keepdims:
+        pooled_shape = (1, k, 1, 1) if pooling.layout == "NCHW" else (1, 1, 1, k)
+        channel_axis = channel_axis_feature
+    else:
+        pooled_shape, channel_axis = (1, k), 1
+    elem = g.elem_type(feature) or onnx.TensorProto.FLOAT
+    pooled_type = helper.make_tensor_type_proto(elem, ["probe_batch", *pooled_shape[1:]])
+    probe = _probe_model(g, pooled, logits, pooled_type)
+    run = _probe_runner(probe, pooled, g)
+    weights, bias = _recover_affine(run, pooled_shape, channel_axis, k, np_dtype(elem),
+                                    _product_label(g, head_nodes, pooled))
+
+    inputs = graph_inputs(model)
+    image_input = _image_input(g, inputs, feature)
+    extra = {"pooled": pooled, "pool_kernel": pooling.kernel}
+    return Head(
+        weights=weights, bias=bias, feature=feature, logits=logits, layout=pooling.layout,
+        pooling=pooling.node.op_type, input=image_input, inputs=inputs,
+        feature_shape=feature_shape, scoring=scoring, output=output, extra=extra,
+    )
+
+
+def _image_input(g: _Graph, inputs, feature: str) -> TensorSpec:
+    upstream = {i for n in g.ancestors(feature) for i in n.input}
+    candidates = [s for s in inputs if s.name in upstream and len(s.shape) == 4] or \
+                 [s for s in inputs if s.name in upstream] or list(inputs)
+    if not candidates:
+        raise NotCamCompatible("the model has no input")
+    return candidates[0]
+
+
+def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
+    """A function pooled-batch -> logits running `probe` under onnxruntime (CPU)."""
+    from .ort_session import import_onnxruntime
+
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise CamError(f"cannot run the classifier head on its own: {str(exc).splitlines()[0]}") from None
+    dummies = {}
+    for vi in session.get_inputs():
+        if vi.name != pooled:
+            spec = next(s for s in graph_inputs(g.model) if s.name == vi.name)
+            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
+            dummies[vi.name] = np.zeros(shape, dtype=spec.dtype)
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        return session.run(None, {pooled: batch, **dummies})[0]
+
+    return run
+
+
+# --------------------------------------------------------------------------- editing
+
+
+def expose_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """Return a copy of `model` with the tensors `names` added as graph outputs.
+
+    Types come from shape inference; tensors that already are outputs are kept once.
+    """
+    g = _Graph.build(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in names:
+        if name in present:
+            continue
+        if name not in g.types:
+            raise CamError(f"cannot expose tensor {name!r}: its type is unknown")
+        tensor_type = onnx.TypeProto()
+        tensor_type.CopyFrom(g.types[name])
+        out.graph.output.append(helper.make_value_info(name, tensor_type))
+        present.add(name)
+    return out
