@@ -1,2 +1,119 @@
-"""Placeholder while the module is being written."""
-def boxes(*a, **k): raise NotImplementedError
+"""Bounding boxes from a class activation map (the CAM paper's heuristic)."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from scipy import ndimage
+
+from ._validate import check_choice, check_ndim, float_array
+from .errors import InvalidInput
+
+__all__ = ["boxes"]
+
+_MODES = ("largest", "all")
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def boxes(map2d, *, threshold=0.2, mode="largest"):
+    """Boxes around the connected regions of a map above a fraction of its maximum.
+
+    The heuristic of Zhou et al. (CVPR 2016): keep the pixels with
+    ``map2d >= threshold * max(map2d)``, label the 8-connected components of
+    that mask, and box them.
+
+    Parameters
+    ----------
+    map2d : (H, W) ndarray
+        One map, usually a CAM upsampled to the image. Must not hold NaN or
+        ``+inf`` (``-inf`` pixels are simply never kept).
+    threshold : float in [0, 1], optional
+        The fraction of the map's maximum a pixel needs to be kept.
+    mode : {"largest", "all"}, optional
+        ``"largest"``: the box of the component with the most pixels (ties:
+        the component whose first pixel comes first in raster order).
+        ``"all"``: every component, by decreasing pixel count (ties in raster
+        order of their first pixel).
+
+    Returns
+    -------
+    boxes : (n, 4) int64 ndarray
+        Rows ``(x0, y0, x1, y1)``, half-open (the component's pixels satisfy
+        ``x0 <= x < x1`` and ``y0 <= y < y1``), in pixels of `map2d`, so always
+        within ``[0, W] x [0, H]``. ``n`` is 1 for ``"largest"`` and the number
+        of components for ``"all"``. When the maximum is not positive there
+        is no foreground and the result is empty, shape ``(0, 4)``.
+
+    Raises
+    ------
+    InvalidInput
+        `map2d` not 2-D or empty, NaN or ``+inf`` in it, `threshold` outside
+        [0, 1], or an unknown `mode`.
+
+    Notes
+    -----
+    `camcore.metrics.max_box_acc` follows the wsolevaluation protocol instead,
+    which differs: it quantizes the map to uint8, keeps pixels strictly above
+    ``int(threshold * max)``, picks the largest contour by polygon area and
+    uses inclusive, clipped box corners.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m = np.zeros((6, 8))
+    >>> m[1:3, 1:4] = 1.0   # 6 pixels
+    >>> m[3:6, 5:8] = 0.5   # 9 pixels, the largest region
+    >>> m[0, 7] = 0.1       # below 0.2 * max: dropped
+    >>> boxes(m)
+    array([[5, 3, 8, 6]])
+    >>> boxes(m, mode="all")
+    array([[5, 3, 8, 6],
+           [1, 1, 4, 3]])
+    >>> boxes(m, threshold=0.6)
+    array([[1, 1, 4, 3]])
+    >>> boxes(np.zeros((4, 4))).shape
+    (0, 4)
+    """
+    check_choice(mode, _MODES, "mode")
+    if (
+        not isinstance(threshold, numbers.Real)
+        or isinstance(threshold, bool)
+        or not 0 <= threshold <= 1
+    ):
+        raise InvalidInput(f"threshold must be a real number in [0, 1], got {threshold!r}")
+    m = float_array(map2d, "map2d")
+    check_ndim(m, 2, "map2d", "(H, W)")
+    if m.size == 0:
+        raise InvalidInput(f"map2d must not be empty, got shape {m.shape}")
+    top = m.max()  # NaN propagates into the maximum
+    if np.isnan(top) or top == np.inf:
+        raise InvalidInput(f"map2d must not hold NaN or +inf, got maximum {top}")
+    if top <= 0:
+        return np.zeros((0, 4), dtype=np.int64)
+
+    mask = m >= threshold * top
+    labels = np.empty(m.shape, dtype=np.intp)  # intp: bincount needs no conversion
+    count = ndimage.label(mask, structure=_EIGHT_CONNECTED, output=labels)
+    # ndimage.label numbers components in raster order of their first pixel,
+    # so label order is the tie-break order.
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    if mode == "largest":
+        best = int(np.argmax(sizes)) + 1  # argmax returns the first maximum
+        chosen = labels == best
+        rows, cols = chosen.any(axis=1), chosen.any(axis=0)
+        return np.array([[_first(cols), _first(rows), _end(cols), _end(rows)]], dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    slices = ndimage.find_objects(labels, max_label=count)
+    found = np.array(
+        [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices], dtype=np.int64
+    ).reshape(-1, 4)
+    return found[order]
+
+
+def _first(hit: np.ndarray) -> int:
+    return int(np.argmax(hit))
+
+
+def _end(hit: np.ndarray) -> int:
+    return len(hit) - int(np.argmax(hit[::-1]))
