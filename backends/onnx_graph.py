@@ -369,6 +369,11 @@ def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.Model
     sub = extractor.extract_model([pooled, *needed], [logits])
     # Free the batch axis of the cut: probes come in batches.
     sub.graph.input[0].type.CopyFrom(pooled_type)
+    # Inputs read only through Shape (e.g. the batch size) get free dims: tiny dummies feed them.
+    for vi in sub.graph.input[1:]:
+        for i, dim in enumerate(vi.type.tensor_type.shape.dim):
+            dim.Clear()
+            dim.dim_param = f"shape_only_{i}"
     sub.ir_version = g.model.ir_version
     sub.graph.output[0].type.tensor_type.ClearField("shape")
     return sub
@@ -504,19 +509,17 @@ def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
 
     ort = import_onnxruntime()
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failed batched probe is expected for fixed-batch heads
     try:
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CamError(f"cannot run the classifier head on its own: {str(exc).splitlines()[0]}") from None
-    dummies = {}
-    for vi in session.get_inputs():
-        if vi.name != pooled:
-            spec = next(s for s in graph_inputs(g.model) if s.name == vi.name)
-            shape = [d if isinstance(d, int) else 1 for d in spec.shape]
-            dummies[vi.name] = np.zeros(shape, dtype=spec.dtype)
+    specs = {s.name: s for s in graph_inputs(g.model)}
+    shape_only = [specs[vi.name] for vi in session.get_inputs() if vi.name != pooled]
 
     def run(batch: np.ndarray) -> np.ndarray:
+        # Shape-only inputs carry the batch size and nothing else.
+        dummies = {s.name: np.zeros((len(batch),) + (1,) * (len(s.shape) - 1), s.dtype) for s in shape_only}
         return session.run(None, {pooled: batch, **dummies})[0]
 
     return run
