@@ -1,1 +1,574 @@
-"""Placeholder while the module is being written."""
+"""Localization metrics: IoU, the CAM paper's top-k / GT-known localization,
+and the wsolevaluation protocol (MaxBoxAcc, MaxBoxAccV2, PxAP).
+
+Two box conventions live here
+-----------------------------
+* `iou` and `localization_accuracy` use camcore's convention: ``(x0, y0, x1, y1)``
+  half-open (``x0 <= x < x1``), as returned by `camcore.boxes`.
+* `protocol_boxes`, `max_box_acc` and `pxap` follow clovaai/wsolevaluation
+  (Choe et al., "Evaluating Weakly Supervised Object Localization Methods
+  Right", CVPR 2020) exactly, so that numbers are comparable with its tables.
+
+How the protocol differs from `camcore.boxes`
+---------------------------------------------
+================  ==================================  ===================================
+                  `camcore.boxes`                      wsolevaluation protocol
+================  ==================================  ===================================
+map values        float map as given                  quantized ``uint8(map * 255)``
+foreground        ``map >= threshold * max(map)``     ``u8 > int(threshold * max(u8))``
+box               half-open ``(x0, y0, x1, y1)``      ``(x, y, x + w, y + h)`` of the
+                                                      contour's bounding rect, with
+                                                      ``x1, y1`` clipped to ``W - 1``,
+                                                      ``H - 1`` (neither half-open nor
+                                                      inclusive)
+IoU               half-open areas                     inclusive areas (``x1 - x0 + 1``)
+"largest"         most pixels                         largest contour polygon area
+                                                      (``cv2.contourArea`` of the outer
+                                                      contour through pixel centres;
+                                                      holes count as inside)
+"all"             every 8-connected component         every contour of
+                                                      ``cv2.RETR_TREE``: each component
+                                                      *and each hole*
+no foreground     empty ``(0, 4)`` array              one box ``[0, 0, 0, 0]``
+================  ==================================  ===================================
+
+The protocol's boxes are computed here without OpenCV, from exact identities:
+
+* an outer contour of ``cv2.findContours`` traces one 8-connected component, so
+  its bounding rect is the component's bounding box;
+* a hole contour traces the foreground pixels 4-adjacent to a hole (a
+  4-connected background component that does not touch the image border), so
+  its bounding rect is the hole's bounding box grown by one pixel;
+* the polygon through the centres of the outer contour encloses, in each 2x2
+  window of pixels of the hole-filled component, area 1 when all four are set,
+  1/2 when three are and 0 otherwise; summing windows gives ``cv2.contourArea``;
+* ties between equal areas go to the component found last in raster order,
+  which is the first one in OpenCV's contour list (the protocol's test vectors
+  rely on this).
+
+`tests/test_metrics.py` checks these against a straightforward implementation
+of Suzuki & Abe's border following (the algorithm inside ``cv2.findContours``)
+on random multi-blob maps.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from ._validate import check_ndim, float_array
+from .errors import InvalidInput
+
+__all__ = [
+    "BoxAccResult",
+    "iou",
+    "localization_accuracy",
+    "max_box_acc",
+    "protocol_boxes",
+    "pxap",
+]
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+_FOUR = ndimage.generate_binary_structure(2, 1)
+
+
+def _box_array(boxes, name: str) -> np.ndarray:
+    """Return `boxes` as a finite float ``(n, 4)`` array; ``(4,)`` becomes ``(1, 4)``."""
+    arr = float_array(boxes, name)
+    if arr.ndim == 1 and arr.shape[0] == 4:
+        arr = arr[None]
+    if arr.ndim != 2 or arr.shape[1] != 4:
+        raise InvalidInput(f"{name} must have shape (4,) or (n, 4), got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise InvalidInput(f"{name} must be finite, got non-finite coordinates")
+    return arr
+
+
+def _pairwise_iou(a: np.ndarray, b: np.ndarray, extra: float) -> np.ndarray:
+    """IoU matrix of validated boxes; `extra` is 0 (half-open) or 1 (inclusive)."""
+    a = a[:, None, :]
+    b = b[None, :, :]
+    iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0]) + extra
+    ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1]) + extra
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area_a = np.clip(a[..., 2] - a[..., 0] + extra, 0, None) * np.clip(
+        a[..., 3] - a[..., 1] + extra, 0, None
+    )
+    area_b = np.clip(b[..., 2] - b[..., 0] + extra, 0, None) * np.clip(
+        b[..., 3] - b[..., 1] + extra, 0, None
+    )
+    union = area_a + area_b - inter
+    out = np.zeros(union.shape, dtype=np.result_type(union.dtype, np.float32))
+    np.divide(inter, union, out=out, where=union > 0)
+    return out
+
+
+def iou(a, b, *, inclusive=False):
+    """Pairwise intersection over union of two sets of boxes.
+
+    Parameters
+    ----------
+    a : (n, 4) or (4,) array_like
+        Boxes ``(x0, y0, x1, y1)``. A single ``(4,)`` box is read as ``(1, 4)``.
+    b : (m, 4) or (4,) array_like
+        Boxes ``(x0, y0, x1, y1)``.
+    inclusive : bool, optional
+        False (default): half-open boxes, camcore's convention, area
+        ``(x1 - x0) * (y1 - y0)``. True: inclusive pixel counts
+        ``(x1 - x0 + 1) * (y1 - y0 + 1)``, as wsolevaluation computes IoU.
+
+    Returns
+    -------
+    (n, m) ndarray
+        ``out[i, j]`` is the IoU of ``a[i]`` and ``b[j]``, in [0, 1]. Float32
+        when both inputs are float32 (or narrower), float64 otherwise.
+        A pair whose union is empty (degenerate boxes) has IoU 0, never NaN.
+
+    Examples
+    --------
+    >>> iou([0, 0, 2, 2], [[1, 0, 3, 2], [0, 0, 2, 2], [5, 5, 5, 9]])
+    array([[0.33333333, 1.        , 0.        ]])
+    >>> float(iou([1, 2, 5, 6], [3, 1, 4, 5], inclusive=True)[0, 0])  # 8 / 27
+    0.2962962962962963
+    """
+    return _pairwise_iou(_box_array(a, "a"), _box_array(b, "b"), 1.0 if inclusive else 0.0)
+
+
+def _class_set(value, name: str) -> frozenset:
+    if isinstance(value, numbers.Integral):
+        return frozenset((int(value),))
+    try:
+        labels = np.asarray(list(value) if isinstance(value, (set, frozenset)) else value)
+    except Exception:
+        labels = None
+    if labels is None or labels.ndim > 1 or (labels.size and labels.dtype.kind not in "iu"):
+        raise InvalidInput(f"{name} must be an int or a collection of ints, got {value!r}")
+    return frozenset(int(v) for v in np.atleast_1d(labels))
+
+
+def _maybe_boxes(boxes, name: str) -> np.ndarray:
+    """Like `_box_array`, but an empty entry means no box: ``(0, 4)``."""
+    return np.zeros((0, 4)) if np.size(boxes) == 0 else _box_array(boxes, name)
+
+
+def _any_hit(pred, gt: np.ndarray, threshold: float) -> bool:
+    return pred.shape[0] > 0 and bool((_pairwise_iou(pred, gt, 0.0) >= threshold).any())
+
+
+def localization_accuracy(
+    pred_classes,
+    pred_boxes,
+    gt_classes,
+    gt_boxes,
+    *,
+    k=1,
+    iou_threshold=0.5,
+    gt_known_boxes=None,
+):
+    """Top-k and GT-known localization accuracy of the CAM paper (ILSVRC protocol).
+
+    Image ``n`` is *top-k localized* when, among its first `k` predicted
+    classes, some ``j`` has ``pred_classes[n, j]`` among the image's ground-truth
+    classes **and** a box ``pred_boxes[n][j]`` with IoU >= `iou_threshold` with
+    any ground-truth box of the image. It is *GT-known localized* when the box
+    computed for its ground-truth class reaches that IoU with any ground-truth
+    box, whatever the classification. Ground-truth boxes are not tied to a class:
+    with several ground-truth classes (multi-label), any box of the image counts.
+
+    Parameters
+    ----------
+    pred_classes : (N, K) array_like of int
+        Predicted classes of each image, best first. ``K >= k``.
+    pred_boxes : (N, K, 4) array_like, or sequence of N sequences of K boxes
+        ``pred_boxes[n][j]`` is the half-open box (``(4,)``) or boxes
+        (``(b, 4)``, for instance ``camcore.boxes(..., mode="all")``; any of them
+        counts; ``(0, 4)`` means no box, a miss) for class ``pred_classes[n, j]``.
+    gt_classes : (N,) array_like of int, or sequence of N collections of ints
+        The ground-truth class of each image, or the set of its classes.
+    gt_boxes : sequence of N (m, 4) array_like
+        The half-open ground-truth boxes of each image, ``m >= 1``.
+    k : int, optional
+        How many predictions count for top-k (1 and 5 in the paper).
+    iou_threshold : float, optional
+        Minimum IoU, inclusive (0.5 in the paper).
+    gt_known_boxes : sequence of N boxes, optional
+        The box or boxes (``(4,)`` or ``(b, 4)``) computed from the map of the
+        image's ground-truth class. When None, the box of the first ``j`` (over
+        all ``K`` predictions) with ``pred_classes[n, j]`` a ground-truth class is
+        used, and an image whose ground-truth class was not predicted counts as
+        a GT-known miss; pass `gt_known_boxes` for the paper's exact GT-known.
+
+    Returns
+    -------
+    dict
+        ``{"top_k_loc": float, "gt_known_loc": float}``, fractions in [0, 1].
+
+    Examples
+    --------
+    >>> pred_classes = [[3, 7], [5, 1]]
+    >>> pred_boxes = [[[0, 0, 10, 10], [0, 0, 1, 1]], [[0, 0, 4, 4], [20, 20, 30, 30]]]
+    >>> gt_classes = [3, 1]
+    >>> gt_boxes = [[[0, 0, 10, 9]], [[20, 20, 30, 30]]]
+    >>> localization_accuracy(pred_classes, pred_boxes, gt_classes, gt_boxes, k=1)
+    {'top_k_loc': 0.5, 'gt_known_loc': 1.0}
+    >>> localization_accuracy(pred_classes, pred_boxes, gt_classes, gt_boxes, k=2)
+    {'top_k_loc': 1.0, 'gt_known_loc': 1.0}
+    """
+    classes = np.asarray(pred_classes)
+    check_ndim(classes, 2, "pred_classes", "(N, K)")
+    if classes.size and classes.dtype.kind not in "iu":
+        raise InvalidInput(f"pred_classes must hold ints, got dtype {classes.dtype}")
+    n_images, n_pred = classes.shape
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n_pred:
+        raise InvalidInput(f"k must be an int in [1, {n_pred}] (pred_classes has K={n_pred}), got {k!r}")
+    threshold = float(iou_threshold)
+    if not 0.0 <= threshold <= 1.0:
+        raise InvalidInput(f"iou_threshold must be in [0, 1], got {iou_threshold!r}")
+    if n_images == 0:
+        raise InvalidInput("pred_classes must hold at least one image, got shape (0, K)")
+    for arg, name in ((pred_boxes, "pred_boxes"), (gt_classes, "gt_classes"), (gt_boxes, "gt_boxes")):
+        if len(arg) != n_images:
+            raise InvalidInput(f"{name} must have one entry per image ({n_images}), got {len(arg)}")
+    if gt_known_boxes is not None and len(gt_known_boxes) != n_images:
+        raise InvalidInput(
+            f"gt_known_boxes must have one entry per image ({n_images}), got {len(gt_known_boxes)}"
+        )
+
+    top_k = gt_known = 0
+    for n in range(n_images):
+        truth = _class_set(gt_classes[n], f"gt_classes[{n}]")
+        gt = _box_array(gt_boxes[n], f"gt_boxes[{n}]")
+        if gt.shape[0] == 0:
+            raise InvalidInput(f"gt_boxes[{n}] must hold at least one box, got shape (0, 4)")
+        if len(pred_boxes[n]) != n_pred:
+            raise InvalidInput(
+                f"pred_boxes[{n}] must hold one entry per predicted class ({n_pred}), "
+                f"got {len(pred_boxes[n])}"
+            )
+        def hit(j, n=n, gt=gt):
+            return _any_hit(_maybe_boxes(pred_boxes[n][j], f"pred_boxes[{n}][{j}]"), gt, threshold)
+
+        top_k += any(int(classes[n, j]) in truth and hit(j) for j in range(k))
+        if gt_known_boxes is not None:
+            gt_known += _any_hit(_maybe_boxes(gt_known_boxes[n], f"gt_known_boxes[{n}]"), gt, threshold)
+        else:
+            first = next((j for j in range(n_pred) if int(classes[n, j]) in truth), None)
+            gt_known += first is not None and hit(first)
+    return {"top_k_loc": top_k / n_images, "gt_known_loc": gt_known / n_images}
+
+
+def _quantize(scoremap: np.ndarray) -> np.ndarray:
+    # float64 like the protocol's np.float maps, so uint8 rounding is identical
+    return (scoremap.astype(np.float64) * 255).astype(np.uint8)
+
+
+def _levels(u8: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Integer cut ``int(threshold * max(u8))`` per threshold (``int`` truncates)."""
+    return np.trunc(thresholds * float(u8.max())).astype(np.int64)
+
+
+def _slice_boxes(u8: np.ndarray, level: int, multi_contour: bool) -> np.ndarray:
+    """Protocol boxes of one uint8 map at one integer level, as an (m, 4) int array."""
+    height, width = u8.shape
+    fg = u8 > level
+    rows = np.flatnonzero(fg.any(axis=1))
+    if rows.size == 0:
+        return np.zeros((1, 4), dtype=np.int64)
+    cols = np.flatnonzero(fg.any(axis=0))
+    y0, x0 = rows[0], cols[0]
+    # crop to the foreground and pad with background: borders outside it are all 0
+    crop = np.pad(fg[y0 : rows[-1] + 1, x0 : cols[-1] + 1], 1)
+    bg_labels, n_bg = ndimage.label(~crop, _FOUR)
+    outside = bg_labels[0, 0]  # the padding is one connected background piece
+    offset = np.array([x0 - 1, y0 - 1, x0 - 1, y0 - 1])
+    if multi_contour:
+        fg_labels, _ = ndimage.label(crop, _EIGHT)
+        found = ndimage.find_objects(fg_labels)
+        boxes = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in found]
+        if n_bg > 1:  # holes: every background piece but the outside one
+            holes = ndimage.find_objects(bg_labels)
+            boxes += [
+                (s[1].start - 1, s[0].start - 1, s[1].stop + 1, s[0].stop + 1)
+                for label, s in enumerate(holes, 1)
+                if s is not None and label != outside
+            ]
+        out = np.asarray(boxes, dtype=np.int64) + offset
+    else:
+        filled = bg_labels != outside
+        labels, count = ndimage.label(filled, _EIGHT)
+        # twice the contour polygon area, summed over 2x2 windows: 3 set -> 1, 4 set -> 2
+        f = filled.view(np.uint8)
+        quad = f[:-1, :-1] + f[1:, :-1] + f[:-1, 1:] + f[1:, 1:]
+        inside = quad >= 3
+        owner = np.maximum(
+            np.maximum(labels[:-1, :-1], labels[1:, :-1]), np.maximum(labels[:-1, 1:], labels[1:, 1:])
+        )[inside]
+        area2 = np.bincount(owner, weights=quad[inside] - 2, minlength=count + 1)[1:]
+        best = count - 1 - int(np.argmax(area2[::-1]))  # last one among ties
+        s = ndimage.find_objects(labels)[best]
+        out = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop]]) + offset
+    np.minimum(out[:, 2], width - 1, out=out[:, 2])
+    np.minimum(out[:, 3], height - 1, out=out[:, 3])
+    return out
+
+
+def _check_scoremaps(scoremaps, name: str, ndim: int, axes: str) -> np.ndarray:
+    maps = float_array(scoremaps, name)
+    check_ndim(maps, ndim, name, axes)
+    if maps.size == 0:
+        raise InvalidInput(f"{name} must not be empty, got shape {maps.shape}")
+    if not np.isfinite(maps).all():
+        raise InvalidInput(f"{name} must be finite, got NaN or infinity")
+    lo, hi = float(maps.min()), float(maps.max())
+    if lo < 0 or hi > 1:
+        raise InvalidInput(f"{name} must be in [0, 1], got values in [{lo}, {hi}]")
+    return maps
+
+
+def _check_thresholds(values, name: str, low=None, high=None) -> np.ndarray:
+    arr = float_array(values, name).astype(np.float64)
+    arr = arr.reshape(-1) if arr.ndim == 0 else arr
+    check_ndim(arr, 1, name, "(n,)")
+    if arr.size == 0 or not np.isfinite(arr).all():
+        raise InvalidInput(f"{name} must be a non-empty 1-D array of finite numbers, got {values!r}")
+    if (low is not None and arr.min() < low) or (high is not None and arr.max() > high):
+        raise InvalidInput(f"{name} must lie in [{low}, {high}], got values in [{arr.min()}, {arr.max()}]")
+    return arr
+
+
+def protocol_boxes(scoremap, thresholds, *, multi_contour=False):
+    """Boxes of one score map at each threshold, exactly as wsolevaluation infers them.
+
+    The map is quantized to ``u8 = uint8(scoremap * 255)``; at threshold ``t``
+    the foreground is ``u8 > int(t * max(u8))``. Each contour of the foreground
+    (``cv2.RETR_TREE``: components and holes) gives ``(x, y, x + w, y + h)`` of
+    its bounding rect, with ``x1`` and ``y1`` clipped to ``W - 1`` and ``H - 1``.
+    See the module docstring for how this is computed without OpenCV.
+
+    Parameters
+    ----------
+    scoremap : (H, W) array_like
+        Score map with values in [0, 1].
+    thresholds : (T,) array_like
+        Fractions of the map's maximum.
+    multi_contour : bool, optional
+        False: the box of the largest contour (by polygon area; ties go to the
+        component found last in raster order). True: the boxes of all contours.
+
+    Returns
+    -------
+    list of T (m, 4) int64 ndarrays
+        Boxes in the protocol's convention. ``m == 1`` unless `multi_contour`;
+        a threshold with no foreground gives the single box ``[0, 0, 0, 0]``.
+
+    Examples
+    --------
+    >>> m = [[0, 0, 0, 0, 0], [0, .4, .4, .4, .6], [0, .4, 1, .8, .6], [0, .4, .4, .4, .6]]
+    >>> [b.tolist() for b in protocol_boxes(m, [0.0, 0.4, 0.8])]
+    [[[1, 1, 4, 3]], [[2, 1, 4, 3]], [[2, 2, 3, 3]]]
+    """
+    u8 = _quantize(_check_scoremaps(scoremap, "scoremap", 2, "(H, W)"))
+    levels = _levels(u8, _check_thresholds(thresholds, "thresholds"))
+    return [_slice_boxes(u8, int(level), bool(multi_contour)) for level in levels]
+
+
+@dataclass(frozen=True)
+class BoxAccResult:
+    """The result of `max_box_acc`: BoxAcc counts at every (IoU, map) threshold.
+
+    Attributes
+    ----------
+    counts : (n_iou, n_thresholds) ndarray of int64
+        How many images are correctly localized at each pair of thresholds.
+    n_images : int
+        How many images were evaluated.
+    thresholds : (n_thresholds,) ndarray
+        The score-map thresholds.
+    iou_thresholds : (n_iou,) ndarray
+        The IoU thresholds.
+
+    Results on disjoint sets of images with the same thresholds add up with
+    ``+``, so that a dataset can be evaluated in chunks with the same figures.
+    """
+
+    counts: np.ndarray
+    n_images: int
+    thresholds: np.ndarray
+    iou_thresholds: np.ndarray
+
+    @property
+    def curve(self) -> np.ndarray:
+        """(n_iou, n_thresholds) ndarray: BoxAcc in percent."""
+        return self.counts * 100.0 / self.n_images
+
+    @property
+    def best_thresholds(self) -> np.ndarray:
+        """(n_iou,) ndarray: the first score-map threshold reaching the maximum, per IoU threshold."""
+        return self.thresholds[np.argmax(self.counts, axis=1)]
+
+    @property
+    def per_iou(self) -> np.ndarray:
+        """(n_iou,) ndarray: MaxBoxAcc in percent at each IoU threshold."""
+        return self.curve.max(axis=1)
+
+    @property
+    def value(self) -> float:
+        """MaxBoxAcc in percent, averaged over the IoU thresholds."""
+        return float(self.per_iou.mean())
+
+    def __add__(self, other):
+        if not isinstance(other, BoxAccResult):
+            return NotImplemented
+        if not (
+            np.array_equal(self.thresholds, other.thresholds)
+            and np.array_equal(self.iou_thresholds, other.iou_thresholds)
+        ):
+            raise InvalidInput("BoxAccResult objects can only be added with identical thresholds")
+        return BoxAccResult(
+            self.counts + other.counts, self.n_images + other.n_images, self.thresholds, self.iou_thresholds
+        )
+
+
+def max_box_acc(
+    scoremaps,
+    gt_boxes,
+    *,
+    thresholds=np.arange(0, 1, 0.01),
+    iou_thresholds=(0.3, 0.5, 0.7),
+    multi_contour=True,
+):
+    """MaxBoxAcc (V1) and MaxBoxAccV2 of wsolevaluation (Choe et al., CVPR 2020).
+
+    For every score-map threshold, an image is correct at IoU threshold ``d``
+    when some box of `protocol_boxes` has inclusive IoU >= ``d`` with some
+    ground-truth box. BoxAcc is the percentage of correct images; MaxBoxAcc its
+    maximum over score-map thresholds, averaged over the IoU thresholds.
+    MaxBoxAccV2 is the default; V1 is ``multi_contour=False,
+    iou_thresholds=(0.5,)``.
+
+    Parameters
+    ----------
+    scoremaps : (N, H, W) array_like
+        Score maps in [0, 1] (wsolevaluation resizes to 224 x 224 and
+        normalizes before this). Quantized in float64 as the protocol does.
+    gt_boxes : sequence of N (m, 4) array_like
+        Ground-truth boxes of each image in the protocol's convention (the
+        inclusive coordinates of its ``localization.txt``, scaled to the map
+        grid), ``m >= 1``.
+    thresholds : (T,) array_like, optional
+        Score-map thresholds, fractions of each map's maximum.
+    iou_thresholds : (n_iou,) array_like, optional
+        IoU thresholds in [0, 1].
+    multi_contour : bool, optional
+        True (V2): all contours' boxes count. False (V1): only the largest.
+
+    Returns
+    -------
+    BoxAccResult
+        ``.value`` (percent), ``.best_thresholds`` ``(n_iou,)``, ``.curve``
+        ``(n_iou, T)`` in percent, ``.counts``; results of chunks add with ``+``.
+
+    Examples
+    --------
+    >>> maps = np.zeros((2, 20, 20)); maps[0, 2:12, 1:16] = 1; maps[1, 14:, 14:] = 1
+    >>> res = max_box_acc(maps, [[[1, 2, 15, 11]], [[14, 14, 19, 19]]])
+    >>> res.value, res.curve.shape
+    (100.0, (3, 100))
+    >>> max_box_acc(maps, [[[1, 2, 15, 11]], [[0, 0, 5, 5]]], iou_thresholds=[0.5]).value
+    50.0
+
+    The protocol's box is one pixel wider and taller than the set pixels
+    (``x + w`` read as inclusive) except at the image border, so a map that is
+    exactly 1 inside an inclusive ground-truth box of ``w x h`` pixels reaches
+    IoU ``w h / ((w + 1)(h + 1))``, not 1:
+
+    >>> small = np.zeros((1, 8, 8)); small[0, 2:5, 1:6] = 1  # 5 x 3 pixels
+    >>> max_box_acc(small, [[[1, 2, 5, 4]]], iou_thresholds=[0.5, 0.7]).per_iou
+    array([100.,   0.])
+    """
+    maps = _check_scoremaps(scoremaps, "scoremaps", 3, "(N, H, W)")
+    if len(gt_boxes) != maps.shape[0]:
+        raise InvalidInput(f"gt_boxes must have one entry per map ({maps.shape[0]}), got {len(gt_boxes)}")
+    thresholds = _check_thresholds(thresholds, "thresholds")
+    iou_thresholds = _check_thresholds(iou_thresholds, "iou_thresholds", 0.0, 1.0)
+    counts = np.zeros((iou_thresholds.size, thresholds.size), dtype=np.int64)
+    for n, scoremap in enumerate(maps):
+        gt = _box_array(gt_boxes[n], f"gt_boxes[{n}]")
+        if gt.shape[0] == 0:
+            raise InvalidInput(f"gt_boxes[{n}] must hold at least one box, got shape (0, 4)")
+        u8 = _quantize(scoremap)
+        levels, inverse = np.unique(_levels(u8, thresholds), return_inverse=True)
+        best = np.array(
+            [_pairwise_iou(_slice_boxes(u8, int(lv), bool(multi_contour)), gt, 1.0).max() for lv in levels]
+        )[inverse.reshape(-1)]
+        counts += best[None, :] >= iou_thresholds[:, None]
+    return BoxAccResult(counts, int(maps.shape[0]), thresholds, iou_thresholds)
+
+
+def pxap(scoremaps, masks, *, ignore=None, thresholds=np.arange(0, 1, 0.01)):
+    """Pixel average precision (PxAP) of wsolevaluation, in percent.
+
+    Scores are binned with right edges ``thresholds + [1, 2, 3]`` (bins
+    ``[t_i, t_i+1)``, ..., ``[t_last, 1)``, ``[1, 2)``, ``[2, 3]``), as its
+    ``MaskEvaluator`` does on the raw float maps (no uint8 quantization).
+    Precision and recall are taken at each edge from the top, and PxAP is
+    ``sum(precision[i] * (recall[i] - recall[i-1]))`` over the edges where
+    something is predicted. wsolevaluation's OpenImages masks mark an *ignore*
+    region (inside an ignore box, outside every instance mask) that counts as
+    neither positive nor negative; pass it as `ignore`.
+
+    Parameters
+    ----------
+    scoremaps : (N, H, W) array_like
+        Score maps in [0, 1].
+    masks : (N, H, W) array_like of bool
+        True (or nonzero) at ground-truth foreground pixels.
+    ignore : (N, H, W) array_like of bool, optional
+        True at pixels left out of the evaluation.
+    thresholds : (T,) array_like, optional
+        Increasing bin left edges, starting at 0 (the protocol's
+        ``np.arange(0, 1, interval)``).
+
+    Returns
+    -------
+    float
+        PxAP in percent.
+
+    Examples
+    --------
+    >>> masks = np.zeros((1, 4, 4), bool); masks[0, :2] = True
+    >>> pxap(masks.astype(float), masks)
+    100.0
+    >>> pxap(np.full((1, 4, 4), 0.3), masks)  # a constant map: the positive fraction
+    50.0
+    """
+    maps = _check_scoremaps(scoremaps, "scoremaps", 3, "(N, H, W)")
+    truth = np.asarray(masks)
+    if truth.shape != maps.shape:
+        raise InvalidInput(f"masks must have the shape of scoremaps {maps.shape}, got {truth.shape}")
+    truth = truth != 0
+    keep = np.ones(maps.shape, dtype=bool)
+    if ignore is not None:
+        ignored = np.asarray(ignore)
+        if ignored.shape != maps.shape:
+            raise InvalidInput(f"ignore must have the shape of scoremaps {maps.shape}, got {ignored.shape}")
+        keep = ~(ignored != 0)
+    thresholds = _check_thresholds(thresholds, "thresholds")
+    if np.any(np.diff(thresholds) <= 0) or thresholds[-1] >= 1:
+        raise InvalidInput(f"thresholds must increase strictly and stay below 1, got {thresholds!r}")
+    edges = np.append(thresholds, [1.0, 2.0, 3.0])
+    pos_hist = np.histogram(maps[truth & keep], bins=edges)[0]
+    neg_hist = np.histogram(maps[~truth & keep], bins=edges)[0]
+    tp = np.cumsum(pos_hist[::-1])
+    fp = np.cumsum(neg_hist[::-1])
+    if tp[-1] == 0:
+        raise InvalidInput("masks must contain at least one positive (not ignored) pixel")
+    predicted = tp + fp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = tp / predicted
+    recall = tp / tp[-1]
+    valid = predicted[1:] > 0
+    return float((precision[1:] * np.diff(recall))[valid].sum() * 100)
