@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import numpy as np
@@ -101,6 +102,22 @@ class OrtBackend:
         exposed = onnx_graph.expose_outputs(proto, [self.head.feature, self.head.logits])
         self.session = make_session(exposed, providers, options=session_options)
         self._fetch = [self.head.feature, self.head.logits]
+        self.head = self._with_concrete_feature_shape(self.head)
+
+    def _with_concrete_feature_shape(self, head: Head) -> Head:
+        """Fill the feature shape that shape inference left symbolic, by one batch-1 run.
+
+        Only for inputs of static size (apart from the batch axis); other models keep
+        symbolic dims, since the feature size follows the input size.
+        """
+        shape = head.feature_shape
+        if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:]):
+            return head
+        if any(not isinstance(d, int) for spec in head.inputs for d in spec.shape[1:]):
+            return head
+        feed = {spec.name: np.zeros((1, *spec.shape[1:]), spec.dtype) for spec in head.inputs}
+        (features,) = self.session.run([head.feature], feed)
+        return dataclasses.replace(head, feature_shape=(shape[0] if shape else "N", *features.shape[1:]))
 
     @property
     def providers(self) -> list:

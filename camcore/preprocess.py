@@ -7,6 +7,7 @@ can be put back onto the original image (`Geometry.unmap`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def read_image(path) -> np.ndarray:
     if not path.is_file():
         raise CamError(f"image not found: {path}")
     try:
-        image = io.imread(path)
+        with warnings.catch_warnings():
+            # imageio tries every plugin on an unknown file; some warn that they are deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = io.imread(path)
     except Exception as exc:
         raise CamError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
