@@ -1,0 +1,286 @@
+"""Helpers shared by the `camcore` command-line tools (private).
+
+Preprocessing flags, atomic file writes, a progress bar on stderr, error
+handling without tracebacks, and a tiny 5x7 bitmap font for the title strips
+drawn above overlays (scikit-image has no text rendering).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CamError, NotCamCompatible
+from .preprocess import Preprocess
+
+__all__ = [
+    "add_preprocess_arguments",
+    "preprocess_from_args",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "write_json",
+    "encode_png",
+    "Progress",
+    "run_command",
+    "fail",
+    "title_strip",
+    "title_height",
+]
+
+EXIT_OK, EXIT_ERROR, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+# ----------------------------------------------------------------- preprocessing flags
+
+def _size(text: str) -> tuple:
+    """``224`` -> (224, 224); ``256x192`` or ``256,192`` -> (256, 192) as (H, W)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S or HxW (positive ints), got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected S or HxW (positive ints), got {text!r}")
+    return values * 2 if len(values) == 1 else values
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--size --resize --mean --std --scale --bgr`` (each overrides the model's default)."""
+    group = parser.add_argument_group(
+        "preprocessing", "override the model's default preprocessing (the embedded model's own; "
+                         "ImageNet's at the model's input size for other models)")
+    group.add_argument("--size", type=_size, metavar="S|HxW", help="model input size, e.g. 224 or 256x192")
+    group.add_argument("--resize", choices=("stretch", "crop"),
+                       help="stretch the whole image, or center-crop (resize 256 / crop 224 style)")
+    group.add_argument("--mean", type=float, nargs="+", metavar="M",
+                       help="per-channel mean, 1 or 3 floats, on the scaled 0..1 range")
+    group.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel std, 1 or 3 floats")
+    group.add_argument("--scale", type=float, metavar="F",
+                       help="multiplies integer pixels before mean/std (default 1/255; 1 keeps 0..255)")
+    group.add_argument("--bgr", action="store_true", help="feed channels in BGR order (Caffe, OpenCV models)")
+
+
+def preprocess_from_args(args: argparse.Namespace, explainer) -> Preprocess:
+    """The explainer's default preprocessing with the flags given in `args` applied."""
+    base = explainer.default_preprocess()
+    changes = {name: getattr(args, name) for name in ("size", "resize", "mean", "std", "scale")
+               if getattr(args, name, None) is not None}
+    if getattr(args, "bgr", False):
+        changes["channel_order"] = "BGR"
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+# ----------------------------------------------------------------- files
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and `os.replace`.
+
+    Readers see either the old file or the complete new one; the temporary file
+    is removed on any error, including KeyboardInterrupt.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual mode
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of an ``(H, W, 3)`` uint8 image."""
+    import imageio.v3 as iio
+
+    buffer = io.BytesIO()
+    iio.imwrite(buffer, image, extension=".png")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------- progress and errors
+
+class Progress:
+    """A one-line progress bar on stderr.
+
+    Shown only when there are more than `min_items` items, stderr is a terminal
+    and `quiet` is false; otherwise every call is a no-op.
+    """
+
+    def __init__(self, total: int, label: str, *, quiet: bool = False, min_items: int = 8, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.label, self.done = total, label, 0
+        self.enabled = not quiet and total > min_items and self.stream.isatty()
+        self._last = 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
+            self._last = now
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
+                              f"{self.done}/{self.total}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def fail(message: str) -> None:
+    """Print one ``camcore: error: ...`` line on stderr."""
+    print(f"camcore: error: {message}", file=sys.stderr)
+
+
+def run_command(fn, args) -> int:
+    """Run ``fn(args) -> int`` and turn expected failures into one stderr line and an exit status.
+
+    NotCamCompatible -> 2, other CamError and OSError -> 1, KeyboardInterrupt -> 130.
+    """
+    try:
+        return int(fn(args) or 0)
+    except NotCamCompatible as exc:
+        fail(_one_line(exc))
+        return EXIT_REFUSED
+    except CamError as exc:
+        fail(_one_line(exc))
+        return EXIT_ERROR
+    except OSError as exc:
+        fail(_one_line(exc) if exc.filename is None else f"{exc.strerror or exc}: {exc.filename}")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        fail("interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ----------------------------------------------------------------- title strips
+
+# 5x7 glyphs, rows top to bottom; text is drawn upper-case, unknown characters as "?".
+_GLYPHS = {
+    "A": ".###. #...# #...# ##### #...# #...# #...#",
+    "B": "####. #...# #...# ####. #...# #...# ####.",
+    "C": ".###. #...# #.... #.... #.... #...# .###.",
+    "D": "####. #...# #...# #...# #...# #...# ####.",
+    "E": "##### #.... #.... ####. #.... #.... #####",
+    "F": "##### #.... #.... ####. #.... #.... #....",
+    "G": ".###. #...# #.... #.### #...# #...# .####",
+    "H": "#...# #...# #...# ##### #...# #...# #...#",
+    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
+    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#",
+    "L": "#.... #.... #.... #.... #.... #.... #####",
+    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#",
+    "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
+    "O": ".###. #...# #...# #...# #...# #...# .###.",
+    "P": "####. #...# #...# ####. #.... #.... #....",
+    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#",
+    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
+    "S": ".###. #...# #.... .###. ....# #...# .###.",
+    "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
+    "U": "#...# #...# #...# #...# #...# #...# .###.",
+    "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
+    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.",
+    "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
+    "Y": "#...# #...# .#.#. ..#.. ..#.. ..#.. ..#..",
+    "Z": "##### ....# ...#. ..#.. .#... #.... #####",
+    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
+    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
+    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
+    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
+    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
+    "5": "##### #.... ####. ....# ....# #...# .###.",
+    "6": "..##. .#... #.... ####. #...# #...# .###.",
+    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
+    "8": ".###. #...# #...# .###. #...# #...# .###.",
+    "9": ".###. #...# #...# .#### ....# ...#. .##..",
+    " ": "..... ..... ..... ..... ..... ..... .....",
+    ".": "..... ..... ..... ..... ..... .##.. .##..",
+    ",": "..... ..... ..... ..... .##.. ..#.. .#...",
+    ":": "..... .##.. .##.. ..... .##.. .##.. .....",
+    "%": "##... ##..# ...#. ..#.. .#... #..## ...##",
+    "-": "..... ..... ..... ##### ..... ..... .....",
+    "+": "..... ..#.. ..#.. ##### ..#.. ..#.. .....",
+    "'": "..#.. ..#.. .#... ..... ..... ..... .....",
+    "(": "...#. ..#.. .#... .#... .#... ..#.. ...#.",
+    ")": ".#... ..#.. ...#. ...#. ...#. ..#.. .#...",
+    "/": "..... ....# ...#. ..#.. .#... #.... .....",
+    "_": "..... ..... ..... ..... ..... ..... #####",
+    "&": ".##.. #..#. #.#.. .#... #.#.# #..#. .##.#",
+    "?": ".###. #...# ....# ...#. ..#.. ..... ..#..",
+}
+_GLYPH_H, _GLYPH_W = 7, 5
+
+
+@lru_cache(maxsize=None)
+def _glyph(char: str) -> np.ndarray:
+    rows = _GLYPHS.get(char, _GLYPHS["?"]).split()
+    return np.array([[c == "#" for c in row] for row in rows], dtype=bool)
+
+
+def _font_scale(width: int) -> int:
+    return max(1, min(3, width // 200))
+
+
+def title_height(width: int) -> int:
+    """Height in pixels of the title strip drawn above an image `width` pixels wide."""
+    scale = _font_scale(width)
+    return (_GLYPH_H + 4) * scale
+
+
+def title_strip(text: str, width: int, *, background=(32, 32, 32), foreground=(255, 255, 255)) -> np.ndarray:
+    """An ``(title_height(width), width, 3)`` uint8 strip with `text` drawn in a 5x7 font.
+
+    Text that does not fit is cut and ends with ``..``.
+    """
+    scale = _font_scale(width)
+    strip = np.empty((title_height(width), width, 3), np.uint8)
+    strip[:] = background
+    advance = (_GLYPH_W + 1) * scale
+    fits = max(0, (width - 2 * scale) // advance)
+    text = text.upper()
+    if len(text) > fits:
+        text = text[:max(0, fits - 2)] + ".." if fits >= 2 else text[:fits]
+    top, left = 2 * scale, 2 * scale
+    for i, char in enumerate(text):
+        mask = np.kron(_glyph(char), np.ones((scale, scale), bool))
+        x = left + i * advance
+        strip[top:top + mask.shape[0], x:x + mask.shape[1]][mask] = foreground
+    return strip

@@ -1,0 +1,397 @@
+"""The `camcore` command: demo, explain, inspect, fuse (and bench, eval from their own modules).
+
+Exit statuses: 0 success; 1 an error (including any image that could not be
+explained); 2 a usage error or a model CAM cannot explain; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_preprocess_arguments, atomic_write_bytes,
+                        encode_png, fail, preprocess_from_args, run_command, title_strip, write_json)
+from .errors import CamError
+
+__all__ = ["main", "build_parser"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+DEMO_IMAGES = ("chelsea", "coffee", "rocket")
+
+# Subcommands that live in other modules, imported only when chosen: each module
+# provides add_arguments(parser) and main(args) -> int.
+PLUGINS = {
+    "bench": ("backends.bench", "benchmark plain inference, explain and the fused graph per runtime"),
+    "eval": ("camcore.evaluation", "localization accuracy on a wsolevaluation-style dataset"),
+}
+
+
+# ----------------------------------------------------------------- shared pieces
+
+def _load(model, providers):
+    from .api import load
+
+    return load(model, providers=providers)
+
+
+def _providers(text):
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _display(image) -> np.ndarray:
+    """An image as uint8 RGB for drawing (uint16 and float images rescaled)."""
+    from skimage.util import img_as_ubyte
+
+    from .preprocess import as_rgb
+
+    rgb = as_rgb(image)
+    if rgb.dtype == np.uint8:
+        return rgb
+    if rgb.dtype.kind == "f":
+        rgb = np.clip(rgb, 0, 1)
+    return img_as_ubyte(rgb)
+
+
+def render(image, result, explainer) -> np.ndarray:
+    """One overlay per explained class, side by side, each under a title strip.
+
+    Returns an ``(title_height(W) + H, k * W, 3)`` uint8 image for an ``(H, W)`` image.
+    """
+    from .render import overlay
+
+    rgb = _display(image)
+    tiles = []
+    for j, (index, score) in enumerate(zip(result.classes, result.scores)):
+        box = result.box(j)
+        tile = overlay(rgb, result.maps[j], boxes=box)
+        title = f"{explainer.class_name(int(index))} {100 * float(score):.1f}%"
+        tiles.append(np.concatenate([title_strip(title, rgb.shape[1]), tile]))
+    return np.concatenate(tiles, axis=1)
+
+
+def _record(path, result, explainer) -> dict:
+    """The results.json entry of one image."""
+    if result.error is not None:
+        return {"path": path, "width": None, "height": None, "error": result.error, "classes": []}
+    height, width = (int(v) for v in result.size)
+    classes = [{"index": int(c), "name": explainer.class_name(int(c)), "score": round(float(s), 6),
+                "box": None if result.box(j) is None else list(result.box(j))}
+               for j, (c, s) in enumerate(zip(result.classes, result.scores))]
+    return {"path": path, "width": width, "height": height, "error": None, "classes": classes}
+
+
+def _table(records) -> str:
+    rows = [("image", "class", "score", "box")]
+    for r in records:
+        if r["error"] is not None:
+            rows.append((r["path"], "error", "", r["error"]))
+            continue
+        top = r["classes"][0]
+        rows.append((r["path"], f"{top['index']} {top['name']}", f"{top['score']:.3f}",
+                     "-" if top["box"] is None else " ".join(map(str, top["box"]))))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3]
+                     for row in rows)
+
+
+def _unique_name(stem: str, taken: set) -> str:
+    name, n = f"{stem}.cam.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.cam.png"
+    taken.add(name)
+    return name
+
+
+def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label):
+    """Explain ``(name, path or array)`` items, write one overlay each; return the records.
+
+    Images are read once: the generator handed to `iter_explain_images` keeps
+    the pixels of the images in flight (at most one chunk) for rendering.
+    """
+    from .preprocess import read_image
+
+    pending = collections.deque()
+
+    def images():
+        for name, item in items:
+            try:
+                pixels = read_image(item) if not isinstance(item, np.ndarray) else item
+            except CamError:
+                pixels = None  # iter_explain_images reads it again and reports why it failed
+            pending.append((name, pixels))
+            yield item if pixels is None else pixels
+
+    records, taken = [], set()
+    progress = Progress(len(items), label, quiet=quiet)
+    try:
+        for result in explainer.iter_explain_images(images(), preprocess=preprocess, top_k=top_k,
+                                                    threshold=threshold, errors="report"):
+            name, pixels = pending.popleft()
+            record = _record(name, result, explainer)
+            if result.error is None:
+                stem = Path(name).stem if not name.startswith("skimage.") else name.rsplit(".", 1)[-1]
+                filename = _unique_name(stem, taken)
+                atomic_write_bytes(out / filename, encode_png(render(pixels, result, explainer)))
+                record["overlay"] = filename
+            records.append(record)
+            progress.update()
+    finally:
+        progress.close()
+    return records
+
+
+def _results(explainer, model, threshold, records) -> dict:
+    return {"model": str(model if model is not None else "embedded:efficientnet_lite0"),
+            "threshold": threshold, "images": records}
+
+
+# ----------------------------------------------------------------- demo
+
+def cmd_demo(args) -> int:
+    from skimage import data
+
+    explainer = _load(None, _providers(args.providers))
+    out = Path(args.out)
+    items = [(f"skimage.data.{name}", getattr(data, name)()) for name in DEMO_IMAGES]
+    records = _explain_and_write(explainer, items, out, preprocess=None, top_k=1, threshold=0.2,
+                                 quiet=True, label="demo")
+    write_json(out / "results.json", _results(explainer, None, 0.2, records))
+    print(_table(records))
+    print(f"\nwrote {len(records)} overlays and results.json to {out}/")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- explain
+
+def _collect_images(paths) -> list:
+    """Files as given; folders searched recursively for image extensions (sorted)."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not inside:
+                raise CamError(f"no images found in folder {p}")
+            found.extend(inside)
+        else:
+            found.append(p)  # a missing file is reported per image, the others go on
+    return found
+
+
+def cmd_explain(args) -> int:
+    paths = list(args.inputs)
+    model = None
+    if paths and paths[0].lower().endswith(".onnx"):
+        model = paths.pop(0)
+    if not paths:
+        raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
+    images = _collect_images(paths)
+    explainer = _load(model, _providers(args.providers))
+    preprocess = preprocess_from_args(args, explainer)
+    out = Path(args.out)
+    items = [(str(p), str(p)) for p in images]
+    records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
+                                 threshold=args.threshold, quiet=args.quiet, label="explain")
+    results = _results(explainer, model, args.threshold, records)
+    write_json(out / "results.json", results)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif not args.quiet:
+        print(_table(records))
+    failed = [r for r in records if r["error"] is not None]
+    for r in failed:
+        print(f"camcore: warning: {r['error']}", file=sys.stderr)
+    if failed:
+        fail(f"{len(failed)} of {len(records)} images could not be explained")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- inspect
+
+def _dims(shape) -> list:
+    return [d if isinstance(d, int) else (d or None) for d in shape]
+
+
+def _feature_shape(explainer) -> list:
+    """The feature shape, with spatial sizes measured by one run when shape inference left them open."""
+    head = explainer.head
+    shape = _dims(head.feature_shape)
+    spec = head.input
+    if all(isinstance(d, int) for d in shape[1:]) or len(head.inputs) > 1 or len(spec.shape) < 2:
+        return shape
+    if not all(isinstance(d, int) for d in spec.shape[1:]):
+        return shape  # dynamic input size: the feature size depends on it
+    features, _ = explainer.backend.run({spec.name: np.zeros((1,) + tuple(spec.shape[1:]), spec.dtype)})
+    return [shape[0] if shape else None] + list(np.shape(features)[1:])
+
+
+def cmd_inspect(args) -> int:
+    from backends.ort_session import import_onnxruntime
+
+    explainer = _load(args.model, _providers(args.providers))
+    head = explainer.head
+    info = {
+        "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer._input_layout(),
+                  "dtype": str(np.dtype(head.input.dtype))},
+        "feature": {"name": head.feature, "shape": _feature_shape(explainer), "layout": head.layout},
+        "pooling": head.pooling,
+        "logits": head.logits,
+        "scoring": head.scoring,
+        "num_classes": head.num_classes,
+        "channels": head.channels,
+        "providers": import_onnxruntime().get_available_providers(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return EXIT_OK
+
+    def shape_text(shape):
+        return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+    print(f"model        {args.model}")
+    print(f"input        {info['input']['name']} {shape_text(info['input']['shape'])} "
+          f"{info['input']['layout']} {info['input']['dtype']}")
+    print(f"feature      {head.feature} {shape_text(info['feature']['shape'])} {head.layout}")
+    print(f"pooling      {head.pooling}")
+    print(f"logits       {head.logits} ({head.scoring})")
+    print(f"classes      {head.num_classes}")
+    print(f"channels     {head.channels}")
+    print(f"providers    {', '.join(info['providers'])}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- fuse
+
+def cmd_fuse(args) -> int:
+    from .api import fuse
+
+    if args.size is None:
+        size = None
+    elif args.size == ["input"]:
+        size = "input"
+    else:
+        try:
+            size = tuple(int(s) for s in args.size)
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise CamError(f"--size takes H W (positive ints) or 'input', got {' '.join(args.size)}")
+    fused = fuse(args.model, top_k=args.top_k, size=size, normalize=not args.no_normalize)
+    atomic_write_bytes(args.output, fused.SerializeToString())
+    print(f"wrote {args.output}: outputs {', '.join(o.name for o in fused.graph.output)}")
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------- parser
+
+def _chosen_command(argv) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def _add_plugin(subparsers, name: str, chosen: bool) -> None:
+    module_name, help_text = PLUGINS[name]
+    if not chosen:
+        subparsers.add_parser(name, help=help_text)
+        return
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = f"{module_name} is not installed" if getattr(exc, "name", None) in (
+            module_name, module_name.rsplit(".", 1)[0]) else str(exc)
+        p = subparsers.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=lambda args: fail(f"the '{name}' command is not available: {missing}") or EXIT_ERROR)
+        return
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    module.add_arguments(p)
+    p.set_defaults(func=module.main)
+
+
+def build_parser(argv=()) -> argparse.ArgumentParser:
+    """The `camcore` argument parser; plugin subcommands are built only when chosen in `argv`."""
+    parser = argparse.ArgumentParser(
+        prog="camcore", description="Class Activation Maps for exported ONNX models.")
+    parser.add_argument("--version", action="version", version=f"camcore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    providers_help = "onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names"
+
+    p = sub.add_parser("demo", help="explain three sample photos with the embedded model",
+                       description="Explain scikit-image's chelsea, coffee and rocket photos with the "
+                                   "embedded EfficientNet-Lite0: overlays, results.json and a table.")
+    p.add_argument("--out", default="camcore-demo", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--providers", metavar="LIST", help=providers_help)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("explain", help="explain images with a model (default: the embedded one)",
+                       description="Write <stem>.cam.png per image and one results.json. "
+                                   "A first argument ending in .onnx is the model.")
+    p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="optional MODEL.onnx, then image files or folders")
+    p.add_argument("--out", default="camcore-out", metavar="DIR", help="output folder (default: %(default)s)")
+    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K", help="classes per image (default: 1)")
+    p.add_argument("--threshold", type=_fraction, default=0.2, metavar="T",
+                   help="box threshold as a fraction of the map's max (default: 0.2)")
+    p.add_argument("--json", action="store_true", help="print results.json to stdout")
+    p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    p.add_argument("--providers", metavar="LIST", help=providers_help)
+    add_preprocess_arguments(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("inspect", help="show the CAM head found in a model",
+                       description="Exit status 2 (with the reason on stderr) when CAM cannot explain the model.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--providers", metavar="LIST", help=providers_help)
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("fuse", help="write a model that computes its own CAMs",
+                       description="Adds outputs cam_classes, cam_scores and cam_maps to the model.")
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K")
+    p.add_argument("--size", nargs="+", metavar="H W|input",
+                   help="resize the maps to H W, or to the model input size ('input')")
+    p.add_argument("--no-normalize", action="store_true", help="keep raw CAM values (no per-map min-max)")
+    p.set_defaults(func=cmd_fuse)
+
+    chosen = _chosen_command(argv)
+    for name in PLUGINS:
+        _add_plugin(sub, name, chosen == name)
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    return run_command(args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
