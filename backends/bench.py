@@ -1,0 +1,418 @@
+"""`camcore bench`: plain inference, `explain` and the fused graph, per provider and batch size.
+
+For each provider and batch size, three configurations run on the same inputs:
+
+* ``plain``: the unmodified model in its own onnxruntime session;
+* ``explain``: the NumPy path, ``Explainer.explain(top_k=1)`` (one onnxruntime run
+  with the feature tensor exposed), then `camcore.upsample` of the map to the
+  input size, `camcore.normalize` and the largest box per image (`camcore.boxes`);
+* ``fused``: ``camcore.fuse(model, top_k=1, size="input")`` in its own session.
+
+Timing is interleaved: each round runs every batch size and every configuration
+once (the configuration order rotates from round to round), so a noisy machine
+slows all of them alike.  After `warmup` rounds, `repeat` rounds are kept and the
+throughput reported is the median of the per-round images per second.
+
+Peak memory: a process's peak resident set size (``getrusage`` ``ru_maxrss``) only
+grows, so one process cannot give each configuration its own peak.  Each
+configuration is therefore measured in a fresh Python subprocess that sets it up,
+records its peak RSS (``setup_rss_mib``), runs it three times and records the
+peak again (``peak_rss_mib``).  Both are whole-process figures (Python, numpy,
+onnxruntime and the model included).
+
+All sessions are made by `ort_session.make_session` with the same default
+``SessionOptions``.  On CUDA and TensorRT the plain and fused models run with IO
+binding: the input is bound once on the device and only the outputs the caller
+needs (the logits, or ``cam_classes``/``cam_scores``/``cam_maps``) are copied
+back, so the fused path's features never leave the device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import camcore
+from camcore import boxes, default_model, normalize, upsample
+from camcore.errors import CamError, InvalidInput
+
+from . import onnx_graph
+from .ort_session import import_onnxruntime, make_session, provider_name, resolve_providers
+
+__all__ = ["run_benchmark", "format_table", "session_runner", "machine", "add_arguments", "main"]
+
+MODES = ("plain", "explain", "fused")
+CAM_OUTPUTS = ("cam_classes", "cam_scores", "cam_maps")
+# Execution providers tried in order for each benchmarked provider (onnxruntime's
+# recommended fallbacks: TensorRT falls back to CUDA for unsupported nodes).
+_CHAINS = {
+    "CPUExecutionProvider": ["CPUExecutionProvider"],
+    "CUDAExecutionProvider": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "TensorrtExecutionProvider": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_DYNAMIC_SIZE = 224  # stands for dynamic spatial axes
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """Where the benchmark ran: platform, CPU, cores, Python, numpy and onnxruntime."""
+    ort = import_onnxruntime()
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "memory_gib": _memory_gib(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+        "onnxruntime_providers": ort.get_available_providers(),
+    }
+
+
+def _memory_gib():
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _peak_rss_mib() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def _device(session) -> str:
+    return "cpu" if session.get_providers()[0] == "CPUExecutionProvider" else "cuda"
+
+
+def session_runner(session, feed: dict, outputs=None, *, io_binding: bool = False):
+    """A no-argument callable that runs `session` on `feed` and returns `outputs` as numpy arrays.
+
+    Parameters
+    ----------
+    session : onnxruntime.InferenceSession
+    feed : dict of str to ndarray
+    outputs : list of str, optional
+        Outputs to return (default: all, in graph order).
+    io_binding : bool
+        Bind the inputs once on the session's device and bind `outputs` to that
+        device, copying them to the host after each run.  Outputs that are not
+        asked for are not bound, so they are neither fetched nor copied.
+
+    Returns
+    -------
+    callable
+        ``run() -> list of ndarray``, in the order of `outputs`.
+    """
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    if not io_binding:
+        return lambda: session.run(names, feed)
+    ort = import_onnxruntime()
+    device = _device(session)
+    binding = session.io_binding()
+    for name, value in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0))
+    for name in names:
+        binding.bind_output(name, device)
+
+    def run():
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    return run
+
+
+def _input_hw(shape: tuple) -> tuple:
+    """(H, W) of a 4-D image input, NCHW when axis 1 holds 1 or 3 channels, else NHWC."""
+    return tuple(shape[2:4]) if shape[1] in (1, 3) else tuple(shape[1:3])
+
+
+def _feed(specs, batch: int, seed: int = 0) -> dict:
+    """Random inputs for every graph input; dynamic non-batch axes become 224."""
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for spec in specs:
+        shape = [batch] + [d if isinstance(d, int) and d > 0 else _DYNAMIC_SIZE for d in spec.shape[1:]]
+        if np.dtype(spec.dtype).kind == "f":
+            feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        else:
+            feed[spec.name] = np.zeros(shape, spec.dtype)
+    return feed
+
+
+def _explain_step(explainer, feed: dict, size: tuple) -> list:
+    """The NumPy path: top-1 CAM, upsample to the input size, normalize, largest box.
+
+    The whole batch goes to onnxruntime in one run, as in plain inference.
+    """
+    batch = len(next(iter(feed.values())))
+    out = explainer.explain(feed, top_k=1, batch_size=batch)
+    maps = normalize(upsample(out.maps[:, 0], size))
+    return [boxes(m) for m in maps]
+
+
+class _Setup:
+    """The three configurations of one provider, built from saved model files."""
+
+    def __init__(self, plain_path, fused_path, chain, io_binding):
+        self.plain = make_session(onnx_graph.load_model(plain_path)[0], chain)
+        self.fused = make_session(onnx_graph.load_model(fused_path)[0], chain)
+        self.explainer = camcore.load(plain_path, providers=chain)
+        self.io_binding = io_binding
+        self.specs = self.explainer.head.inputs
+
+    def step(self, mode: str, batch: int):
+        """A no-argument callable running `mode` on a batch of random inputs."""
+        feed = _feed(self.specs, batch)
+        if mode == "plain":
+            return session_runner(self.plain, feed, io_binding=self.io_binding)
+        if mode == "fused":
+            return session_runner(self.fused, feed, CAM_OUTPUTS, io_binding=self.io_binding)
+        size = _input_hw(next(iter(feed.values())).shape)
+        return lambda: _explain_step(self.explainer, feed, size)
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def _time_rounds(steps: dict, batches, repeat: int, warmup: int) -> dict:
+    """Interleaved timing: ``{(mode, batch): [seconds of each kept round]}``."""
+    times = {key: [] for key in steps}
+    for r in range(warmup + repeat):
+        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        for batch in batches:
+            for mode in order:
+                start = time.perf_counter()
+                steps[mode, batch]()
+                elapsed = time.perf_counter() - start
+                if r >= warmup:
+                    times[mode, batch].append(elapsed)
+    return times
+
+
+def _memory_probe(spec: dict) -> dict:
+    """Run in a fresh subprocess: peak RSS after setting up and after running one configuration."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    code = "import sys; from backends.bench import _probe_main; _probe_main(sys.argv[1])"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise CamError(f"memory probe for {spec['mode']} at batch {spec['batch']} failed: {tail}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _probe_main(argument: str) -> None:
+    spec = json.loads(argument)
+    setup = _Setup(spec["plain"], spec["fused"], spec["chain"], spec["io_binding"])
+    step = setup.step(spec["mode"], spec["batch"])
+    setup_rss = _peak_rss_mib()
+    for _ in range(3):
+        step()
+    print(json.dumps({"setup_rss_mib": round(setup_rss, 1), "peak_rss_mib": round(_peak_rss_mib(), 1)}))
+
+
+def _provider_chain(name: str) -> list:
+    """The providers to create sessions with, or CamError saying why `name` cannot run here."""
+    ort = import_onnxruntime()
+    full = provider_name(name)
+    resolve_providers([full])  # unknown or unavailable -> CamError with the reason
+    chain = [p for p in _CHAINS.get(full, [full]) if p in ort.get_available_providers()]
+    return chain
+
+
+def _check_batches(batches) -> tuple:
+    try:
+        values = tuple(int(b) for b in batches)
+    except (TypeError, ValueError):
+        raise InvalidInput(f"batches must be positive integers, got {batches!r}") from None
+    if not values or min(values) < 1:
+        raise InvalidInput(f"batches must be positive integers, got {batches!r}")
+    return values
+
+
+def run_benchmark(model=None, *, batches=(1, 16, 64), providers=("cpu",), repeat: int = 10, warmup: int = 2,
+                  memory: bool = True, io_binding: bool | None = None) -> dict:
+    """Measure plain inference, `explain` and the fused model per provider and batch size.
+
+    Parameters
+    ----------
+    model : path, onnx.ModelProto or None
+        None means camcore's embedded default (EfficientNet-Lite0).
+    batches : sequence of int
+    providers : sequence of str
+        onnxruntime provider names or the aliases ``"cpu"``, ``"cuda"``, ``"tensorrt"``.
+        One that is not available is reported as skipped, with the reason.
+    repeat : int
+        Timed rounds; the figure is their median.
+    warmup : int
+        Untimed rounds first.
+    memory : bool
+        Measure each configuration's peak RSS in a fresh subprocess.
+    io_binding : bool, optional
+        Run plain and fused through IO binding (default: on CUDA and TensorRT only).
+
+    Returns
+    -------
+    dict
+        ``model``, ``date``, ``machine``, ``settings``, and ``providers``: one entry
+        per requested provider, ``{"name", "status": "skipped", "reason"}`` or
+        ``{"name", "status": "ok", "session_providers", "io_binding", "runs"}``
+        where each run holds ``batch``, per mode ``images_per_s`` (median),
+        ``seconds`` (every timed round), ``peak_rss_mib`` and ``setup_rss_mib``,
+        and ``ratios`` (``explain`` and ``fused`` images/s over ``plain``).
+    """
+    batches = _check_batches(batches)
+    if int(repeat) < 1 or int(warmup) < 0:
+        raise InvalidInput(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
+    if isinstance(providers, str):
+        providers = [providers]
+    source = default_model.path() if model is None else model
+    proto, _ = onnx_graph.load_model(source)
+    result = {
+        "model": str(source) if not hasattr(source, "SerializeToString") else "<onnx.ModelProto>",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "settings": {"batches": list(batches), "providers": list(providers), "repeat": int(repeat),
+                     "warmup": int(warmup), "memory": bool(memory), "fuse": {"top_k": 1, "size": "input"},
+                     "explain": "explain(top_k=1), upsample to the input size (bilinear), normalize, largest box"},
+        "providers": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="camcore-bench-") as folder:
+        plain_path, fused_path = Path(folder) / "plain.onnx", Path(folder) / "fused.onnx"
+        _save(proto, plain_path)
+        _save(camcore.fuse(proto, top_k=1, size="input"), fused_path)
+        for name in providers:
+            entry = {"name": name}
+            result["providers"].append(entry)
+            try:
+                chain = _provider_chain(name)
+                bound = (provider_name(name) != "CPUExecutionProvider") if io_binding is None else bool(io_binding)
+                setup = _Setup(plain_path, fused_path, chain, bound)
+            except CamError as exc:
+                entry.update(status="skipped", reason=str(exc))
+                continue
+            used = setup.plain.get_providers()
+            if used[0] != chain[0]:
+                entry.update(status="skipped", reason=f"onnxruntime fell back to {used[0]} instead of {chain[0]}")
+                continue
+            steps = {(mode, b): setup.step(mode, b) for mode in MODES for b in batches}
+            times = _time_rounds(steps, batches, int(repeat), int(warmup))
+            runs = []
+            for b in batches:
+                run = {"batch": b}
+                for mode in MODES:
+                    seconds = times[mode, b]
+                    run[mode] = {"images_per_s": statistics.median(b / s for s in seconds),
+                                 "seconds": seconds}
+                    if memory:
+                        run[mode].update(_memory_probe({"plain": str(plain_path), "fused": str(fused_path),
+                                                        "chain": chain, "io_binding": bound,
+                                                        "mode": mode, "batch": b}))
+                plain = run["plain"]["images_per_s"]
+                run["ratios"] = {mode: run[mode]["images_per_s"] / plain for mode in ("explain", "fused")}
+                runs.append(run)
+            entry.update(status="ok", session_providers=used, io_binding=bound, runs=runs)
+    return result
+
+
+def _save(model, path: Path) -> None:
+    import onnx
+
+    onnx.save_model(model, str(path))
+
+
+# --------------------------------------------------------------------------- output
+
+
+def format_table(result: dict) -> str:
+    """The benchmark as a plain-text table (images/s, ratios to plain, peak RSS in MiB)."""
+    head = (f"{'provider':<10} {'batch':>5} {'plain img/s':>12} {'explain img/s':>14} {'ratio':>6} "
+            f"{'fused img/s':>12} {'ratio':>6}   peak RSS MiB (plain/explain/fused)")
+    lines = [head, "-" * len(head)]
+    skipped = []
+    for entry in result["providers"]:
+        if entry["status"] != "ok":
+            skipped.append(f"{entry['name']}: skipped ({entry['reason']})")
+            continue
+        for run in entry["runs"]:
+            rss = "/".join(f"{run[m]['peak_rss_mib']:.0f}" if "peak_rss_mib" in run[m] else "-" for m in MODES)
+            lines.append(
+                f"{entry['name']:<10} {run['batch']:>5} {run['plain']['images_per_s']:>12.1f} "
+                f"{run['explain']['images_per_s']:>14.1f} {run['ratios']['explain']:>6.3f} "
+                f"{run['fused']['images_per_s']:>12.1f} {run['ratios']['fused']:>6.3f}   {rss}")
+    m = result["machine"]
+    lines.append("")
+    lines.append(f"machine: {m['cpu']}, {m['cores']} cores, {m['platform']}; onnxruntime {m['onnxruntime']} "
+                 f"({', '.join(m['onnxruntime_providers'])}), numpy {m['numpy']}")
+    lines.append(f"median of {result['settings']['repeat']} interleaved rounds after "
+                 f"{result['settings']['warmup']} warm-up rounds")
+    lines.extend(skipped)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _int_list(text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InvalidInput(f"--batch must be comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(parser) -> None:
+    """Add the ``camcore bench`` arguments to an argparse parser."""
+    parser.add_argument("model", nargs="?", default=None,
+                        help="ONNX model (default: the embedded EfficientNet-Lite0)")
+    parser.add_argument("--batch", default="1,16,64", help="comma-separated batch sizes (default: 1,16,64)")
+    parser.add_argument("--providers", default="cpu",
+                        help="comma-separated providers: cpu, cuda, tensorrt or full names (default: cpu)")
+    parser.add_argument("--repeat", type=int, default=10, help="timed rounds; the median is reported (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS subprocesses")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write every figure to FILE as JSON")
+
+
+def main(args) -> int:
+    """Run ``camcore bench`` from parsed arguments; print the table, write the JSON."""
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+    result = run_benchmark(args.model, batches=_int_list(args.batch), providers=providers, repeat=args.repeat,
+                           warmup=args.warmup, memory=not args.no_memory)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if any(e["status"] == "ok" for e in result["providers"]) else 1
