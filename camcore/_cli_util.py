@@ -33,6 +33,7 @@ __all__ = [
     "Progress",
     "run_command",
     "fail",
+    "one_line",
     "title_strip",
     "title_height",
 ]
@@ -173,22 +174,25 @@ def run_command(fn, args) -> int:
     try:
         return int(fn(args) or 0)
     except NotCamCompatible as exc:
-        fail(_one_line(exc))
+        fail(one_line(exc))
         return EXIT_REFUSED
     except CamError as exc:
-        fail(_one_line(exc))
+        fail(one_line(exc))
         return EXIT_ERROR
     except OSError as exc:
-        fail(_one_line(exc) if exc.filename is None else f"{exc.strerror or exc}: {exc.filename}")
+        fail(one_line(exc) if exc.filename is None else f"{exc.strerror or exc}: {exc.filename}")
         return EXIT_ERROR
     except KeyboardInterrupt:
         fail("interrupted")
         return EXIT_INTERRUPTED
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def one_line(message) -> str:
+    """The first line of an error message (or of an exception's text, else its type name)."""
+    text = str(message).strip()
+    if not text:
+        return type(message).__name__ if isinstance(message, BaseException) else ""
+    return text.splitlines()[0]
 
 
 # ----------------------------------------------------------------- title strips

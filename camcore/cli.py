@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_preprocess_arguments, atomic_write_bytes,
-                        encode_png, fail, preprocess_from_args, run_command, title_strip, write_json)
+                        encode_png, fail, one_line, preprocess_from_args, run_command, title_strip, write_json)
 from .errors import CamError
 
 __all__ = ["main", "build_parser"]
@@ -99,7 +99,7 @@ def render(image, result, explainer) -> np.ndarray:
 def _record(path, result, explainer) -> dict:
     """The results.json entry of one image."""
     if result.error is not None:
-        return {"path": path, "width": None, "height": None, "error": result.error, "classes": []}
+        return {"path": path, "width": None, "height": None, "error": one_line(result.error), "classes": []}
     height, width = (int(v) for v in result.size)
     classes = [{"index": int(c), "name": explainer.class_name(int(c)), "score": round(float(s), 6),
                 "box": None if result.box(j) is None else list(result.box(j))}
@@ -316,27 +316,22 @@ def _chosen_command(argv) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-def _add_plugin(subparsers, name: str, chosen: bool) -> None:
-    module_name, help_text = PLUGINS[name]
-    if not chosen:
-        subparsers.add_parser(name, help=help_text)
-        return
+def _plugin_module(name: str):
+    """Import the module behind a plugin subcommand, or raise CamError saying it is missing."""
+    module_name = PLUGINS[name][0]
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as exc:
-        missing = f"{module_name} is not installed" if getattr(exc, "name", None) in (
-            module_name, module_name.rsplit(".", 1)[0]) else str(exc)
-        p = subparsers.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda args: fail(f"the '{name}' command is not available: {missing}") or EXIT_ERROR)
-        return
-    p = subparsers.add_parser(name, help=help_text, description=help_text)
-    module.add_arguments(p)
-    p.set_defaults(func=module.main)
+        missing = getattr(exc, "name", None) in (module_name, module_name.rsplit(".", 1)[0])
+        reason = f"{module_name} is not installed" if missing else one_line(exc)
+        raise CamError(f"the '{name}' command is not available: {reason}") from None
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:
-    """The `camcore` argument parser; plugin subcommands are built only when chosen in `argv`."""
+    """The `camcore` argument parser; plugin subcommands are built only when chosen in `argv`.
+
+    Raises CamError when the chosen plugin's module cannot be imported.
+    """
     parser = argparse.ArgumentParser(
         prog="camcore", description="Class Activation Maps for exported ONNX models.")
     parser.add_argument("--version", action="version", version=f"camcore {__version__}")
@@ -382,14 +377,23 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_fuse)
 
     chosen = _chosen_command(argv)
-    for name in PLUGINS:
-        _add_plugin(sub, name, chosen == name)
+    for name, (_, help_text) in PLUGINS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            module = _plugin_module(name)
+            module.add_arguments(p)
+            p.set_defaults(func=module.main)
     return parser
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser(argv).parse_args(argv)
+    try:
+        parser = build_parser(argv)
+    except CamError as exc:
+        fail(str(exc))
+        return EXIT_ERROR
+    args = parser.parse_args(argv)
     return run_command(args.func, args)
 
 

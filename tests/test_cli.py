@@ -1,0 +1,525 @@
+"""The `camcore` command line, end to end in subprocesses, on the embedded model and zoo models."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from skimage import data
+from skimage import io as skio
+
+import camcore
+from camcore import _cli_util, cli, default_model
+from camcore.errors import CamError, NotCamCompatible
+from tests.zoo import CASES, REFUSED
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Hand-measured on skimage.data.chelsea() (451 x 300): the cat's head spans the
+# image from the left edge to its right ear; eyes and nose centers.
+CAT_BOX = (0, 0, 400, 300)
+CAT_FACE = [(170, 115), (320, 135), (262, 240)]
+
+
+def camcore_cli(*args, cwd=None, check_clean=True):
+    """Run ``python -m camcore.cli`` in a subprocess; stderr never holds a traceback."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "camcore.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check_clean:
+        assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def error_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("camcore: error:")]
+
+
+def box_iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def check_record(record, explainer_names, k):
+    """Schema of one results.json image entry, boxes inside the image, scores sorted."""
+    assert set(record) >= {"path", "width", "height", "error", "classes"}
+    assert record["error"] is None
+    w, h = record["width"], record["height"]
+    assert isinstance(w, int) and isinstance(h, int) and w > 0 and h > 0
+    assert len(record["classes"]) == k
+    scores = [c["score"] for c in record["classes"]]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    for c in record["classes"]:
+        assert set(c) == {"index", "name", "score", "box"}
+        assert c["name"] == explainer_names(c["index"])
+        x0, y0, x1, y1 = c["box"]
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+def dynamic_batch(zm, directory: Path) -> Path:
+    """Save a zoo model with its batch dimension made symbolic (the zoo fixes it to 2)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(zm.model)
+    for value in list(model.graph.input) + list(model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    path = directory / f"{zm.name}_dynamic.onnx"
+    onnx.save_model(model, path)
+    return path
+
+
+# ----------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def default_explainer():
+    return camcore.load(providers=["cpu"])
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    proc = camcore_cli("demo", "--out", out, "--providers", "cpu")
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """A folder: two photos (one in a subfolder), a gray image, a corrupt PNG and a text file."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "sub").mkdir()
+    skio.imsave(root / "cat.png", data.chelsea())
+    skio.imsave(root / "sub" / "astronaut.jpg", data.astronaut()[::2, ::2], check_contrast=False)
+    skio.imsave(root / "gray.png", data.camera()[::4, ::4], check_contrast=False)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def explained(photos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("explained") / "out"
+    proc = camcore_cli("explain", photos, "--out", out, "--top-k", "2", "--json", "--providers", "cpu")
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+# ----------------------------------------------------------------- demo
+
+def test_demo_table_json_and_overlays(demo, default_explainer):
+    proc, out = demo
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["image", "class", "score", "box"]
+    for name in cli.DEMO_IMAGES:
+        assert any(line.startswith(f"skimage.data.{name}") for line in lines)
+    results = json.loads((out / "results.json").read_text())
+    assert results["threshold"] == 0.2
+    assert [r["path"] for r in results["images"]] == [f"skimage.data.{n}" for n in cli.DEMO_IMAGES]
+    for name, record in zip(cli.DEMO_IMAGES, results["images"]):
+        check_record(record, default_explainer.class_name, 1)
+        image = getattr(data, name)()
+        assert (record["height"], record["width"]) == image.shape[:2]
+        png = skio.imread(out / f"{name}.cam.png")
+        h, w = image.shape[:2]
+        assert png.shape == (_cli_util.title_height(w) + h, w, 3) and png.dtype == np.uint8
+        top = record["classes"][0]
+        assert f"{top['index']} {top['name']}" in proc.stdout
+    assert no_temp_files(out)
+
+
+def test_demo_finds_the_cat(demo):
+    _, out = demo
+    cat = json.loads((out / "results.json").read_text())["images"][0]
+    top = cat["classes"][0]
+    assert 281 <= top["index"] <= 285 and top["score"] > 0.5
+    box = top["box"]
+    assert box_iou(box, CAT_BOX) >= 0.7
+    for x, y in CAT_FACE:
+        assert box[0] <= x < box[2] and box[1] <= y < box[3]
+
+
+def test_demo_overlay_shows_map_box_and_title(demo):
+    _, out = demo
+    png = skio.imread(out / "chelsea.cam.png")
+    t = _cli_util.title_height(451)
+    strip, picture = png[:t], png[t:]
+    top = json.loads((out / "results.json").read_text())["images"][0]["classes"][0]
+    np.testing.assert_array_equal(strip, _cli_util.title_strip(f"{top['name']} {100 * top['score']:.1f}%", 451))
+    assert set(map(tuple, strip.reshape(-1, 3))) == {(32, 32, 32), (255, 255, 255)}
+    # The box outline (green) on the top row of the box.
+    x0, y0, x1, y1 = top["box"]
+    np.testing.assert_array_equal(picture[y0, x0:x1], np.tile([0, 255, 0], (x1 - x0, 1)))
+    # The heat map is blended in: the picture is not the photo.
+    assert np.abs(picture.astype(int) - data.chelsea()).mean() > 10
+
+
+def test_readme_picture_is_the_demo_output(demo):
+    """docs/chelsea_cam.png is what `camcore demo` renders (so the README shows the real thing)."""
+    _, out = demo
+    shipped = skio.imread(ROOT / "docs" / "chelsea_cam.png")
+    rendered = skio.imread(out / "chelsea.cam.png")
+    assert shipped.shape == rendered.shape
+    assert np.abs(shipped.astype(int) - rendered).mean() < 1.0
+    assert (ROOT / "docs" / "chelsea_cam.png").stat().st_size < 300_000
+
+
+# ----------------------------------------------------------------- explain on the embedded model
+
+def test_explain_folder_reports_corrupt_image_and_goes_on(explained, photos):
+    proc, out = explained
+    assert proc.returncode == 1
+    assert error_lines(proc.stderr) == ["camcore: error: 1 of 4 images could not be explained"]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("camcore: warning:")]
+    assert len(warnings) == 1 and "broken.png" in warnings[0]
+    results = json.loads(proc.stdout)
+    assert results == json.loads((out / "results.json").read_text())
+    paths = [Path(r["path"]).relative_to(photos).as_posix() for r in results["images"]]
+    assert paths == ["broken.png", "cat.png", "gray.png", "sub/astronaut.jpg"]  # sorted, recursive, .txt ignored
+    broken = results["images"][0]
+    assert broken["classes"] == [] and broken["width"] is None and broken["height"] is None
+    assert "broken.png" in broken["error"] and "\n" not in broken["error"]
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.cam.png", "cat.cam.png", "gray.cam.png",
+                                                     "results.json"]
+
+
+def test_explain_results_schema_boxes_and_pngs(explained, default_explainer):
+    proc, out = explained
+    results = json.loads(proc.stdout)
+    assert results["model"] == "embedded:efficientnet_lite0" and results["threshold"] == 0.2
+    for record in results["images"][1:]:
+        check_record(record, default_explainer.class_name, 2)
+        png = skio.imread(out / record["overlay"])
+        w, h = record["width"], record["height"]
+        assert png.shape == (_cli_util.title_height(w) + h, 2 * w, 3)
+
+
+def test_explain_matches_the_python_api(explained, photos, default_explainer):
+    proc, _ = explained
+    record = json.loads(proc.stdout)["images"][1]
+    [expected] = default_explainer.explain_images([photos / "cat.png"], top_k=2)
+    assert [c["index"] for c in record["classes"]] == expected.classes.tolist()
+    np.testing.assert_allclose([c["score"] for c in record["classes"]], expected.scores, atol=1e-5)
+    assert [tuple(c["box"]) for c in record["classes"]] == [expected.box(0), expected.box(1)]
+
+
+def test_explain_missing_file_and_bad_arguments(tmp_path, photos):
+    proc = camcore_cli("explain", tmp_path / "nope.jpg", photos / "gray.png", "--out", tmp_path / "o", "--quiet")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert error_lines(proc.stderr) == ["camcore: error: 1 of 2 images could not be explained"]
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert "image not found" in results["images"][0]["error"] and results["images"][1]["error"] is None
+
+
+
+def test_explain_usage_errors_in_process(tmp_path, photos, capsys):
+    (tmp_path / "empty").mkdir()
+    for args, status, message in [
+        ([tmp_path / "empty"], 1, "no images found in folder"),
+        ([tmp_path / "model.onnx"], 1, "no images given"),
+        ([tmp_path / "missing.onnx", photos / "cat.png"], 1, "missing.onnx"),
+        ([photos / "cat.png", "--threshold", "1.5"], 2, "--threshold"),
+        ([photos / "cat.png", "--top-k", "0"], 2, "--top-k"),
+    ]:
+        argv = ["explain", *map(str, args), "--out", str(tmp_path / "bad")]
+        if status == 2:  # argparse usage errors
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main(argv)
+            assert exit_info.value.code == 2
+        else:
+            assert cli.main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and err[-1].startswith("camcore: error:")
+        if status == 1:
+            assert len(err) == 1
+    assert not (tmp_path / "bad").exists()
+
+
+# ----------------------------------------------------------------- explain with user models
+
+def test_explain_user_model_applies_preprocessing_flags(tmp_path, photos):
+    zm = CASES["dynamic_batch_hw"]()
+    path = zm.save(tmp_path)
+    proc = camcore_cli("explain", path, photos / "cat.png", photos / "gray.png", "--out", tmp_path / "o",
+                       "--top-k", "3", "--size", "16x12", "--resize", "crop", "--mean", "0.5", "--std", "0.25",
+                       "--bgr", "--threshold", "0.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads(proc.stdout)
+    assert results["model"] == str(path) and results["threshold"] == 0.5
+    preprocess = camcore.Preprocess((16, 12), resize="crop", mean=0.5, std=0.25, channel_order="BGR")
+    explainer = camcore.load(path, providers=["cpu"])
+    expected = explainer.explain_images([photos / "cat.png", photos / "gray.png"], preprocess=preprocess,
+                                        top_k=3, threshold=0.5)
+    for record, want in zip(results["images"], expected):
+        check_record(record, explainer.class_name, 3)
+        assert [c["index"] for c in record["classes"]] == want.classes.tolist()
+        assert [c["name"] for c in record["classes"]] == [str(i) for i in want.classes]
+        np.testing.assert_allclose([c["score"] for c in record["classes"]], want.scores, atol=1e-5)
+        assert [tuple(c["box"]) for c in record["classes"]] == [want.box(j) for j in range(3)]
+    # Without flags the result differs (the flags really reach the model).
+    plain = explainer.explain_images([photos / "cat.png"], top_k=3)[0]
+    assert not np.allclose(plain.scores, expected[0].scores)
+
+
+def test_explain_nhwc_model(tmp_path, photos):
+    zm = CASES["nhwc_transpose_gap"]()
+    path = dynamic_batch(zm, tmp_path)
+    proc = camcore_cli("explain", path, photos / "cat.png", "--out", tmp_path / "o", "--size", "9x7")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "o" / "results.json").read_text())["images"][0]
+    check_record(record, str, 1)
+    assert skio.imread(tmp_path / "o" / "cat.cam.png").shape == (_cli_util.title_height(451) + 300, 451, 3)
+    assert proc.stdout.splitlines()[0].split() == ["image", "class", "score", "box"]
+
+
+# ----------------------------------------------------------------- inspect
+
+def test_inspect_json_on_zoo_models(zoo_dir):
+    for name in ("gap_gemm", "nhwc_transpose_gap"):
+        zm = CASES[name]()
+        proc = camcore_cli("inspect", zm.save(zoo_dir), "--json")
+        assert proc.returncode == 0, proc.stderr
+        info = json.loads(proc.stdout)
+        assert set(info) >= {"input", "feature", "pooling", "logits", "num_classes", "channels", "providers"}
+        assert info["input"]["name"] == zm.input_name
+        assert info["input"]["shape"] == list(zm.input_shape)
+        assert info["input"]["layout"] == ("NHWC" if name.startswith("nhwc") else "NCHW")
+        assert info["feature"]["name"] == zm.feature and info["feature"]["shape"][1] == 8
+        assert info["pooling"] == zm.pooling and info["logits"] == zm.logits
+        assert (info["num_classes"], info["channels"]) == zm.weights.shape
+        assert "CPUExecutionProvider" in info["providers"]
+
+
+def test_inspect_embedded_model_text():
+    proc = camcore_cli("inspect", default_model.path())
+    assert proc.returncode == 0, proc.stderr
+    fields = dict(line.split(None, 1) for line in proc.stdout.splitlines())
+    assert fields["input"].startswith("input (batch, 3, 224, 224) NCHW")
+    assert "(?, 1280, 7, 7)" in fields["feature"] or "1280, 7, 7)" in fields["feature"]
+    assert fields["pooling"] == "GlobalAveragePool"
+    assert fields["classes"] == "1000" and fields["channels"] == "1280"
+    assert "CPUExecutionProvider" in fields["providers"]
+
+
+def test_inspect_refused_model_exits_2_with_one_line(zoo_dir):
+    zm = REFUSED["mlp_head"]()
+    proc = camcore_cli("inspect", zm.save(zoo_dir))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert error_lines(proc.stderr) == proc.stderr.strip().splitlines()
+    assert len(error_lines(proc.stderr)) == 1 and zm.refuse in proc.stderr
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_inspect_every_refused_model_in_process(name, zoo_dir, capsys):
+    zm = REFUSED[name]()
+    assert cli.main(["inspect", str(zm.save(zoo_dir))]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("camcore: error: ") and zm.refuse in line
+
+
+def test_inspect_errors_exit_1(tmp_path):
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07garbage")
+    for path in (corrupt, tmp_path / "missing.onnx"):
+        proc = camcore_cli("inspect", path)
+        assert proc.returncode == 1
+        assert len(error_lines(proc.stderr)) == 1 == len(proc.stderr.strip().splitlines())
+
+
+# ----------------------------------------------------------------- fuse
+
+def test_fuse_writes_a_runnable_model(tmp_path):
+    zm = CASES["dynamic_batch"]()
+    out = tmp_path / "fused.onnx"
+    proc = camcore_cli("fuse", zm.save(tmp_path), "-o", out, "--top-k", "2", "--size", "16", "12")
+    assert proc.returncode == 0, proc.stderr
+    assert "cam_maps" in proc.stdout and no_temp_files(tmp_path)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = zm.random_input(shape=(3, 3, 8, 8))
+    outputs = dict(zip([o.name for o in session.get_outputs()], session.run(None, {zm.input_name: x})))
+    assert outputs["cam_classes"].shape == (3, 2) and outputs["cam_maps"].shape == (3, 2, 16, 12)
+    assert outputs["cam_maps"].min() >= 0 and np.isclose(outputs["cam_maps"].max(), 1)
+
+    raw = tmp_path / "raw.onnx"
+    assert cli.main(["fuse", str(zm.save(tmp_path)), "-o", str(raw), "--no-normalize", "--size", "input"]) == 0
+    session = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"])
+    maps = session.run(["cam_maps"], {zm.input_name: x})[0]
+    assert maps.shape == (3, 1, 8, 8) and maps.max() > 1
+
+
+def test_fuse_refused_and_bad_size(tmp_path):
+    zm = REFUSED["global_max_pool"]()
+    out = tmp_path / "fused.onnx"
+    proc = camcore_cli("fuse", zm.save(tmp_path), "-o", out)
+    assert proc.returncode == 2 and zm.refuse in proc.stderr
+    proc = camcore_cli("fuse", CASES["gap_gemm"]().save(tmp_path), "-o", out, "--size", "16")
+    assert proc.returncode == 1 and "--size" in proc.stderr
+    assert not out.exists() and no_temp_files(tmp_path)
+
+
+# ----------------------------------------------------------------- top level
+
+def test_version_help_and_console_script():
+    script = Path(sys.executable).parent / ("camcore.exe" if os.name == "nt" else "camcore")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"camcore {camcore.__version__}"
+    proc = camcore_cli("--help")
+    assert proc.returncode == 0
+    for command in ("demo", "explain", "inspect", "fuse", "bench", "eval"):
+        assert command in proc.stdout
+    proc = camcore_cli()
+    assert proc.returncode == 2 and "COMMAND" in proc.stderr
+
+
+def test_parser_and_help_do_not_import_onnxruntime():
+    code = ("import sys, contextlib, io\n"
+            "from camcore import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: cli.main(['explain', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "assert 'onnxruntime' not in sys.modules and 'onnx' not in sys.modules, 'imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_missing_plugin_module_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(cli.PLUGINS, "nope", ("camcore._no_such_module", "a missing plugin"))
+    assert cli.main(["nope", "--help"]) == 1
+    err = capsys.readouterr().err
+    assert err == "camcore: error: the 'nope' command is not available: camcore._no_such_module is not installed\n"
+
+
+def test_plugins_are_registered_with_add_arguments_and_main(monkeypatch, capsys):
+    class Plugin:
+        @staticmethod
+        def add_arguments(parser):
+            parser.add_argument("--n", type=int, default=1)
+
+        @staticmethod
+        def main(args):
+            print(f"ran with n={args.n}")
+            return 3
+
+    monkeypatch.setitem(sys.modules, "camcore._fake_plugin", Plugin)
+    monkeypatch.setitem(cli.PLUGINS, "fake", ("camcore._fake_plugin", "a fake plugin"))
+    assert cli.main(["fake", "--n", "4"]) == 3
+    assert capsys.readouterr().out == "ran with n=4\n"
+
+
+# ----------------------------------------------------------------- helpers
+
+def test_run_command_maps_errors_to_statuses(capsys):
+    def raiser(exc):
+        def fn(_):
+            raise exc
+        return fn
+
+    cases = [(NotCamCompatible("no global average pooling"), 2), (CamError("bad\nsecond line"), 1),
+             (FileNotFoundError(2, "No such file or directory", "x.onnx"), 1), (KeyboardInterrupt(), 130)]
+    for exc, status in cases:
+        assert _cli_util.run_command(raiser(exc), None) == status
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith("camcore: error: ") and "second line" not in line
+    assert _cli_util.run_command(lambda args: None, None) == 0
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "results.json"
+    _cli_util.atomic_write_text(target, "old")
+    assert target.read_text() == "old"
+    mode = target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+
+    for exc in (OSError("disk full"), KeyboardInterrupt()):
+        def broken_replace(src, dst, exc=exc):
+            raise exc
+        monkeypatch.setattr(os, "replace", broken_replace)
+        with pytest.raises(type(exc)):
+            _cli_util.atomic_write_bytes(target, b"new contents")
+        monkeypatch.undo()
+        assert target.read_text() == "old"
+        assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]
+
+
+def test_explain_into_unwritable_output_is_one_line(tmp_path, photos):
+    out = tmp_path / "o"
+    (out / "results.json").mkdir(parents=True)  # os.replace onto a folder fails
+    proc = camcore_cli("explain", photos / "gray.png", "--out", out, "--quiet")
+    assert proc.returncode == 1
+    assert len(error_lines(proc.stderr)) == 1 == len(proc.stderr.strip().splitlines())
+    assert sorted(p.name for p in out.iterdir()) == ["gray.cam.png", "results.json"] and no_temp_files(out)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal_and_not_quiet():
+    shown = _Terminal()
+    progress = _cli_util.Progress(20, "explain", stream=shown)
+    for _ in range(20):
+        progress.update()
+    progress.close()
+    text = shown.getvalue()
+    assert text.startswith("\rexplain [") and text.endswith("] 20/20\n") and "#" * 30 in text
+
+    for stream, total, quiet in [(_Terminal(), 20, True), (io.StringIO(), 20, False), (_Terminal(), 5, False)]:
+        progress = _cli_util.Progress(total, "explain", quiet=quiet, stream=stream)
+        progress.update(total)
+        progress.close()
+        assert stream.getvalue() == ""
+
+
+def test_preprocess_from_args(default_explainer):
+    parser = cli.build_parser(["explain"])
+    args = parser.parse_args(["explain", "x.png"])
+    assert _cli_util.preprocess_from_args(args, default_explainer) == default_explainer.default_preprocess()
+    args = parser.parse_args(["explain", "x.png", "--size", "256x192", "--resize", "crop", "--mean", "0.1",
+                              "0.2", "0.3", "--std", "0.5", "--scale", "1", "--bgr"])
+    p = _cli_util.preprocess_from_args(args, default_explainer)
+    assert p == camcore.Preprocess((256, 192), resize="crop", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5),
+                                   scale=1.0, channel_order="BGR",
+                                   crop_fraction=default_explainer.default_preprocess().crop_fraction)
+    assert parser.parse_args(["explain", "x.png", "--size", "300"]).size == (300, 300)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["explain", "x.png", "--size", "0x3"])
+
+
+def test_title_strip_draws_the_font():
+    width = 451
+    strip = _cli_util.title_strip("Egyptian cat 79.1%", width)
+    assert strip.shape == (_cli_util.title_height(width), width, 3) and strip.dtype == np.uint8
+    ink = (strip == 255).all(axis=2)
+    scale = 2  # 451 px wide -> glyphs drawn 2x
+    # Column span of the ink: 18 glyphs of 6 * scale px advance, the last one 5 * scale wide.
+    cols = np.flatnonzero(ink.any(axis=0))
+    assert cols[0] == 2 * scale and cols[-1] == 2 * scale + 17 * 6 * scale + 5 * scale - 1
+    # "E" is the first glyph: full top row, left column 7 glyph rows high.
+    e = ink[2 * scale:2 * scale + 7 * scale, 2 * scale:2 * scale + 5 * scale]
+    assert e[0].all() and e[:, 0].all() and e[-1].all() and not e[1 * scale, 1 * scale:].any()
+    assert not _cli_util.title_strip("", width).__eq__(255).all(axis=2).any()
+    long = _cli_util.title_strip("x" * 200, 100)
+    assert (long == 255).all(axis=2).any(axis=0).nonzero()[0][-1] < 100
+    for char, glyph in _cli_util._GLYPHS.items():
+        rows = glyph.split()
+        assert len(rows) == 7 and all(len(r) == 5 and set(r) <= {"#", "."} for r in rows), char
