@@ -244,7 +244,7 @@ def test_explain_usage_errors_in_process(tmp_path, photos, capsys):
         else:
             assert cli.main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
-        assert message in err[-1] and err[-1].startswith("camcore: error:")
+        assert message in err[-1] and err[-1].startswith(("camcore: error:", "camcore explain: error:"))
         if status == 1:
             assert len(err) == 1
     assert not (tmp_path / "bad").exists()
