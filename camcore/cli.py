@@ -150,10 +150,13 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
             yield item if pixels is None else pixels
 
     records, taken = [], set()
+    batch = explainer.head.input.shape[0] if explainer.head.input.shape else None
     progress = Progress(len(items), label, quiet=quiet)
     try:
+        # A model exported with a fixed batch size takes chunks of exactly that size.
         for result in explainer.iter_explain_images(images(), preprocess=preprocess, top_k=top_k,
-                                                    threshold=threshold, errors="report"):
+                                                    threshold=threshold, errors="report",
+                                                    batch_size=batch if isinstance(batch, int) else None):
             name, pixels = pending.popleft()
             record = _record(name, result, explainer)
             if result.error is None:

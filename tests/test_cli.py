@@ -523,3 +523,16 @@ def test_title_strip_draws_the_font():
     for char, glyph in _cli_util._GLYPHS.items():
         rows = glyph.split()
         assert len(rows) == 7 and all(len(r) == 5 and set(r) <= {"#", "."} for r in rows), char
+
+
+def test_explain_fixed_batch_one_model_runs_image_by_image(tmp_path, photos, capsys):
+    zm = CASES["hot_spot_nchw"]()  # input fixed to (1, 3, 9, 7)
+    argv = ["explain", str(zm.save(tmp_path)), str(photos / "cat.png"), str(photos / "gray.png"),
+            "--out", str(tmp_path / "o"), "--json", "--top-k", "2"]
+    assert cli.main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    explainer = camcore.load(zm.model, providers=["cpu"])
+    for record, image in zip(results["images"], ("cat.png", "gray.png")):
+        check_record(record, explainer.class_name, 2)
+        [want] = explainer.explain_images([photos / image], top_k=2)
+        assert [c["index"] for c in record["classes"]] == want.classes.tolist()

@@ -1,0 +1,107 @@
+"""The README's code cannot rot: its Python blocks run, its commands run or are checked."""
+
+import re
+import shlex
+import shutil
+from importlib.metadata import metadata
+from pathlib import Path
+
+import pytest
+from skimage import data
+from skimage import io as skio
+
+from camcore import cli, default_model
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
+
+SETUP = 'pip install ".[cpu]" && camcore demo'
+TESTS = 'pip install -e ".[cpu,test]" && python -m pytest'
+
+
+def blocks(language: str, *, run: bool = True) -> list:
+    """Bodies of the README's fenced blocks in `language`; ``no-run`` ones when `run` is False."""
+    found = []
+    for info, body in FENCE.findall(README):
+        words = info.split()
+        if words and words[0] == language and ("no-run" not in words) == run:
+            found.append(body)
+    return found
+
+
+def shell_commands() -> list:
+    """Every command of the runnable sh blocks, ``a && b`` split in two."""
+    return [part.strip() for body in blocks("sh") for line in body.splitlines() if line.strip()
+            for part in line.split("&&")]
+
+
+def test_setup_commands_are_exact_and_ci_runs_the_second():
+    first, second = blocks("sh")[:2]
+    assert first.strip() == SETUP and second.strip() == TESTS
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert [line for line in ci if line and not line.startswith("#")][-1] == TESTS
+
+
+def test_every_shell_command_is_known():
+    extras = set(metadata("camcore").get_all("Provides-Extra"))
+    for command in shell_commands():
+        words = shlex.split(command)
+        if words[0] == "pip":
+            assert words[:2] == ["pip", "install"] and words[-1].startswith(".[")
+            assert set(words[-1][2:-1].split(",")) <= extras, command
+        else:
+            assert words[0] == "camcore" or command == "python -m pytest", command
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """The files the README's commands name: photo.jpg, photos/, model.onnx."""
+    monkeypatch.chdir(tmp_path)
+    skio.imsave(tmp_path / "photo.jpg", data.chelsea())
+    (tmp_path / "photos").mkdir()
+    skio.imsave(tmp_path / "photos" / "coffee.png", data.coffee())
+    skio.imsave(tmp_path / "photos" / "rocket.jpg", data.rocket())
+    shutil.copy(default_model.path(), tmp_path / "model.onnx")
+    return tmp_path
+
+
+def test_camcore_commands_run(workdir, capsys):
+    commands = [c for c in shell_commands() if c.startswith("camcore")]
+    assert {shlex.split(c)[1] for c in commands} >= {"demo", "explain", "inspect", "fuse"}
+    for command in commands:
+        argv = shlex.split(command)[1:]
+        if "--help" in argv:
+            with pytest.raises(SystemExit) as exit_info:
+                cli.main(argv)
+            status = exit_info.value.code
+        else:
+            status = cli.main(argv)
+        captured = capsys.readouterr()
+        assert status == 0, (command, captured.err)
+        assert captured.out, command
+    assert (workdir / "camcore-demo" / "chelsea.cam.png").is_file()
+    assert (workdir / "cams" / "results.json").is_file()
+    assert (workdir / "model_cam.onnx").is_file()
+
+
+def test_python_blocks_run(workdir, capsys):
+    namespace = {"__name__": "readme"}
+    code = blocks("python")
+    assert len(code) >= 4
+    for body in code:
+        exec(compile(body, "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("Egyptian cat ")
+    assert "{'top_k_loc': 1.0, 'gt_known_loc': 1.0}" in out
+    assert "(1, 3) (1, 3) (1, 3, 224, 224)" in out
+    assert namespace["picture"].shape == (300, 451, 3)
+
+
+def test_export_snippets_compile():
+    """The exporter snippets need torch / tf2onnx, which the tests do not install: they must parse."""
+    python = blocks("python", run=False)
+    assert len(python) == 1 and "torch.onnx.export" in python[0]
+    compile(python[0], "README.md", "exec")
+    [shell] = blocks("sh", run=False)
+    assert shell.strip().startswith("python -m tf2onnx.convert")
