@@ -93,22 +93,48 @@ def boxes(map2d, *, threshold=0.2, mode="largest"):
         return np.zeros((0, 4), dtype=np.int64)
 
     mask = m >= threshold * top
-    labels = np.empty(m.shape, dtype=np.intp)  # intp: bincount needs no conversion
-    count = ndimage.label(mask, structure=_EIGHT_CONNECTED, output=labels)
+    # Label only the bounding box of the kept pixels: less work, and when there
+    # is a single component (the usual CAM) that box is the answer.
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    y0, y1, x0, x1 = _first(rows), _end(rows), _first(cols), _end(cols)
+    crop = mask[y0:y1, x0:x1]
+    if _is_one_blob(crop):
+        return np.array([[x0, y0, x1, y1]], dtype=np.int64)
+    labels = np.empty(crop.shape, dtype=np.intp)  # intp: bincount needs no conversion
+    count = ndimage.label(crop, structure=_EIGHT_CONNECTED, output=labels)
+    if count == 1:
+        return np.array([[x0, y0, x1, y1]], dtype=np.int64)
     # ndimage.label numbers components in raster order of their first pixel,
     # so label order is the tie-break order.
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    offset = np.array([x0, y0, x0, y0], dtype=np.int64)
     if mode == "largest":
-        best = int(np.argmax(sizes)) + 1  # argmax returns the first maximum
-        chosen = labels == best
+        chosen = labels == int(np.argmax(sizes)) + 1  # argmax returns the first maximum
         rows, cols = chosen.any(axis=1), chosen.any(axis=0)
-        return np.array([[_first(cols), _first(rows), _end(cols), _end(rows)]], dtype=np.int64)
+        box = np.array([[_first(cols), _first(rows), _end(cols), _end(rows)]], dtype=np.int64)
+        return box + offset
     order = np.argsort(-sizes, kind="stable")
     slices = ndimage.find_objects(labels, max_label=count)
-    found = np.array(
-        [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices], dtype=np.int64
-    ).reshape(-1, 4)
-    return found[order]
+    found = np.array([(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in slices], dtype=np.int64)
+    return found[order] + offset
+
+
+def _is_one_blob(mask: np.ndarray) -> bool:
+    """Whether every row holds exactly one run of pixels, 8-adjacent to the next row's.
+
+    Such a mask is one component. The test costs a few passes over the mask,
+    far less than labelling it, and settles the usual single-blob CAM.
+    """
+    count = mask.sum(axis=1)
+    if count.min() == 0:
+        return False
+    runs = np.count_nonzero(mask[:, 1:] & ~mask[:, :-1]) + np.count_nonzero(mask[:, 0])
+    if runs != len(mask):
+        return False
+    start = mask.argmax(axis=1)
+    end = start + count
+    # Runs [s, e) and [s', e') in adjacent rows touch (8-connected) iff s' <= e and s <= e'.
+    return bool(np.all(start[1:] <= end[:-1]) and np.all(start[:-1] <= end[1:]))
 
 
 def _first(hit: np.ndarray) -> int:

@@ -21,6 +21,8 @@ _NORMALIZE_METHODS = ("minmax", "max")
 # Keys' cubic convolution parameter of OpenCV INTER_CUBIC, torch bicubic and
 # ONNX Resize (its default cubic_coeff_a).
 _CUBIC_A = -0.75
+# From this many classes shared by the batch, cam() uses one big GEMM.
+_ONE_GEMM_MIN_CLASSES = 256
 
 
 def cam(features, weights, classes=None, *, layout="NCHW"):
@@ -92,16 +94,27 @@ def cam(features, weights, classes=None, *, layout="NCHW"):
         )
     rows = w if classes is None else w[_class_indices(classes, n, w.shape[0])]
 
-    # rows is (k, K) or (N, k, K); matmul broadcasts a shared (k, K) over the batch.
-    if layout == "NCHW":
-        flat = f.reshape(n, k_feat, h * wd)
+    k = rows.shape[-2]
+    if rows.ndim == 2 and k >= _ONE_GEMM_MIN_CLASSES:
+        # Many shared classes: one (k, K) x (K, N*h*w) GEMM runs BLAS far more
+        # efficiently than N thin ones; the copy of the features is cheap next to it.
+        if layout == "NCHW":
+            stacked = f.reshape(n, k_feat, h * wd).transpose(1, 0, 2).reshape(k_feat, n * h * wd)
+            out = (rows @ stacked).reshape(k, n, h * wd).transpose(1, 0, 2)
+        else:
+            out = (f.reshape(n * h * wd, k_feat) @ rows.T).reshape(n, h * wd, k).transpose(0, 2, 1)
+        out = np.ascontiguousarray(out)
     else:
-        # A transposed view: BLAS reads it as a transposed operand, no copy.
-        flat = f.reshape(n, h * wd, k_feat).transpose(0, 2, 1)
-    out = np.matmul(rows, flat)
+        # rows is (k, K) or (N, k, K); matmul broadcasts a shared (k, K) over the batch.
+        if layout == "NCHW":
+            flat = f.reshape(n, k_feat, h * wd)
+        else:
+            # A transposed view: BLAS reads it as a transposed operand, no copy.
+            flat = f.reshape(n, h * wd, k_feat).transpose(0, 2, 1)
+        out = np.matmul(rows, flat)
     if not np.isfinite(out).all():
         _raise_non_finite(f, rows)
-    return out.reshape(n, rows.shape[-2], h, wd)
+    return out.reshape(n, k, h, wd)
 
 
 def _class_indices(classes, n: int, n_classes: int) -> np.ndarray:

@@ -109,6 +109,28 @@ def test_diagonal_pixels_are_one_component_and_ties_go_to_raster_order():
     np.testing.assert_array_equal(boxes(m, mode="all"), [[4, 0, 6, 2], [0, 3, 2, 5], [3, 3, 4, 4]])
 
 
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        # One run per row, each touching the next (the quick single-blob test settles these).
+        (["#..", ".#.", "..#"], [[0, 0, 3, 3]]),
+        (["..#..", ".###.", "#####", ".###."], [[0, 0, 5, 4]]),
+        # Runs in adjacent rows that do not touch: two components.
+        (["#..", "..#"], [[0, 0, 1, 1], [2, 1, 3, 2]]),
+        (["##...", "...##"], [[0, 0, 2, 1], [3, 1, 5, 2]]),
+        # One component with two runs in a row (a U, a ring): full labelling.
+        (["#.#", "#.#", "###"], [[0, 0, 3, 3]]),
+        (["###", "#.#", "###"], [[0, 0, 3, 3]]),
+        # An empty row inside the kept pixels' bounding box.
+        (["##", "..", ".#"], [[0, 0, 2, 1], [1, 2, 2, 3]]),
+    ],
+)
+def test_shapes_around_the_single_blob_shortcut(rows, expected):
+    m = np.array([[c == "#" for c in r] for r in rows], dtype=float)
+    np.testing.assert_array_equal(boxes(m, mode="all"), expected)
+    np.testing.assert_array_equal(boxes(m, mode="all"), oracle(m, 0.2, "all"))
+
+
 def test_threshold_is_relative_to_the_maximum_and_inclusive():
     m = np.array([[0.2, 0.0, 0.19999], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     np.testing.assert_array_equal(boxes(m, mode="all"), [[0, 0, 1, 1], [2, 2, 3, 3]])

@@ -69,6 +69,20 @@ def test_cam_classes_forms_agree():
     assert cam(f, w, []).shape == (3, 0, 2, 3)
 
 
+@pytest.mark.parametrize("n", [0, 3])
+def test_cam_many_shared_classes_take_the_one_gemm_path_with_the_same_result(n):
+    # 300 shared classes go through one big GEMM; compare with per-item products.
+    rng = np.random.default_rng(8)
+    f = rng.standard_normal((n, 5, 2, 3))
+    w = rng.standard_normal((300, 5))
+    expected = np.einsum("ck,nkyx->ncyx", w, f)
+    np.testing.assert_allclose(cam(f, w), expected, atol=1e-12)
+    np.testing.assert_allclose(cam(f.transpose(0, 2, 3, 1), w, layout="NHWC"), expected, atol=1e-12)
+    picked = np.arange(299, -1, -1)
+    np.testing.assert_allclose(cam(f, w, picked), expected[:, picked], atol=1e-12)
+    assert cam(f, w).flags.c_contiguous
+
+
 def test_cam_nhwc_on_a_non_contiguous_input():
     rng = np.random.default_rng(2)
     nchw = rng.standard_normal((2, 6, 3, 3))
