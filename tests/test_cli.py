@@ -536,3 +536,33 @@ def test_explain_fixed_batch_one_model_runs_image_by_image(tmp_path, photos, cap
         check_record(record, explainer.class_name, 2)
         [want] = explainer.explain_images([photos / image], top_k=2)
         assert [c["index"] for c in record["classes"]] == want.classes.tolist()
+
+
+def test_ctrl_c_exits_130_without_partial_files(tmp_path):
+    """SIGINT once the first overlay exists: status 130, one line, no temp files, no results.json."""
+    import signal
+    import time
+
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(600):
+        skio.imsave(folder / f"{i:04d}.png", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8),
+                    check_contrast=False)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "camcore.cli", "explain", str(folder), "--out", str(out)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while proc.poll() is None and not (out / "0000.cam.png").exists():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines() == ["camcore: error: interrupted"]
+    written = sorted(p.name for p in out.iterdir())
+    assert "results.json" not in written and 0 < len(written) < 600 and no_temp_files(out)
+    for name in written:
+        assert skio.imread(out / name).shape == (_cli_util.title_height(24) + 24, 24, 3)
