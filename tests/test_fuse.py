@@ -1,0 +1,330 @@
+"""Fused CAM graphs: full ONNX checking, runs under plain onnxruntime in a process that never
+imports camcore, and agreement with the NumPy path (`Explainer.explain` + `upsample` + `normalize`)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import camcore
+from backends import onnx_graph
+from backends.fuse_graph import OUTPUTS, fuse
+from camcore import CamError, InvalidInput, NotCamCompatible, default_model
+from camcore.explainer import softmax
+from tests.zoo import CASES, NUM_CLASSES, REFUSED, _build, hot_spot_input
+
+DYNAMO = Path(__file__).parent / "models" / "efficientnet_lite0_dynamo.onnx"
+
+# Runs every job under onnxruntime alone and proves that camcore never got imported.
+RUNNER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import onnxruntime as ort
+
+    results = {}
+    for job in json.load(open(sys.argv[1])):
+        feeds = np.load(job["feeds"])
+        session = ort.InferenceSession(job["model"], providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        for i in range(job["count"]):
+            feed = {name: feeds[f"{i}.{name}"] for name in job["inputs"]}
+            for name, value in zip(names, session.run(None, feed)):
+                results[f"{job['key']}|{i}|{name}"] = value
+    assert "camcore" not in sys.modules and "backends" not in sys.modules, sorted(sys.modules)
+    np.savez(sys.argv[2], **results)
+""")
+
+
+def run_plain(directory, jobs):
+    """Run ``{key: (model, [feed, ...])}`` in a fresh interpreter with onnxruntime only.
+
+    Returns ``{key: [{output name: array}, ...]}``, one dict per feed.
+    """
+    manifest = []
+    for n, (key, (model, feeds)) in enumerate(jobs.items()):
+        model_path, feeds_path = directory / f"model{n}.onnx", directory / f"feeds{n}.npz"
+        onnx.save_model(model, model_path)
+        np.savez(feeds_path, **{f"{i}.{name}": v for i, feed in enumerate(feeds) for name, v in feed.items()})
+        manifest.append(dict(key=key, model=str(model_path), feeds=str(feeds_path), count=len(feeds),
+                             inputs=sorted(feeds[0])))
+    (directory / "jobs.json").write_text(json.dumps(manifest))
+    out = directory / "results.npz"
+    done = subprocess.run([sys.executable, "-c", RUNNER, str(directory / "jobs.json"), str(out)],
+                          cwd=directory, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = {key: [{} for _ in feeds] for key, (_, feeds) in jobs.items()}
+    with np.load(out) as data:
+        for name in data.files:
+            key, i, output = name.split("|")
+            results[key][int(i)][output] = data[name]
+    return results
+
+
+def input_hw(x):
+    """Spatial size of a zoo or EfficientNet input batch (3 channels, NCHW or NHWC)."""
+    return tuple(x.shape[2:]) if x.shape[1] == 3 else tuple(x.shape[1:3])
+
+
+def reference(explainer, x, *, top_k, size=None, normalize=True):
+    """The NumPy path: explain, then upsample and normalize as asked."""
+    e = explainer.explain(x, top_k=top_k)
+    maps = e.maps
+    if size is not None:
+        maps = camcore.upsample(maps, input_hw(x) if size == "input" else size)
+    return e, camcore.normalize(maps) if normalize else maps
+
+
+# --------------------------------------------------------------------------- the zoo matrix
+
+CONFIGS = {
+    "top2": dict(top_k=2),
+    "top1_resized": dict(top_k=1, size=(13, 11)),
+    "top3_input_size": dict(top_k=3, size="input"),
+    "all_raw": dict(top_k=NUM_CLASSES, normalize=False),
+}
+
+
+@dataclass
+class Matrix:
+    zoo: dict = field(default_factory=dict)
+    explainers: dict = field(default_factory=dict)
+    feeds: dict = field(default_factory=dict)
+    fused: dict = field(default_factory=dict)
+    results: dict = field(default_factory=dict)
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory):
+    """Every zoo case fused in every configuration, all run in one plain-onnxruntime process."""
+    m, jobs = Matrix(), {}
+    for name in sorted(CASES):
+        zm = CASES[name]()
+        m.zoo[name] = zm
+        m.explainers[name] = camcore.load(zm.model, providers=["CPUExecutionProvider"])
+        shapes = (zm.input_shape, *zm.other_input_shapes)
+        m.feeds[name] = [{zm.input_name: zm.random_input(seed, shape)} for seed, shape in enumerate(shapes)]
+        jobs[(name, "plain")] = (zm.model, m.feeds[name])
+        for config, kw in CONFIGS.items():
+            m.fused[name, config] = fuse(zm.model, **kw)
+            jobs[(name, config)] = (m.fused[name, config], m.feeds[name])
+    flat = run_plain(tmp_path_factory.mktemp("fuse_matrix"), {"/".join(k): v for k, v in jobs.items()})
+    m.results = {tuple(k.split("/")): v for k, v in flat.items()}
+    return m
+
+
+@pytest.mark.parametrize("config", sorted(CONFIGS))
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_zoo_matches_numpy_path(matrix, name, config):
+    zm, kw = matrix.zoo[name], CONFIGS[config]
+    fused = matrix.fused[name, config]
+    onnx.checker.check_model(fused, full_check=True)
+    assert fused.ir_version == zm.model.ir_version
+    assert list(fused.opset_import) == list(zm.model.opset_import)
+    original = [o.name for o in zm.model.graph.output]
+    assert [o.name for o in fused.graph.output] == original + list(OUTPUTS)
+    # fp16 models: onnxruntime's CPU provider drops the fp32 -> fp16 -> fp32 cast pair in front of
+    # the fused Cast, so the fused maps use unrounded features (see test_fp16_fused_math_exact).
+    fp16 = zm.input_dtype == np.float16
+    for feed, got, plain in zip(matrix.feeds[name], matrix.results[name, config], matrix.results[name, "plain"]):
+        x = feed[zm.input_name]
+        e, want = reference(matrix.explainers[name], x, **kw)
+        n, k = len(x), kw["top_k"]
+        h, w = e.maps.shape[2:]
+        expected_hw = {None: (h, w), "input": input_hw(x)}.get(kw.get("size"), kw.get("size"))
+        assert got["cam_classes"].dtype == np.int64 and got["cam_classes"].shape == (n, k)
+        assert got["cam_scores"].dtype == np.float32 and got["cam_scores"].shape == (n, k)
+        assert got["cam_maps"].dtype == np.float32 and got["cam_maps"].shape == (n, k, *expected_hw)
+        np.testing.assert_array_equal(got["cam_classes"], e.classes)
+        np.testing.assert_allclose(got["cam_scores"], e.scores, rtol=1e-2 if fp16 else 1e-5, atol=1e-6)
+        if kw.get("normalize", True):
+            np.testing.assert_allclose(got["cam_maps"], want, rtol=0, atol=1e-2 if fp16 else 1e-4)
+            assert got["cam_maps"].min() >= 0 and got["cam_maps"].max() <= 1
+        else:
+            scale = np.abs(want).max()
+            np.testing.assert_allclose(got["cam_maps"], want, rtol=0, atol=(1e-2 if fp16 else 1e-5) * scale)
+        for out in original:
+            np.testing.assert_allclose(got[out], plain[out], rtol=0, atol=1e-6)
+
+
+def test_matrix_covers_layouts_batches_and_sizes(matrix):
+    """The matrix above exercises what the issue names: NCHW, NHWC, fp16, two batch sizes, dynamic H x W."""
+    assert {zm.layout for zm in matrix.zoo.values()} == {"NCHW", "NHWC"}
+    assert any(zm.input_dtype == np.float16 for zm in matrix.zoo.values())
+    shapes = [feed["input"].shape for feed in matrix.feeds["dynamic_batch_hw"]]
+    assert len({s[0] for s in shapes}) >= 2 and len({s[2:] for s in shapes}) >= 2
+    hws = {r["cam_maps"].shape[2:] for r in matrix.results["dynamic_batch_hw", "top3_input_size"]}
+    assert hws == {s[2:] for s in shapes}
+
+
+def test_raw_maps_keep_the_cam_identity(matrix):
+    """normalize=False: mean_xy(maps) + bias[classes] == logits[classes]."""
+    for name in ("gap_gemm", "nhwc_reducemean", "conv1x1_flatten", "batchnorm_4d", "dynamic_batch_hw"):
+        zm, ex = matrix.zoo[name], matrix.explainers[name]
+        for feed, got in zip(matrix.feeds[name], matrix.results[name, "all_raw"]):
+            logits = ex.explain(feed[zm.input_name]).logits
+            classes = got["cam_classes"]
+            np.testing.assert_allclose(got["cam_maps"].mean(axis=(2, 3)) + ex.head.bias[classes],
+                                       np.take_along_axis(logits, classes, axis=1), atol=1e-4)
+
+
+def test_fp16_fused_math_exact(tmp_path):
+    """fp16 model: from the float32 features and logits the fused graph actually used, the
+    fused classes, scores and maps are the NumPy path's within 1e-4."""
+    zm = CASES["fp16_model"]()
+    ex = camcore.load(zm.model, providers=["CPUExecutionProvider"])
+    fused = onnx_graph.expose_outputs(fuse(zm.model, top_k=2, size=(10, 6)),
+                                      ["cam_features_float", "cam_logits_float"])
+    feeds = [{zm.input_name: zm.random_input(seed)} for seed in range(2)]
+    for got in run_plain(tmp_path, {"fp16": (fused, feeds)})["fp16"]:
+        features, logits = got["cam_features_float"], got["cam_logits_float"]
+        assert features.dtype == logits.dtype == np.float32
+        classes = np.argsort(-logits, axis=1, kind="stable")[:, :2]
+        np.testing.assert_array_equal(got["cam_classes"], classes)
+        np.testing.assert_allclose(got["cam_scores"], np.take_along_axis(softmax(logits), classes, 1),
+                                   rtol=1e-5, atol=1e-6)
+        want = camcore.normalize(camcore.upsample(camcore.cam(features, ex.head.weights, classes), (10, 6)))
+        np.testing.assert_allclose(got["cam_maps"], want, rtol=0, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.parametrize("source", ["embedded", "dynamo"])
+def test_efficientnet_lite0(tmp_path, source):
+    model = None if source == "embedded" else DYNAMO
+    fused = fuse(model, top_k=3, size="input")
+    onnx.checker.check_model(fused, full_check=True)
+    plain = onnx.load(str(default_model.path() if model is None else model))
+    assert (fused.ir_version, list(fused.opset_import)) == (plain.ir_version, list(plain.opset_import))
+    ex = camcore.load(model, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(7)
+    feeds = [{"input": rng.standard_normal((n, 3, 224, 224)).astype(np.float32)} for n in (1, 3)]
+    results = run_plain(tmp_path, {"fused": (fused, feeds), "plain": (plain, feeds)})
+    for feed, got, base in zip(feeds, results["fused"], results["plain"]):
+        e, want = reference(ex, feed["input"], top_k=3, size="input")
+        assert got["cam_maps"].shape == (len(feed["input"]), 3, 224, 224)
+        np.testing.assert_array_equal(got["cam_classes"], e.classes)
+        np.testing.assert_allclose(got["cam_scores"], e.scores, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got["cam_maps"], want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(got["logits"], base["logits"], rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- maps edge cases
+
+
+def test_constant_and_nan_maps_become_zeros(tmp_path):
+    """As camcore.normalize: a constant map, or one holding NaN anywhere, normalizes to zeros."""
+    zm = CASES["gap_gemm"]()
+    x = zm.random_input(3)
+    x[0, :, 5, 6] = np.nan  # not at the first pixel: onnxruntime's ReduceMin/ReduceMax skip NaN there
+    hot = CASES["hot_spot_nchw"]()
+    jobs = {
+        "nan_norm": (fuse(zm.model, top_k=2, size=(12, 12)), [{zm.input_name: x}]),
+        "nan_raw": (fuse(zm.model, top_k=2, normalize=False), [{zm.input_name: x}]),
+        "constant": (fuse(hot.model, top_k=2, size="input"), [{hot.input_name: np.zeros(hot.input_shape, np.float32)}]),
+    }
+    results = {key: runs[0] for key, runs in run_plain(tmp_path, jobs).items()}
+    raw = results["nan_raw"]["cam_maps"]
+    assert np.isnan(raw[0]).any() and np.isfinite(raw[1]).all()
+    normalized = results["nan_norm"]["cam_maps"]
+    np.testing.assert_array_equal(normalized[0], 0)
+    np.testing.assert_allclose(normalized[1], camcore.normalize(camcore.upsample(raw[1], (12, 12))), atol=1e-4)
+    np.testing.assert_array_equal(results["constant"]["cam_maps"], 0)
+
+
+@pytest.mark.parametrize("name", ["hot_spot_nchw", "hot_spot_nhwc"])
+def test_orientation(tmp_path, name):
+    zm = CASES[name]()
+    y, x = 6, 2
+    got = run_plain(tmp_path, {name: (fuse(zm.model), [{zm.input_name: hot_spot_input(zm, y, x)}])})[name][0]
+    maps = got["cam_maps"]
+    assert maps.shape == (1, 1, 9, 7)
+    assert np.unravel_index(np.argmax(np.abs(maps[0, 0] - maps[0, 0].mean())), (9, 7)) == (y, x)
+
+
+# --------------------------------------------------------------------------- opsets
+
+
+@pytest.mark.parametrize("opset", [9, 10, 11])
+def test_old_opsets_keep_their_version(tmp_path, opset):
+    zm = _build(f"opset{opset}", opset=opset)
+    fused = fuse(zm.model, top_k=2)
+    onnx.checker.check_model(fused, full_check=True)
+    assert (fused.ir_version, list(fused.opset_import)) == (zm.model.ir_version, list(zm.model.opset_import))
+    topk = next(n for n in fused.graph.node if n.op_type == "TopK")
+    assert len(topk.input) == (1 if opset < 10 else 2)
+    ex = camcore.load(zm.model, providers=["CPUExecutionProvider"])
+    feeds = [{zm.input_name: zm.random_input(1)}]
+    got = run_plain(tmp_path, {"old": (fused, feeds)})["old"][0]
+    e, want = reference(ex, feeds[0][zm.input_name], top_k=2)
+    np.testing.assert_array_equal(got["cam_classes"], e.classes)
+    np.testing.assert_allclose(got["cam_maps"], want, atol=1e-4)
+    if opset < 11:
+        with pytest.raises(CamError, match=r"opset >= 11, the model has opset"):
+            fuse(zm.model, size=(16, 16))
+
+
+# --------------------------------------------------------------------------- refusals, validation, purity
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_like_load(name):
+    zm = REFUSED[name]()
+    with pytest.raises(NotCamCompatible, match=zm.refuse) as fused:
+        fuse(zm.model)
+    with pytest.raises(NotCamCompatible) as loaded:
+        camcore.load(zm.model)
+    assert str(fused.value) == str(loaded.value)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_k=0), r"top_k must be an int in \[1, 5\]"),
+    (dict(top_k=6), r"top_k must be an int in \[1, 5\]"),
+    (dict(top_k=True), "top_k"),
+    (dict(top_k=1.5), "top_k"),
+    (dict(size=(0, 4)), r"size must be a pair \(H, W\)"),
+    (dict(size=(4,)), "size must be a pair"),
+    (dict(size=(2.5, 4)), "size must be a pair"),
+    (dict(size="inputs"), "size must be None, 'input'"),
+    (dict(normalize="yes"), "normalize must be a bool"),
+])
+def test_invalid_arguments(kw, message):
+    with pytest.raises(InvalidInput, match=message):
+        fuse(CASES["gap_gemm"]().model, **kw)
+
+
+def test_pure_deterministic_and_named():
+    zm = CASES["nhwc_reducemean"]()
+    before = zm.model.SerializeToString()
+    first, second = fuse(zm.model, top_k=2, size="input"), fuse(zm.model, top_k=2, size="input")
+    assert zm.model.SerializeToString() == before
+    assert first.SerializeToString() == second.SerializeToString()
+    original = {n.name for n in zm.model.graph.node}
+    added = [n for n in first.graph.node if n.name not in original]
+    assert added and all(n.name.startswith("cam_") and all(o.startswith("cam_") for o in n.output) for n in added)
+    weights = {t.name: t for t in first.graph.initializer}["cam_weights"]
+    ex = camcore.load(zm.model)
+    np.testing.assert_array_equal(numpy_helper.to_array(weights), ex.head.weights)
+    with pytest.raises(CamError, match="fused already"):
+        fuse(first)
+
+
+def test_path_with_external_data(tmp_path):
+    zm = CASES["external_data"]()
+    path = zm.save(tmp_path)
+    fused = fuse(path, top_k=2)
+    onnx.checker.check_model(fused, full_check=True)
+    weights = {t.name: numpy_helper.to_array(t) for t in fused.graph.initializer}["cam_weights"]
+    np.testing.assert_allclose(weights, zm.weights, atol=1e-5)
+
+
+def test_api_delegates():
+    zm = CASES["gap_gemm"]()
+    assert camcore.fuse(zm.model, top_k=2).SerializeToString() == fuse(zm.model, top_k=2).SerializeToString()
