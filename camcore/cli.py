@@ -87,10 +87,10 @@ def render(image, result, explainer) -> np.ndarray:
     from .render import overlay
 
     rgb = _display(image)
+    maps = result.maps  # recomputed on each access
     tiles = []
     for j, (index, score) in enumerate(zip(result.classes, result.scores)):
-        box = result.box(j)
-        tile = overlay(rgb, result.maps[j], boxes=box)
+        tile = overlay(rgb, maps[j], boxes=result.box(j))
         title = f"{explainer.class_name(int(index))} {100 * float(score):.1f}%"
         tiles.append(np.concatenate([title_strip(title, rgb.shape[1]), tile]))
     return np.concatenate(tiles, axis=1)
@@ -131,7 +131,7 @@ def _unique_name(stem: str, taken: set) -> str:
 
 
 def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label):
-    """Explain ``(name, path or array)`` items, write one overlay each; return the records.
+    """Explain ``(name, stem, path or array)`` items, write ``<stem>.cam.png`` each; return the records.
 
     Images are read once: the generator handed to `iter_explain_images` keeps
     the pixels of the images in flight (at most one chunk) for rendering.
@@ -141,12 +141,12 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
     pending = collections.deque()
 
     def images():
-        for name, item in items:
+        for name, stem, item in items:
             try:
                 pixels = read_image(item) if not isinstance(item, np.ndarray) else item
             except CamError:
                 pixels = None  # iter_explain_images reads it again and reports why it failed
-            pending.append((name, pixels))
+            pending.append((name, stem, pixels))
             yield item if pixels is None else pixels
 
     records, taken = [], set()
@@ -157,10 +157,9 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
         for result in explainer.iter_explain_images(images(), preprocess=preprocess, top_k=top_k,
                                                     threshold=threshold, errors="report",
                                                     batch_size=batch if isinstance(batch, int) else None):
-            name, pixels = pending.popleft()
+            name, stem, pixels = pending.popleft()
             record = _record(name, result, explainer)
             if result.error is None:
-                stem = Path(name).stem if not name.startswith("skimage.") else name.rsplit(".", 1)[-1]
                 filename = _unique_name(stem, taken)
                 atomic_write_bytes(out / filename, encode_png(render(pixels, result, explainer)))
                 record["overlay"] = filename
@@ -171,7 +170,7 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
     return records
 
 
-def _results(explainer, model, threshold, records) -> dict:
+def _results(model, threshold, records) -> dict:
     return {"model": str(model if model is not None else "embedded:efficientnet_lite0"),
             "threshold": threshold, "images": records}
 
@@ -183,10 +182,10 @@ def cmd_demo(args) -> int:
 
     explainer = _load(None, _providers(args.providers))
     out = Path(args.out)
-    items = [(f"skimage.data.{name}", getattr(data, name)()) for name in DEMO_IMAGES]
+    items = [(f"skimage.data.{name}", name, getattr(data, name)()) for name in DEMO_IMAGES]
     records = _explain_and_write(explainer, items, out, preprocess=None, top_k=1, threshold=0.2,
                                  quiet=True, label="demo")
-    write_json(out / "results.json", _results(explainer, None, 0.2, records))
+    write_json(out / "results.json", _results(None, 0.2, records))
     print(_table(records))
     print(f"\nwrote {len(records)} overlays and results.json to {out}/")
     return EXIT_OK
@@ -219,10 +218,10 @@ def cmd_explain(args) -> int:
     explainer = _load(model, _providers(args.providers))
     preprocess = preprocess_from_args(args, explainer)
     out = Path(args.out)
-    items = [(str(p), str(p)) for p in images]
+    items = [(str(p), p.stem, str(p)) for p in images]
     records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
                                  threshold=args.threshold, quiet=args.quiet, label="explain")
-    results = _results(explainer, model, args.threshold, records)
+    results = _results(model, args.threshold, records)
     write_json(out / "results.json", results)
     if args.json:
         print(json.dumps(results, indent=2))

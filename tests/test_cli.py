@@ -41,14 +41,6 @@ def error_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.startswith("camcore: error:")]
 
 
-def box_iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
-    return inter / (area(a) + area(b) - inter)
-
-
 def check_record(record, explainer_names, k):
     """Schema of one results.json image entry, boxes inside the image, scores sorted."""
     assert set(record) >= {"path", "width", "height", "error", "classes"}
@@ -149,7 +141,7 @@ def test_demo_finds_the_cat(demo):
     top = cat["classes"][0]
     assert 281 <= top["index"] <= 285 and top["score"] > 0.5
     box = top["box"]
-    assert box_iou(box, CAT_BOX) >= 0.7
+    assert camcore.metrics.iou(box, CAT_BOX)[0, 0] >= 0.7
     for x, y in CAT_FACE:
         assert box[0] <= x < box[2] and box[1] <= y < box[3]
 
