@@ -242,19 +242,6 @@ def _dims(shape) -> list:
     return [d if isinstance(d, int) else (d or None) for d in shape]
 
 
-def _feature_shape(explainer) -> list:
-    """The feature shape, with spatial sizes measured by one run when shape inference left them open."""
-    head = explainer.head
-    shape = _dims(head.feature_shape)
-    spec = head.input
-    if all(isinstance(d, int) for d in shape[1:]) or len(head.inputs) > 1 or len(spec.shape) < 2:
-        return shape
-    if not all(isinstance(d, int) for d in spec.shape[1:]):
-        return shape  # dynamic input size: the feature size depends on it
-    features, _ = explainer.backend.run({spec.name: np.zeros((1,) + tuple(spec.shape[1:]), spec.dtype)})
-    return [shape[0] if shape else None] + list(np.shape(features)[1:])
-
-
 def cmd_inspect(args) -> int:
     from backends.ort_session import import_onnxruntime
 
@@ -263,7 +250,7 @@ def cmd_inspect(args) -> int:
     info = {
         "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer._input_layout(),
                   "dtype": str(np.dtype(head.input.dtype))},
-        "feature": {"name": head.feature, "shape": _feature_shape(explainer), "layout": head.layout},
+        "feature": {"name": head.feature, "shape": _dims(head.feature_shape), "layout": head.layout},
         "pooling": head.pooling,
         "logits": head.logits,
         "scoring": head.scoring,
