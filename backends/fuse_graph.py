@@ -8,8 +8,10 @@ logits and the feature tensor that `onnx_graph.find_head` located:
   (``exp(logit - logsumexp(logits))``), or their sigmoid for multi-label heads;
 * ``cam_maps`` ``(N, k, h, w)`` float32, or ``(N, k, H, W)`` with a `size`:
   Gather of the recovered classifier weights at the classes, a batched MatMul
-  with the features, then optionally Resize (linear, half_pixel) and per-map
-  min-max normalization.
+  with the features, then optionally a half-pixel bilinear resize (two MatMuls
+  with `camcore.upsample`'s interpolation matrices when the sizes are static,
+  else Resize with mode linear and half_pixel coordinates) and per-map min-max
+  normalization.
 
 The classifier weights are stored as a new float32 initializer (the head
 recovered by probing), so every affine head works, not only a Gemm.  The
@@ -25,6 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camcore._validate import check_size
 from camcore.errors import CamError, InvalidInput
+from camcore.maps import _resize_matrix
 
 from . import onnx_graph
 
@@ -36,7 +39,7 @@ OUTPUTS = ("cam_classes", "cam_scores", "cam_maps")
 _MIN_OPSET = 7
 # Where is needed for normalization (constant and NaN maps become zeros).
 _WHERE_OPSET = 9
-# Resize with coordinate_transformation_mode="half_pixel".
+# Resize with coordinate_transformation_mode="half_pixel" (needed for dynamic spatial sizes only).
 _RESIZE_OPSET = 11
 # Opset from which a reduction takes `axes` as an input instead of an attribute.
 _AXES_INPUT_OPSET = {"ReduceSum": 13, "ReduceMin": 18, "ReduceMax": 18, "ReduceLogSumExp": 18}
@@ -91,8 +94,6 @@ def _validate(top_k, size, normalize, num_classes: int, opset: int):
     needs = [(_MIN_OPSET, "fusing")]
     if normalize:
         needs.append((_WHERE_OPSET, "normalize=True (Where)"))
-    if size is not None:
-        needs.append((_RESIZE_OPSET, "size (Resize with half_pixel coordinates)"))
     for least, what in needs:
         if opset < least:
             raise CamError(
@@ -125,7 +126,10 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
                                           (or Sigmoid) ------> cam_scores
         cam_weights (C, K) -Gather(cam_classes)-> (N, k, K)
         features -> [Cast] -> Reshape -> MatMul -> Reshape -> (N, k, h, w)
-                 -> [Resize linear half_pixel] -> [ReduceMin/ReduceMax, Where] -> cam_maps
+          [normalize: ReduceSum(x * 0) -> IsNaN -> Where: maps holding NaN/inf -> 0]
+          [size: MatMul(R_H, .) -> MatMul(., R_W^T), or Resize when sizes are dynamic]
+          [normalize: ReduceMin, ReduceMax -> (x - min) / (max - min), constant -> 0]
+          -> cam_maps
 
     Parameters
     ----------
@@ -229,21 +233,32 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
         finite = b.op("Not", [b.op("IsNaN", [poison], "non_finite")], "finite")
         maps = b.op("Where", [finite, maps, zero], "maps_finite")
 
-    out_hw = list(head.feature_shape[i] for i in hw_axes)
+    out_hw = [head.feature_shape[i] for i in hw_axes]
     if size is not None:
-        if size == "input":
-            axes = _input_spatial_axes(head.input)
-            target = b.op("Gather", [b.op("Shape", [head.input.name], "input_shape"), b.const("input_hw", axes)],
-                          "target_hw", axis=0)
-            out_hw = [head.input.shape[i] for i in axes]
+        axes = _input_spatial_axes(head.input) if size == "input" else None
+        target_hw = [head.input.shape[i] for i in axes] if axes else list(size)
+        if all(isinstance(d, int) for d in (*out_hw, *target_hw)):
+            # Static sizes: camcore.upsample's own interpolation matrices in two MatMuls,
+            # several times faster than onnxruntime's CPU Resize and equal to it.
+            ry, rx = (_resize_matrix(n_out, n_in, "bilinear", "<f4") for n_out, n_in in zip(target_hw, out_hw))
+            maps = b.op("MatMul", [b.const("resize_rows", ry, np.float32), maps], "maps_rows")  # (N, k, H, w)
+            maps = b.op("MatMul", [maps, b.const("resize_cols", rx.T, np.float32)], stage("resized"))
         else:
-            target = b.const("target_hw", size)
-            out_hw = list(size)
-        nk = b.op("Gather", [b.op("Shape", [maps], "small_shape"), b.const("nk_axes", [0, 1])], "nk", axis=0)
-        sizes = b.op("Concat", [nk, target], "sizes", axis=0)
-        empty = b.const("empty", np.zeros(0), np.float32)  # roi and scales: unused when sizes are given
-        maps = b.op("Resize", [maps, empty, empty, sizes], stage("resized"), mode="linear",
-                    coordinate_transformation_mode="half_pixel")
+            if opset < _RESIZE_OPSET:
+                raise CamError(f"size with dynamic spatial dimensions needs Resize with half_pixel coordinates, "
+                               f"ONNX opset >= {_RESIZE_OPSET}; the model has opset {opset}; convert it first "
+                               "(onnx.version_converter.convert_version)")
+            if axes:
+                shape = b.op("Shape", [head.input.name], "input_shape")
+                target = b.op("Gather", [shape, b.const("input_hw", axes)], "target_hw", axis=0)
+            else:
+                target = b.const("target_hw", size)
+            nk = b.op("Gather", [b.op("Shape", [maps], "small_shape"), b.const("nk_axes", [0, 1])], "nk", axis=0)
+            sizes = b.op("Concat", [nk, target], "sizes", axis=0)
+            empty = b.const("empty", np.zeros(0), np.float32)  # roi and scales: unused when sizes are given
+            maps = b.op("Resize", [maps, empty, empty, sizes], stage("resized"), mode="linear",
+                        coordinate_transformation_mode="half_pixel")
+        out_hw = target_hw
     if normalize:
         lo = b.reduce("ReduceMin", maps, [2, 3], "min")
         span = b.op("Sub", [b.reduce("ReduceMax", maps, [2, 3], "max"), lo], "span")

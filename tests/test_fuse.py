@@ -161,6 +161,12 @@ def test_matrix_covers_layouts_batches_and_sizes(matrix):
     assert len({s[0] for s in shapes}) >= 2 and len({s[2:] for s in shapes}) >= 2
     hws = {r["cam_maps"].shape[2:] for r in matrix.results["dynamic_batch_hw", "top3_input_size"]}
     assert hws == {s[2:] for s in shapes}
+    # Both resize paths: Resize for dynamic spatial sizes, interpolation MatMuls for static ones.
+    ops = {key: {n.op_type for n in fused.graph.node if n.name.startswith("cam_")}
+           for key, fused in matrix.fused.items()}
+    assert "Resize" in ops["dynamic_batch_hw", "top3_input_size"]
+    assert "Resize" in ops["dynamic_batch_hw", "top1_resized"]
+    assert "Resize" not in ops["gap_gemm", "top3_input_size"] | ops["nhwc_reducemean", "top1_resized"]
 
 
 def test_raw_maps_keep_the_cam_identity(matrix):
@@ -255,20 +261,27 @@ def test_orientation(tmp_path, name):
 @pytest.mark.parametrize("opset", [9, 10, 11])
 def test_old_opsets_keep_their_version(tmp_path, opset):
     zm = _build(f"opset{opset}", opset=opset)
-    fused = fuse(zm.model, top_k=2)
-    onnx.checker.check_model(fused, full_check=True)
-    assert (fused.ir_version, list(fused.opset_import)) == (zm.model.ir_version, list(zm.model.opset_import))
-    topk = next(n for n in fused.graph.node if n.op_type == "TopK")
-    assert len(topk.input) == (1 if opset < 10 else 2)
+    # Static sizes resize with MatMuls at any opset.
+    fused = {"plain_size": fuse(zm.model, top_k=2), "resized": fuse(zm.model, top_k=2, size=(16, 16))}
+    for model in fused.values():
+        onnx.checker.check_model(model, full_check=True)
+        assert (model.ir_version, list(model.opset_import)) == (zm.model.ir_version, list(zm.model.opset_import))
+        topk = next(n for n in model.graph.node if n.op_type == "TopK")
+        assert len(topk.input) == (1 if opset < 10 else 2)
     ex = camcore.load(zm.model, providers=["CPUExecutionProvider"])
     feeds = [{zm.input_name: zm.random_input(1)}]
-    got = run_plain(tmp_path, {"old": (fused, feeds)})["old"][0]
-    e, want = reference(ex, feeds[0][zm.input_name], top_k=2)
-    np.testing.assert_array_equal(got["cam_classes"], e.classes)
-    np.testing.assert_allclose(got["cam_maps"], want, atol=1e-4)
+    results = run_plain(tmp_path, {key: (model, feeds) for key, model in fused.items()})
+    for key, size in (("plain_size", None), ("resized", (16, 16))):
+        e, want = reference(ex, feeds[0][zm.input_name], top_k=2, size=size)
+        np.testing.assert_array_equal(results[key][0]["cam_classes"], e.classes)
+        np.testing.assert_allclose(results[key][0]["cam_maps"], want, rtol=0, atol=1e-4)
+    # Dynamic spatial sizes need Resize with half_pixel coordinates (opset 11).
+    dynamic = _build(f"dynamic_opset{opset}", opset=opset, batch="N", dynamic_hw=True)
     if opset < 11:
-        with pytest.raises(CamError, match=r"opset >= 11, the model has opset"):
-            fuse(zm.model, size=(16, 16))
+        with pytest.raises(CamError, match=r"opset >= 11; the model has opset"):
+            fuse(dynamic.model, size=(16, 16))
+    else:
+        assert any(n.op_type == "Resize" for n in fuse(dynamic.model, size=(16, 16)).graph.node)
 
 
 # --------------------------------------------------------------------------- refusals, validation, purity
