@@ -93,13 +93,16 @@ def boxes(map2d, *, threshold=0.2, mode="largest"):
         return np.zeros((0, 4), dtype=np.int64)
 
     mask = m >= threshold * top
-    # Label only the bounding box of the kept pixels: less work, and when there
-    # is a single component (the usual CAM) that box is the answer.
-    rows, cols = mask.any(axis=1), mask.any(axis=0)
-    y0, y1, x0, x1 = _first(rows), _end(rows), _first(cols), _end(cols)
-    crop = mask[y0:y1, x0:x1]
-    if _is_one_blob(crop):
-        return np.array([[x0, y0, x1, y1]], dtype=np.int64)
+    rows = mask.any(axis=1)
+    y0, y1 = _first(rows), _end(rows)
+    band = mask[y0:y1]  # the rows holding kept pixels
+    blob = _single_blob_box(band)
+    if blob is not None:  # the usual CAM: one blob, no labelling needed
+        return np.array([[blob[0], y0, blob[1], y1]], dtype=np.int64)
+    # Label only the bounding box of the kept pixels.
+    cols = band.any(axis=0)
+    x0, x1 = _first(cols), _end(cols)
+    crop = band[:, x0:x1]
     labels = np.empty(crop.shape, dtype=np.intp)  # intp: bincount needs no conversion
     count = ndimage.label(crop, structure=_EIGHT_CONNECTED, output=labels)
     if count == 1:
@@ -119,22 +122,28 @@ def boxes(map2d, *, threshold=0.2, mode="largest"):
     return found[order] + offset
 
 
-def _is_one_blob(mask: np.ndarray) -> bool:
-    """Whether every row holds exactly one run of pixels, 8-adjacent to the next row's.
+def _single_blob_box(band: np.ndarray):
+    """``(x0, x1)`` when `band` is one component of a simple kind, else None.
 
-    Such a mask is one component. The test costs a few passes over the mask,
-    far less than labelling it, and settles the usual single-blob CAM.
+    The kind: every row holds exactly one run of pixels, 8-adjacent to the
+    next row's run. Checking it costs a few passes over the mask, far less
+    than labelling it, and it settles the usual single-blob CAM.
     """
-    count = mask.sum(axis=1)
-    if count.min() == 0:
-        return False
-    runs = np.count_nonzero(mask[:, 1:] & ~mask[:, :-1]) + np.count_nonzero(mask[:, 0])
-    if runs != len(mask):
-        return False
-    start = mask.argmax(axis=1)
-    end = start + count
+    width = band.shape[1]
+    start = band.argmax(axis=1)
+    if not band[np.arange(len(band)), start].all():
+        return None  # an empty row: the pixels above and below are not connected
+    rises = np.count_nonzero(band[:, 1:] > band[:, :-1]) + np.count_nonzero(band[:, 0])
+    if rises != len(band):
+        return None  # some row holds two runs or more
+    if width == 1:
+        end = np.ones_like(start)
+    else:  # the one run ends at the last column or at its one fall
+        end = np.where(band[:, -1], width, (band[:, :-1] > band[:, 1:]).argmax(axis=1) + 1)
     # Runs [s, e) and [s', e') in adjacent rows touch (8-connected) iff s' <= e and s <= e'.
-    return bool(np.all(start[1:] <= end[:-1]) and np.all(start[:-1] <= end[1:]))
+    if np.all(start[1:] <= end[:-1]) and np.all(start[:-1] <= end[1:]):
+        return int(start.min()), int(end.max())
+    return None
 
 
 def _first(hit: np.ndarray) -> int:

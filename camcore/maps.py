@@ -171,7 +171,8 @@ def upsample(maps, size, *, method="bilinear"):
       ``nearest_mode="round_prefer_ceil"``).
 
     No antialiasing is applied when shrinking. The two axes are interpolated
-    separably as matrix products over the whole batch.
+    separably, as two matrix products per map broadcast over the batch by
+    ``np.matmul`` (the interpolation matrices are cached).
 
     Parameters
     ----------
@@ -222,15 +223,15 @@ def upsample(maps, size, *, method="bilinear"):
     ry = _resize_matrix(out_h, h, method, m.dtype.str)
     rx = _resize_matrix(out_w, w, method, m.dtype.str)
     batch = m.reshape(-1, h, w)
-    b = batch.shape[0]
-    # Apply the axis that shrinks the work first; the last product is one
-    # GEMM (or one batched matmul) writing straight into the output layout.
+    # Per-map products, broadcast over the batch by matmul: each BLAS call stays
+    # small enough to run on one thread. One big (B*H, w) GEMM is no faster
+    # (the work is bound by writing the output) and, being threaded, wakes
+    # OpenBLAS workers that then spin and starve other work on small machines.
+    # The axis that shrinks the work goes first.
     if out_h * h * w + out_h * w * out_w <= h * w * out_w + out_h * h * out_w:
-        rows_done = np.matmul(ry, batch)  # (B, H, w)
-        out = rows_done.reshape(b * out_h, w) @ rx.T
+        out = np.matmul(np.matmul(ry, batch), rx.T)
     else:
-        cols_done = (batch.reshape(b * h, w) @ rx.T).reshape(b, h, out_w)
-        out = np.matmul(ry, cols_done)
+        out = np.matmul(ry, np.matmul(batch, rx.T))
     return out.reshape(*lead, out_h, out_w)
 
 
