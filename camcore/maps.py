@@ -214,7 +214,7 @@ def upsample(maps, size, *, method="bilinear"):
     check_choice(method, _UPSAMPLE_METHODS, "method")
     out_h, out_w = check_size(size)
     m = float_array(maps, "maps")
-    check_ndim(m, tuple(range(2, max(m.ndim, 2) + 1)), "maps", "(..., h, w)")
+    _check_maps(m)
     lead, (h, w) = m.shape[:-2], m.shape[-2:]
     if h == 0 or w == 0:
         raise InvalidInput(f"maps must have non-empty last two axes (h, w), got shape {m.shape}")
@@ -233,6 +233,11 @@ def upsample(maps, size, *, method="bilinear"):
     else:
         out = np.matmul(ry, np.matmul(batch, rx.T))
     return out.reshape(*lead, out_h, out_w)
+
+
+def _check_maps(m: np.ndarray) -> None:
+    if m.ndim < 2:
+        raise InvalidInput(f"maps must be at least 2-D (..., h, w), got shape {m.shape}")
 
 
 @lru_cache(maxsize=64)
@@ -321,7 +326,7 @@ def normalize(maps, *, method="minmax"):
     """
     check_choice(method, _NORMALIZE_METHODS, "method")
     m = float_array(maps, "maps")
-    check_ndim(m, tuple(range(2, max(m.ndim, 2) + 1)), "maps", "(..., h, w)")
+    _check_maps(m)
     if m.size == 0:
         return m.copy()
     hi = m.max(axis=(-2, -1), keepdims=True)

@@ -331,7 +331,7 @@ def test_upsample_matches_onnx_resize_half_pixel(method, mode, attrs, shape, siz
 @pytest.mark.parametrize(
     "maps, size, method, pattern",
     [
-        (np.zeros(4), (2, 2), "bilinear", r"maps must be 2-D \(\.\.\., h, w\), got shape \(4,\)"),
+        (np.zeros(4), (2, 2), "bilinear", r"maps must be at least 2-D \(\.\.\., h, w\), got shape \(4,\)"),
         (np.zeros((2, 0, 3)), (2, 2), "bilinear", r"maps must have non-empty last two axes"),
         (np.zeros((2, 2)), (0, 2), "bilinear", r"size must be a pair \(H, W\) of positive ints, got \(0, 2\)"),
         (np.zeros((2, 2)), (2.5, 2), "bilinear", r"size must be a pair"),
@@ -409,7 +409,7 @@ def test_normalize_dtypes_and_no_mutation():
 @pytest.mark.parametrize(
     "maps, method, pattern",
     [
-        (np.zeros(3), "minmax", r"maps must be 2-D \(\.\.\., h, w\), got shape \(3,\)"),
+        (np.zeros(3), "minmax", r"maps must be at least 2-D \(\.\.\., h, w\), got shape \(3,\)"),
         (np.zeros((2, 2)), "std", r"method must be one of 'minmax', 'max', got 'std'"),
         (np.array([["a"]]), "minmax", r"maps must be a real numeric array"),
     ],
