@@ -23,6 +23,8 @@ _NORMALIZE_METHODS = ("minmax", "max")
 _CUBIC_A = -0.75
 # From this many classes shared by the batch, cam() uses one big GEMM.
 _ONE_GEMM_MIN_CLASSES = 256
+# Interpolation matrices up to this size (8 MB as float64) are cached.
+_CACHED_MATRIX_MAX_ENTRIES = 1 << 20
 
 
 def cam(features, weights, classes=None, *, layout="NCHW"):
@@ -240,12 +242,22 @@ def _check_maps(m: np.ndarray) -> None:
         raise InvalidInput(f"maps must be at least 2-D (..., h, w), got shape {m.shape}")
 
 
-@lru_cache(maxsize=64)
 def _resize_matrix(n_out: int, n_in: int, method: str, dtype: str) -> np.ndarray:
     """The (n_out, n_in) matrix R with ``resized = R @ samples`` along one axis.
 
-    Cached (sizes are few in practice) and read-only, since it is shared.
+    Small ones are cached (sizes are few in practice); all are read-only.
     """
+    if n_out * n_in <= _CACHED_MATRIX_MAX_ENTRIES:
+        return _cached_resize_matrix(n_out, n_in, method, dtype)
+    return _build_resize_matrix(n_out, n_in, method, dtype)
+
+
+@lru_cache(maxsize=64)
+def _cached_resize_matrix(n_out: int, n_in: int, method: str, dtype: str) -> np.ndarray:
+    return _build_resize_matrix(n_out, n_in, method, dtype)
+
+
+def _build_resize_matrix(n_out: int, n_in: int, method: str, dtype: str) -> np.ndarray:
     dst = np.arange(n_out)
     r = np.zeros((n_out, n_in))
     if method == "nearest":

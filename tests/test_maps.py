@@ -254,6 +254,14 @@ def test_upsample_interpolates_at_the_sample_positions(method):
     np.testing.assert_allclose(out[1::3, 1::3], m, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["bilinear", "bicubic", "nearest"])
+def test_upsample_large_axis_matches_reference(method):
+    # A 1100 -> 1000 axis has an interpolation matrix too big to cache: built per call.
+    m = np.random.default_rng(9).standard_normal((2, 1100))
+    out = upsample(m, (3, 1000), method=method)
+    np.testing.assert_allclose(out, ref_resize(m, (3, 1000), method), rtol=1e-10, atol=1e-10)
+
+
 def test_upsample_nearest_rule():
     # floor((i + 0.5) * 3 / 7) -> 0 0 1 1 1 2 2 ; shrinking 4 -> 2 picks 1 and 3.
     v = np.array([[10.0, 20.0, 30.0]])
