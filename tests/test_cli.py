@@ -558,3 +558,16 @@ def test_ctrl_c_exits_130_without_partial_files(tmp_path):
     assert "results.json" not in written and 0 < len(written) < 600 and no_temp_files(out)
     for name in written:
         assert skio.imread(out / name).shape == (_cli_util.title_height(24) + 24, 24, 3)
+
+
+def test_explain_same_stem_in_two_folders_gets_two_overlays(tmp_path, capsys):
+    zm = CASES["dynamic_batch"]()
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        skio.imsave(tmp_path / folder / "cat.png", data.chelsea()[::4, ::4])
+    out = tmp_path / "o"
+    assert cli.main(["explain", str(zm.save(tmp_path)), str(tmp_path / "a"), str(tmp_path / "b"),
+                     "--out", str(out), "--size", "8", "--json"]) == 0
+    records = json.loads(capsys.readouterr().out)["images"]
+    assert [r["overlay"] for r in records] == ["cat.cam.png", "cat-2.cam.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["cat-2.cam.png", "cat.cam.png", "results.json"]
