@@ -30,6 +30,7 @@ from camcore.errors import CamError, InvalidInput
 from camcore.maps import _resize_matrix
 
 from . import onnx_graph
+from .ort_session import OrtBackend
 
 __all__ = ["fuse", "OUTPUTS"]
 
@@ -168,16 +169,22 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
     >>> fused = fuse(top_k=3, size="input")
     >>> [o.name for o in fused.graph.output]
     ['logits', 'cam_classes', 'cam_scores', 'cam_maps']
-    >>> [d.dim_value or d.dim_param for d in fused.graph.output[-1].type.tensor_type.shape.dim]
+    >>> def dims(output):
+    ...     return [d.dim_value or d.dim_param for d in output.type.tensor_type.shape.dim]
+    >>> dims(fused.graph.output[-1])
     ['batch', 3, 224, 224]
+    >>> dims(fuse(normalize=False).graph.output[-1])
+    ['batch', 1, 7, 7]
     """
     if model is None:
         from camcore import default_model
 
         model = default_model.path()
-    proto, _ = onnx_graph.load_model(model)
+    # The same loading, head discovery and refusals as camcore.load; the backend also makes
+    # the feature shape concrete where shape inference left it symbolic.
+    backend = OrtBackend(model, providers=["CPUExecutionProvider"])
+    proto, head = backend.model, backend.head
     opset = _opset(proto)
-    head = onnx_graph.find_head(proto)
     top_k, size, normalize = _validate(top_k, size, normalize, head.num_classes, opset)
     g = onnx_graph._Graph.build(proto)
     b = _Builder(opset)

@@ -207,6 +207,10 @@ def test_efficientnet_lite0(tmp_path, source):
     model = None if source == "embedded" else DYNAMO
     fused = fuse(model, top_k=3, size="input")
     onnx.checker.check_model(fused, full_check=True)
+    # Static 7x7 -> 224x224: the interpolation MatMuls, with concrete declared shapes.
+    assert "Resize" not in {n.op_type for n in fused.graph.node}
+    dims = [d.dim_value or d.dim_param for d in fused.graph.output[-1].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, 224, 224]
     plain = onnx.load(str(default_model.path() if model is None else model))
     assert (fused.ir_version, list(fused.opset_import)) == (plain.ir_version, list(plain.opset_import))
     ex = camcore.load(model, providers=["CPUExecutionProvider"])
