@@ -63,7 +63,8 @@ class _Builder:
 
     def const(self, name: str, value, dtype=np.int64) -> str:
         name = f"cam_{name}"
-        self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        if all(t.name != name for t in self.initializers):
+            self.initializers.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
         return name
 
     def op(self, op_type: str, inputs, name: str, *, outputs=None, **attrs) -> str:
@@ -81,6 +82,13 @@ class _Builder:
         if elem_type == TensorProto.FLOAT:
             return x
         return self.op("Cast", [x], name, to=TensorProto.FLOAT)
+
+    def rename_last(self, tensor: str, name: str) -> None:
+        """Let the last node write `tensor` as ``cam_<name>`` (a graph output, without an Identity copy)."""
+        node = self.nodes[-1]
+        if list(node.output) != [tensor]:
+            raise RuntimeError(f"{tensor!r} is not the output of the last added node")
+        node.output[0] = f"cam_{name}"
 
 
 def _validate(top_k, size, normalize, num_classes: int, opset: int):
@@ -117,6 +125,100 @@ def _input_spatial_axes(spec) -> list:
                    "pass size=(H, W)")
 
 
+def _class_maps(b: _Builder, head, g) -> tuple[str, list]:
+    """``(N, k, h, w)`` float32 CAMs of the classes in ``cam_classes``, and ``[h, w]``."""
+    rows = b.op("Gather", [b.const("weights", head.weights, np.float32), "cam_classes"], "rows", axis=0)
+    features = b.as_float(head.feature, g.elem_type(head.feature), "features_float")
+    if head.layout == "NCHW":
+        flat = b.op("Reshape", [features, b.const("flat_shape", [0, 0, -1])], "features_flat")
+        maps = b.op("MatMul", [rows, flat], "maps_flat")  # (N, k, K) @ (N, K, hw)
+        hw_axes = [2, 3]
+    else:
+        flat = b.op("Reshape", [features, b.const("flat_shape", [0, -1, head.channels])], "features_flat")
+        rows_t = b.op("Transpose", [rows], "rows_t", perm=[0, 2, 1])
+        per_pixel = b.op("MatMul", [flat, rows_t], "maps_hwk")  # (N, hw, K) @ (N, K, k)
+        maps = b.op("Transpose", [per_pixel], "maps_flat", perm=[0, 2, 1])
+        hw_axes = [1, 2]
+    hw = b.op("Gather", [b.op("Shape", [features], "feature_shape"), b.const("hw_axes", hw_axes)],
+              "feature_hw", axis=0)
+    shape = b.op("Concat", [b.const("keep_nk", [0, 0]), hw], "maps_shape", axis=0)
+    return b.op("Reshape", [maps, shape], "maps_raw"), [head.feature_shape[i] for i in hw_axes]
+
+
+def _zero_non_finite(b: _Builder, maps: str) -> str:
+    """Maps holding NaN or inf become zeros, as in `camcore.normalize`.
+
+    onnxruntime's ReduceMin/ReduceMax skip NaN but a sum does not; this runs at
+    feature resolution, where it is cheap.
+    """
+    zero = b.const("zero", 0.0, np.float32)
+    poison = b.reduce("ReduceSum", b.op("Mul", [maps, zero], "times_zero"), [2, 3], "poison")
+    finite = b.op("Not", [b.op("IsNaN", [poison], "non_finite")], "finite")
+    return b.op("Where", [finite, maps, zero], "maps_finite")
+
+
+def _min_max(b: _Builder, maps: str, stats: str) -> str:
+    """``(maps - min) / (max - min)`` with min and max per map over the last two axes of `stats`.
+
+    A constant map divides by +inf and becomes zeros.
+    """
+    lo = b.reduce("ReduceMin", stats, [2, 3], "min")
+    span = b.op("Sub", [b.reduce("ReduceMax", stats, [2, 3], "max"), lo], "span")
+    positive = b.op("Greater", [span, b.const("zero", 0.0, np.float32)], "span_positive")
+    divisor = b.op("Where", [positive, span, b.const("inf", np.inf, np.float32)], "divisor")
+    return b.op("Div", [b.op("Sub", [maps, lo], "shifted"), divisor], "maps_normalized")
+
+
+def _extreme_rows(r: np.ndarray) -> np.ndarray:
+    """Rows of an interpolation matrix ``r`` among which every resized map's extremes lie.
+
+    The output samples whose source position falls in one interval ``[j, j + 1)``
+    (same first tap) are linear in that position, so along this axis their
+    extremes are the first or the last of them.
+    """
+    first_tap = np.argmax(r != 0, axis=1)
+    starts = np.flatnonzero(np.diff(first_tap, prepend=-1))
+    ends = np.append(starts[1:] - 1, len(r) - 1)
+    return np.unique(np.concatenate([starts, ends]))
+
+
+def _resize_static(b: _Builder, maps: str, src_hw, dst_hw, normalize: bool) -> str:
+    """Half-pixel bilinear resize with `camcore.upsample`'s own matrices: ``R_H @ maps @ R_W^T``.
+
+    Several times faster than onnxruntime's CPU Resize.  With `normalize`, the
+    min and max of the resized maps are read from the few rows and columns that
+    can hold them (`_extreme_rows`), and the min-max scaling is applied before
+    interpolating (the rows of both matrices sum to 1), so no full-size pass is
+    added.
+    """
+    ry, rx = (_resize_matrix(n_out, n_in, "bilinear", "<f4") for n_out, n_in in zip(dst_hw, src_hw))
+    if normalize:
+        sy, sx = _extreme_rows(ry), _extreme_rows(rx)
+        probe = b.op("MatMul", [b.const("extreme_rows", ry[sy], np.float32), maps], "probe_rows")
+        probe = b.op("MatMul", [probe, b.const("extreme_cols", rx[sx].T, np.float32)], "probe")
+        maps = _min_max(b, maps, probe)
+    maps = b.op("MatMul", [b.const("resize_rows", ry, np.float32), maps], "maps_rows")  # (N, k, H, w)
+    return b.op("MatMul", [maps, b.const("resize_cols", rx.T, np.float32)], "maps_resized")
+
+
+def _resize_dynamic(b: _Builder, maps: str, image: str | None, target, opset: int) -> str:
+    """Resize (linear, half_pixel) to `target`: the image's spatial `axes` when `image` is given."""
+    if opset < _RESIZE_OPSET:
+        raise CamError(f"size with dynamic spatial dimensions needs Resize with half_pixel coordinates, "
+                       f"ONNX opset >= {_RESIZE_OPSET}; the model has opset {opset}; convert it first "
+                       "(onnx.version_converter.convert_version)")
+    if image is not None:
+        shape = b.op("Shape", [image], "input_shape")
+        target = b.op("Gather", [shape, b.const("input_hw", target)], "target_hw", axis=0)
+    else:
+        target = b.const("target_hw", target)
+    nk = b.op("Gather", [b.op("Shape", [maps], "small_shape"), b.const("nk_axes", [0, 1])], "nk", axis=0)
+    sizes = b.op("Concat", [nk, target], "sizes", axis=0)
+    empty = b.const("empty", np.zeros(0), np.float32)  # roi and scales: unused when sizes are given
+    return b.op("Resize", [maps, empty, empty, sizes], "maps_resized", mode="linear",
+                coordinate_transformation_mode="half_pixel")
+
+
 def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> onnx.ModelProto:
     """Return a copy of a GAP classifier that also outputs its top-k classes, scores and CAMs.
 
@@ -128,8 +230,10 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
         cam_weights (C, K) -Gather(cam_classes)-> (N, k, K)
         features -> [Cast] -> Reshape -> MatMul -> Reshape -> (N, k, h, w)
           [normalize: ReduceSum(x * 0) -> IsNaN -> Where: maps holding NaN/inf -> 0]
-          [size: MatMul(R_H, .) -> MatMul(., R_W^T), or Resize when sizes are dynamic]
-          [normalize: ReduceMin, ReduceMax -> (x - min) / (max - min), constant -> 0]
+          no size:      [normalize: ReduceMin, ReduceMax -> (x - min) / (max - min)]
+          static size:  [normalize: min, max from R_H[rows] @ x @ R_W[cols]^T, then scale x]
+                        -> MatMul(R_H, .) -> MatMul(., R_W^T)
+          dynamic size: Resize(linear, half_pixel) -> [normalize: as without size]
           -> cam_maps
 
     Parameters
@@ -146,6 +250,8 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
     normalize : bool
         Scale each map to [0, 1] by min-max over its last two axes, as
         `camcore.normalize`; constant maps and maps holding NaN become zeros.
+        With a static `size` the scaling is applied before interpolating, so
+        values may leave [0, 1] by float rounding (about 1e-7).
 
     Returns
     -------
@@ -207,72 +313,23 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
         lse = b.reduce("ReduceLogSumExp", logits, [1], "logsumexp")
         b.op("Exp", [b.op("Sub", [values, lse], "log_scores")], "scores")
 
-    # Maps (N, k, h, w): per-item rows of the classifier times the flattened features.
-    rows = b.op("Gather", [b.const("weights", head.weights, np.float32), "cam_classes"], "rows", axis=0)
-    features = b.as_float(head.feature, g.elem_type(head.feature), "features_float")
-    if head.layout == "NCHW":
-        flat = b.op("Reshape", [features, b.const("flat_shape", [0, 0, -1])], "features_flat")
-        maps = b.op("MatMul", [rows, flat], "maps_flat")  # (N, k, K) @ (N, K, hw)
-        hw_axes = [2, 3]
-    else:
-        flat = b.op("Reshape", [features, b.const("flat_shape", [0, -1, head.channels])], "features_flat")
-        rows_t = b.op("Transpose", [rows], "rows_t", perm=[0, 2, 1])
-        per_pixel = b.op("MatMul", [flat, rows_t], "maps_hwk")  # (N, hw, K) @ (N, K, k)
-        maps = b.op("Transpose", [per_pixel], "maps_flat", perm=[0, 2, 1])
-        hw_axes = [1, 2]
-    hw = b.op("Gather", [b.op("Shape", [features], "feature_shape"), b.const("hw_axes", hw_axes)],
-              "feature_hw", axis=0)
-    shape = b.op("Concat", [b.const("keep_nk", [0, 0]), hw], "maps_shape", axis=0)
-    # The last stage writes cam_maps itself (no trailing Identity copy).
-    last = "normalized" if normalize else "resized" if size is not None else "raw"
-
-    def stage(name: str) -> str:
-        return "maps" if name == last else f"maps_{name}"
-
-    maps = b.op("Reshape", [maps, shape], stage("raw"))
-
+    maps, out_hw = _class_maps(b, head, g)
     if normalize:
-        zero = b.const("zero", 0.0, np.float32)
-        # camcore.normalize turns a map holding NaN or inf into zeros.  onnxruntime's
-        # ReduceMin/ReduceMax skip NaN but a sum does not, so such maps are zeroed here,
-        # at feature resolution, where it is cheap.
-        poison = b.reduce("ReduceSum", b.op("Mul", [maps, zero], "times_zero"), [2, 3], "poison")
-        finite = b.op("Not", [b.op("IsNaN", [poison], "non_finite")], "finite")
-        maps = b.op("Where", [finite, maps, zero], "maps_finite")
-
-    out_hw = [head.feature_shape[i] for i in hw_axes]
-    if size is not None:
+        maps = _zero_non_finite(b, maps)
+    if size is None:
+        if normalize:
+            maps = _min_max(b, maps, maps)
+    else:
         axes = _input_spatial_axes(head.input) if size == "input" else None
         target_hw = [head.input.shape[i] for i in axes] if axes else list(size)
         if all(isinstance(d, int) for d in (*out_hw, *target_hw)):
-            # Static sizes: camcore.upsample's own interpolation matrices in two MatMuls,
-            # several times faster than onnxruntime's CPU Resize and equal to it.
-            ry, rx = (_resize_matrix(n_out, n_in, "bilinear", "<f4") for n_out, n_in in zip(target_hw, out_hw))
-            maps = b.op("MatMul", [b.const("resize_rows", ry, np.float32), maps], "maps_rows")  # (N, k, H, w)
-            maps = b.op("MatMul", [maps, b.const("resize_cols", rx.T, np.float32)], stage("resized"))
+            maps = _resize_static(b, maps, out_hw, target_hw, normalize)
         else:
-            if opset < _RESIZE_OPSET:
-                raise CamError(f"size with dynamic spatial dimensions needs Resize with half_pixel coordinates, "
-                               f"ONNX opset >= {_RESIZE_OPSET}; the model has opset {opset}; convert it first "
-                               "(onnx.version_converter.convert_version)")
-            if axes:
-                shape = b.op("Shape", [head.input.name], "input_shape")
-                target = b.op("Gather", [shape, b.const("input_hw", axes)], "target_hw", axis=0)
-            else:
-                target = b.const("target_hw", size)
-            nk = b.op("Gather", [b.op("Shape", [maps], "small_shape"), b.const("nk_axes", [0, 1])], "nk", axis=0)
-            sizes = b.op("Concat", [nk, target], "sizes", axis=0)
-            empty = b.const("empty", np.zeros(0), np.float32)  # roi and scales: unused when sizes are given
-            maps = b.op("Resize", [maps, empty, empty, sizes], stage("resized"), mode="linear",
-                        coordinate_transformation_mode="half_pixel")
+            maps = _resize_dynamic(b, maps, head.input.name if axes else None, axes or size, opset)
+            if normalize:
+                maps = _min_max(b, maps, maps)
         out_hw = target_hw
-    if normalize:
-        lo = b.reduce("ReduceMin", maps, [2, 3], "min")
-        span = b.op("Sub", [b.reduce("ReduceMax", maps, [2, 3], "max"), lo], "span")
-        # A constant map divides by +inf and becomes zeros; the full-size work is one Sub and one Div.
-        positive = b.op("Greater", [span, zero], "span_positive")
-        divisor = b.op("Where", [positive, span, b.const("inf", np.inf, np.float32)], "divisor")
-        maps = b.op("Div", [b.op("Sub", [maps, lo], "shifted"), divisor], stage("normalized"))
+    b.rename_last(maps, "maps")
 
     out = onnx.ModelProto()
     out.CopyFrom(proto)

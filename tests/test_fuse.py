@@ -11,13 +11,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import camcore
 from backends import onnx_graph
-from backends.fuse_graph import OUTPUTS, fuse
+from backends.fuse_graph import OUTPUTS, _extreme_rows, fuse
 from camcore import CamError, InvalidInput, NotCamCompatible, default_model
 from camcore.explainer import softmax
+from camcore.maps import _resize_matrix
 from tests.zoo import CASES, NUM_CLASSES, REFUSED, _build, hot_spot_input
 
 DYNAMO = Path(__file__).parent / "models" / "efficientnet_lite0_dynamo.onnx"
@@ -145,7 +148,8 @@ def test_fused_zoo_matches_numpy_path(matrix, name, config):
         np.testing.assert_allclose(got["cam_scores"], e.scores, rtol=1e-2 if fp16 else 1e-5, atol=1e-6)
         if kw.get("normalize", True):
             np.testing.assert_allclose(got["cam_maps"], want, rtol=0, atol=1e-2 if fp16 else 1e-4)
-            assert got["cam_maps"].min() >= 0 and got["cam_maps"].max() <= 1
+            # Scaled before interpolating (static sizes): [0, 1] up to float rounding.
+            assert got["cam_maps"].min() >= -1e-6 and got["cam_maps"].max() <= 1 + 1e-6
         else:
             scale = np.abs(want).max()
             np.testing.assert_allclose(got["cam_maps"], want, rtol=0, atol=(1e-2 if fp16 else 1e-5) * scale)
@@ -257,6 +261,22 @@ def test_orientation(tmp_path, name):
     maps = got["cam_maps"]
     assert maps.shape == (1, 1, 9, 7)
     assert np.unravel_index(np.argmax(np.abs(maps[0, 0] - maps[0, 0].mean())), (9, 7)) == (y, x)
+
+
+@settings(max_examples=200, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), out_h=st.integers(1, 40), out_w=st.integers(1, 40),
+       seed=st.integers(0, 2**32 - 1))
+def test_resized_extremes_lie_on_extreme_rows(h, w, out_h, out_w, seed):
+    """The min and max of a bilinear upsample (or downsample) are on the rows and columns that
+    `_extreme_rows` keeps, so normalization can read them from a tiny probe."""
+    maps = np.random.default_rng(seed).standard_normal((3, h, w))
+    full = camcore.upsample(maps, (out_h, out_w))
+    rows = _extreme_rows(_resize_matrix(out_h, h, "bilinear", "<f8"))
+    cols = _extreme_rows(_resize_matrix(out_w, w, "bilinear", "<f8"))
+    assert len(rows) <= min(out_h, 2 * h + 2) and len(cols) <= min(out_w, 2 * w + 2)
+    probe = full[:, rows][:, :, cols]
+    np.testing.assert_array_equal(probe.max(axis=(1, 2)), full.max(axis=(1, 2)))
+    np.testing.assert_array_equal(probe.min(axis=(1, 2)), full.min(axis=(1, 2)))
 
 
 # --------------------------------------------------------------------------- opsets
