@@ -266,53 +266,125 @@ def _quantize(scoremap: np.ndarray) -> np.ndarray:
 
 
 def _levels(u8: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
-    """Integer cut ``int(threshold * max(u8))`` per threshold (``int`` truncates)."""
-    return np.trunc(thresholds * float(u8.max())).astype(np.int64)
+    """Integer cut ``int(threshold * max(u8))`` per threshold, clipped to [-1, 255]."""
+    # int() truncates; every cut below 0 keeps all pixels, every cut from 255 none
+    return np.clip(np.trunc(thresholds * float(u8.max())), -1, 255).astype(np.int64)
 
 
-def _slice_boxes(u8: np.ndarray, level: int, multi_contour: bool) -> np.ndarray:
-    """Protocol boxes of one uint8 map at one integer level, as an (m, 4) int array."""
+def _windows(u8: np.ndarray) -> tuple:
+    """Every 2x2 window of `u8` padded with -1: its 4 values ``(TL, TR, BL, BR)``, and sorted."""
+    p = np.pad(u8.astype(np.int16), 1, constant_values=-1)
+    quads = np.stack([p[:-1, :-1].ravel(), p[:-1, 1:].ravel(), p[1:, :-1].ravel(), p[1:, 1:].ravel()])
+    return quads, np.sort(quads, axis=0)  # ascending: sorted[3] is the largest
+
+
+def _euler_numbers(quads: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Euler number (8-connected components minus holes) of ``u8 > L`` for L = -1..255.
+
+    Gray's 2x2-window count ``(Q1 - Q3 - 2 QD) / 4``, for all levels at once: a
+    window holds exactly ``k`` foreground pixels for L between its k-th and
+    (k+1)-th largest values.
+    """
+    a, b, c, d = quads
+
+    def windows(lo, hi):  # how many windows have lo <= L < hi, per L = -1..255
+        delta = np.bincount(lo + 1, minlength=258) - np.bincount(hi + 1, minlength=258)
+        return np.cumsum(delta[:257])
+
+    diagonal = (np.minimum(a, d) > np.maximum(b, c)) | (np.minimum(b, c) > np.maximum(a, d))
+    q1 = windows(v[2], v[3])
+    q3 = windows(v[0], v[1])
+    qd = windows(v[1][diagonal], v[2][diagonal])
+    return (q1 - q3 - 2 * qd) // 4
+
+
+@dataclass(frozen=True)
+class _AreaWindows:
+    """Windows with 3+ foreground pixels at some level, by decreasing 3rd-largest value.
+
+    At level L the windows whose 3rd-largest value is above L (a prefix of
+    this order) hold 3 or 4 foreground pixels; each adds 1 to twice the
+    contour area of the component of its largest pixel ``(row, col)``, and 1
+    more when its smallest value ``fourth`` is above L too.
+    """
+
+    neg_third: np.ndarray
+    fourth: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+
+    @classmethod
+    def build(cls, quads: np.ndarray, v: np.ndarray, width: int):
+        order = np.argsort(-v[1], kind="stable")
+        corner = np.argmax(quads[:, order], axis=0)  # 0 TL, 1 TR, 2 BL, 3 BR
+        wr, wc = np.divmod(order, width + 1)
+        return cls(-v[1][order], v[0][order], wr - 1 + corner // 2, wc - 1 + corner % 2)
+
+
+def _level_boxes(u8: np.ndarray, level: int, euler: int, windows) -> np.ndarray:
+    """Protocol boxes of one uint8 map at one integer level, as an (m, 4) int array.
+
+    `windows` is an `_AreaWindows` for the largest contour, None for all contours.
+    """
     height, width = u8.shape
     fg = u8 > level
     rows = np.flatnonzero(fg.any(axis=1))
     if rows.size == 0:
         return np.zeros((1, 4), dtype=np.int64)
     cols = np.flatnonzero(fg.any(axis=0))
-    y0, x0 = rows[0], cols[0]
-    # crop to the foreground and pad with background: borders outside it are all 0
-    crop = np.pad(fg[y0 : rows[-1] + 1, x0 : cols[-1] + 1], 1)
-    bg_labels, n_bg = ndimage.label(~crop, _FOUR)
-    outside = bg_labels[0, 0]  # the padding is one connected background piece
-    offset = np.array([x0 - 1, y0 - 1, x0 - 1, y0 - 1])
-    if multi_contour:
-        fg_labels, _ = ndimage.label(crop, _EIGHT)
-        found = ndimage.find_objects(fg_labels)
-        boxes = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in found]
-        if n_bg > 1:  # holes: every background piece but the outside one
-            holes = ndimage.find_objects(bg_labels)
-            boxes += [
-                (s[1].start - 1, s[0].start - 1, s[1].stop + 1, s[0].stop + 1)
-                for label, s in enumerate(holes, 1)
-                if s is not None and label != outside
-            ]
-        out = np.asarray(boxes, dtype=np.int64) + offset
+    bounds = np.array([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]])
+    # crop to the foreground and pad with background: the image border is outside it
+    crop = np.pad(fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
+    labels, count = ndimage.label(crop, _EIGHT)
+    has_holes = count != euler
+    if count == 1 and (windows is not None or not has_holes):
+        out = bounds  # one component: its box is the foreground's
     else:
-        filled = bg_labels != outside
-        labels, count = ndimage.label(filled, _EIGHT)
-        # twice the contour polygon area, summed over 2x2 windows: 3 set -> 1, 4 set -> 2
-        f = filled.view(np.uint8)
-        quad = f[:-1, :-1] + f[1:, :-1] + f[:-1, 1:] + f[1:, 1:]
-        inside = quad >= 3
-        owner = np.maximum(
-            np.maximum(labels[:-1, :-1], labels[1:, :-1]), np.maximum(labels[:-1, 1:], labels[1:, 1:])
-        )[inside]
-        area2 = np.bincount(owner, weights=quad[inside] - 2, minlength=count + 1)[1:]
-        best = count - 1 - int(np.argmax(area2[::-1]))  # last one among ties
-        s = ndimage.find_objects(labels)[best]
-        out = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop]]) + offset
+        offset = np.array([cols[0] - 1, rows[0] - 1] * 2)
+        if has_holes:
+            bg_labels = ndimage.label(~crop, _FOUR)[0]
+            outside = bg_labels[0, 0]  # the padding is one background piece
+        if windows is None:
+            boxes = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels)]
+            if has_holes:  # a hole's contour runs through the pixels around it
+                boxes += [
+                    (s[1].start - 1, s[0].start - 1, s[1].stop + 1, s[0].stop + 1)
+                    for label, s in enumerate(ndimage.find_objects(bg_labels), 1)
+                    if s is not None and label != outside
+                ]
+            out = np.asarray(boxes, dtype=np.int64) + offset
+        else:
+            # twice the contour polygon area: over 2x2 windows of the component with
+            # its holes filled, 3 pixels set -> 1, 4 set -> 2
+            if has_holes:  # rare: fill and count on the crop
+                filled = bg_labels != outside
+                labels, count = ndimage.label(filled, _EIGHT)
+                f = filled.view(np.uint8)
+                quad = f[:-1, :-1] + f[1:, :-1] + f[:-1, 1:] + f[1:, 1:]
+                inside = quad >= 3
+                owner = np.maximum(
+                    np.maximum(labels[:-1, :-1], labels[1:, :-1]), np.maximum(labels[:-1, 1:], labels[1:, 1:])
+                )[inside]
+                weights = quad[inside] - 2
+            else:
+                n = np.searchsorted(windows.neg_third, -level, side="left")
+                owner = labels[windows.row[:n] - offset[1], windows.col[:n] - offset[0]]
+                weights = 1 + (windows.fourth[:n] > level)
+            area2 = np.bincount(owner, weights=weights, minlength=count + 1)[1:]
+            best = count - 1 - int(np.argmax(area2[::-1]))  # the last one among ties
+            s = ndimage.find_objects(labels, max_label=best + 1)[best]
+            out = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop]]) + offset
     np.minimum(out[:, 2], width - 1, out=out[:, 2])
     np.minimum(out[:, 3], height - 1, out=out[:, 3])
     return out
+
+
+def _map_boxes(u8: np.ndarray, levels: np.ndarray, multi_contour: bool) -> list:
+    """`_level_boxes` at each of `levels` (ints in [-1, 255]) for one uint8 map."""
+    quads, v = _windows(u8)
+    euler = _euler_numbers(quads, v)
+    windows = None if multi_contour else _AreaWindows.build(quads, v, u8.shape[1])
+    return [_level_boxes(u8, int(level), int(euler[level + 1]), windows) for level in levels]
 
 
 def _check_scoremaps(scoremaps, name: str, ndim: int, axes: str) -> np.ndarray:
@@ -372,7 +444,7 @@ def protocol_boxes(scoremap, thresholds, *, multi_contour=False):
     """
     u8 = _quantize(_check_scoremaps(scoremap, "scoremap", 2, "(H, W)"))
     levels = _levels(u8, _check_thresholds(thresholds, "thresholds"))
-    return [_slice_boxes(u8, int(level), bool(multi_contour)) for level in levels]
+    return _map_boxes(u8, levels, bool(multi_contour))
 
 
 @dataclass(frozen=True)
@@ -501,9 +573,10 @@ def max_box_acc(
             raise InvalidInput(f"gt_boxes[{n}] must hold at least one box, got shape (0, 4)")
         u8 = _quantize(scoremap)
         levels, inverse = np.unique(_levels(u8, thresholds), return_inverse=True)
-        best = np.array(
-            [_pairwise_iou(_slice_boxes(u8, int(lv), bool(multi_contour)), gt, 1.0).max() for lv in levels]
-        )[inverse.reshape(-1)]
+        boxes = _map_boxes(u8, levels, bool(multi_contour))
+        starts = np.cumsum([0] + [len(b) for b in boxes[:-1]])
+        ious = _pairwise_iou(np.concatenate(boxes), gt, 1.0).max(axis=1)
+        best = np.maximum.reduceat(ious, starts)[inverse.reshape(-1)]
         counts += best[None, :] >= iou_thresholds[:, None]
     return BoxAccResult(counts, int(maps.shape[0]), thresholds, iou_thresholds)
 

@@ -248,6 +248,17 @@ def test_largest_is_by_polygon_area_not_pixel_count():
     assert box.tolist() == [[2, 3, 4, 5]]
 
 
+def test_largest_counts_holes_as_inside():
+    # a 7x7 outline (24 pixels, polygon area 36) beats a solid 5x6 block (30 pixels, area 20)
+    m = np.zeros((9, 20))
+    m[1:8, 1:8] = 1
+    m[2:7, 2:7] = 0
+    m[1:6, 10:16] = 1
+    (box,) = protocol_boxes(m, [0.5])
+    assert box.tolist() == [[1, 1, 8, 8]]
+    assert [box.tolist()] == [reference_boxes(m, [0.5], False)[0]]
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.sampled_from([(6, 7), (14, 17), (20, 9)]))
 def test_protocol_boxes_match_border_following_reference(seed, size):
