@@ -113,7 +113,7 @@ def _validate(top_k, size, normalize, num_classes: int, opset: int):
 
 
 def _input_spatial_axes(spec) -> list:
-    """Axes of H and W in the image input, from its channel axis (1 or 3 channels)."""
+    """Axes of H and W in the image input, from its channel axis (1, 3 or 4 channels)."""
     shape = spec.shape
     if len(shape) != 4:
         raise CamError(f"size='input' needs a 4-D image input, {spec.name!r} has shape {shape}")
