@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,9 @@ from camcore.errors import CamError, InvalidInput
 from . import onnx_graph
 from .ort_session import import_onnxruntime, make_session, provider_name, resolve_providers
 
-__all__ = ["run_benchmark", "format_table", "session_runner", "machine", "add_arguments", "main"]
+__all__ = ["run_benchmark", "format_table", "session_runner", "machine", "Configurations", "prepare_models",
+           "time_interleaved", "median_throughput", "provider_chain", "random_feed", "explain_step", "add_arguments",
+           "main"]
 
 MODES = ("plain", "explain", "fused")
 CAM_OUTPUTS = ("cam_classes", "cam_scores", "cam_maps")
@@ -158,7 +161,7 @@ def _input_hw(shape: tuple) -> tuple:
     return tuple(shape[2:4]) if shape[1] in (1, 3) else tuple(shape[1:3])
 
 
-def _feed(specs, batch: int, seed: int = 0) -> dict:
+def random_feed(specs, batch: int, seed: int = 0) -> dict:
     """Random inputs for every graph input; dynamic non-batch axes become 224."""
     rng = np.random.default_rng(seed)
     feed = {}
@@ -171,7 +174,7 @@ def _feed(specs, batch: int, seed: int = 0) -> dict:
     return feed
 
 
-def _explain_step(explainer, feed: dict, size: tuple) -> list:
+def explain_step(explainer, feed: dict, size: tuple) -> list:
     """The NumPy path: top-1 CAM, upsample to the input size, normalize, largest box.
 
     The whole batch goes to onnxruntime in one run, as in plain inference.
@@ -182,37 +185,68 @@ def _explain_step(explainer, feed: dict, size: tuple) -> list:
     return [boxes(m) for m in maps]
 
 
-class _Setup:
-    """The three configurations of one provider, built from saved model files."""
+class Configurations:
+    """The three configurations of one provider, built from saved model files.
 
-    def __init__(self, plain_path, fused_path, chain, io_binding):
-        self.plain = make_session(onnx_graph.load_model(plain_path)[0], chain)
-        self.fused = make_session(onnx_graph.load_model(fused_path)[0], chain)
-        self.explainer = camcore.load(plain_path, providers=chain)
+    Each configuration's session is made on first use, so that a memory probe
+    holds only the one it measures.
+
+    Parameters
+    ----------
+    plain_path, fused_path : path
+        The unmodified model and its fused copy (see `prepare_models`).
+    chain : list
+        onnxruntime providers for every session.
+    io_binding : bool
+        Run plain and fused through IO binding (see `session_runner`).
+    """
+
+    def __init__(self, plain_path, fused_path, chain, io_binding: bool):
+        self.paths = {"plain": plain_path, "fused": fused_path}
+        self.chain = chain
         self.io_binding = io_binding
-        self.specs = self.explainer.head.inputs
+        self.specs = onnx_graph.graph_inputs(onnx_graph.load_model(plain_path)[0])
+
+    @cached_property
+    def plain(self):
+        return make_session(onnx_graph.load_model(self.paths["plain"])[0], self.chain)
+
+    @cached_property
+    def fused(self):
+        return make_session(onnx_graph.load_model(self.paths["fused"])[0], self.chain)
+
+    @cached_property
+    def explainer(self):
+        return camcore.load(self.paths["plain"], providers=self.chain)
 
     def step(self, mode: str, batch: int):
         """A no-argument callable running `mode` on a batch of random inputs."""
-        feed = _feed(self.specs, batch)
+        feed = random_feed(self.specs, batch)
         if mode == "plain":
             return session_runner(self.plain, feed, io_binding=self.io_binding)
         if mode == "fused":
             return session_runner(self.fused, feed, CAM_OUTPUTS, io_binding=self.io_binding)
-        size = _input_hw(next(iter(feed.values())).shape)
-        return lambda: _explain_step(self.explainer, feed, size)
+        size = _input_hw(feed[self.explainer.head.input.name].shape)
+        return lambda: explain_step(self.explainer, feed, size)
 
 
 # --------------------------------------------------------------------------- benchmark
 
 
-def _time_rounds(steps: dict, batches, repeat: int, warmup: int) -> dict:
-    """Interleaved timing: ``{(mode, batch): [seconds of each kept round]}``."""
+def time_interleaved(steps: dict, *, repeat: int, warmup: int) -> dict:
+    """Time ``{(mode, batch): callable}`` in interleaved rounds.
+
+    Each round runs every batch size and, for each, every mode it has once;
+    the mode order rotates from round to round.  Returns ``{(mode, batch): [seconds]}``
+    for the `repeat` rounds kept after `warmup` untimed ones.
+    """
+    modes = tuple(dict.fromkeys(mode for mode, _ in steps))
+    batches = tuple(dict.fromkeys(batch for _, batch in steps))
     times = {key: [] for key in steps}
     for r in range(warmup + repeat):
-        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        order = modes[r % len(modes):] + modes[:r % len(modes)]
         for batch in batches:
-            for mode in order:
+            for mode in (m for m in order if (m, batch) in steps):
                 start = time.perf_counter()
                 steps[mode, batch]()
                 elapsed = time.perf_counter() - start
@@ -237,7 +271,7 @@ def _memory_probe(spec: dict) -> dict:
 
 def _probe_main(argument: str) -> None:
     spec = json.loads(argument)
-    setup = _Setup(spec["plain"], spec["fused"], spec["chain"], spec["io_binding"])
+    setup = Configurations(spec["plain"], spec["fused"], spec["chain"], spec["io_binding"])
     step = setup.step(spec["mode"], spec["batch"])
     setup_rss = _peak_rss_mib()
     for _ in range(3):
@@ -245,13 +279,12 @@ def _probe_main(argument: str) -> None:
     print(json.dumps({"setup_rss_mib": round(setup_rss, 1), "peak_rss_mib": round(_peak_rss_mib(), 1)}))
 
 
-def _provider_chain(name: str) -> list:
+def provider_chain(name: str) -> list:
     """The providers to create sessions with, or CamError saying why `name` cannot run here."""
     ort = import_onnxruntime()
     full = provider_name(name)
     resolve_providers([full])  # unknown or unavailable -> CamError with the reason
-    chain = [p for p in _CHAINS.get(full, [full]) if p in ort.get_available_providers()]
-    return chain
+    return [p for p in _CHAINS.get(full, [full]) if p in ort.get_available_providers()]
 
 
 def _check_batches(batches) -> tuple:
@@ -312,32 +345,29 @@ def run_benchmark(model=None, *, batches=(1, 16, 64), providers=("cpu",), repeat
         "providers": [],
     }
     with tempfile.TemporaryDirectory(prefix="camcore-bench-") as folder:
-        plain_path, fused_path = Path(folder) / "plain.onnx", Path(folder) / "fused.onnx"
-        _save(proto, plain_path)
-        _save(camcore.fuse(proto, top_k=1, size="input"), fused_path)
+        plain_path, fused_path = prepare_models(proto, folder)
         for name in providers:
             entry = {"name": name}
             result["providers"].append(entry)
             try:
-                chain = _provider_chain(name)
+                chain = provider_chain(name)
                 bound = (provider_name(name) != "CPUExecutionProvider") if io_binding is None else bool(io_binding)
-                setup = _Setup(plain_path, fused_path, chain, bound)
+                setup = Configurations(plain_path, fused_path, chain, bound)
+                used = setup.plain.get_providers()  # sessions are made here: their errors mean skipped
             except CamError as exc:
                 entry.update(status="skipped", reason=str(exc))
                 continue
-            used = setup.plain.get_providers()
             if used[0] != chain[0]:
                 entry.update(status="skipped", reason=f"onnxruntime fell back to {used[0]} instead of {chain[0]}")
                 continue
             steps = {(mode, b): setup.step(mode, b) for mode in MODES for b in batches}
-            times = _time_rounds(steps, batches, int(repeat), int(warmup))
+            times = time_interleaved(steps, repeat=int(repeat), warmup=int(warmup))
             runs = []
             for b in batches:
                 run = {"batch": b}
                 for mode in MODES:
                     seconds = times[mode, b]
-                    run[mode] = {"images_per_s": statistics.median(b / s for s in seconds),
-                                 "seconds": seconds}
+                    run[mode] = {"images_per_s": median_throughput(b, seconds), "seconds": seconds}
                     if memory:
                         run[mode].update(_memory_probe({"plain": str(plain_path), "fused": str(fused_path),
                                                         "chain": chain, "io_binding": bound,
@@ -349,10 +379,19 @@ def run_benchmark(model=None, *, batches=(1, 16, 64), providers=("cpu",), repeat
     return result
 
 
-def _save(model, path: Path) -> None:
+def prepare_models(model, folder) -> tuple:
+    """Save `model` (a ``ModelProto``) and ``camcore.fuse(model, top_k=1, size="input")`` into `folder`."""
     import onnx
 
-    onnx.save_model(model, str(path))
+    plain_path, fused_path = Path(folder) / "plain.onnx", Path(folder) / "fused.onnx"
+    onnx.save_model(model, str(plain_path))
+    onnx.save_model(camcore.fuse(model, top_k=1, size="input"), str(fused_path))
+    return plain_path, fused_path
+
+
+def median_throughput(batch: int, seconds) -> float:
+    """Images per second: the median over rounds of ``batch / seconds``."""
+    return statistics.median(batch / s for s in seconds)
 
 
 # --------------------------------------------------------------------------- output

@@ -136,8 +136,8 @@ def test_forced_io_binding_on_cpu_runs_the_benchmark(model_path):
 def test_explain_step_gives_one_box_per_image(model_path):
     """The benchmarked NumPy path ends in the largest box of each image, inside the input."""
     explainer = camcore.load(model_path, providers=["cpu"])
-    feed = bench._feed(explainer.head.inputs, 4)
-    found = bench._explain_step(explainer, feed, (8, 8))
+    feed = bench.random_feed(explainer.head.inputs, 4)
+    found = bench.explain_step(explainer, feed, (8, 8))
     assert len(found) == 4
     for b in found:
         assert b.shape == (1, 4)
