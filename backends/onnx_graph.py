@@ -471,7 +471,8 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
     channel_axis_feature = 1 if pooling.layout == "NCHW" else 3
     k = feature_shape[channel_axis_feature] if len(feature_shape) == 4 else None
     if not isinstance(k, int):
-        raise NotCamCompatible(f"cannot infer the channel count of feature tensor {feature!r}")
+        feature_shape = _feature_shape_by_running(model, feature)
+        k = feature_shape[channel_axis_feature]
     if pooling.keepdims:
         pooled_shape = (1, k, 1, 1) if pooling.layout == "NCHW" else (1, 1, 1, k)
         channel_axis = channel_axis_feature
@@ -492,6 +493,31 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
         pooling=pooling.node.op_type, input=image_input, inputs=inputs,
         feature_shape=feature_shape, scoring=scoring, output=output, extra=extra,
     )
+
+
+def _feature_shape_by_running(model: onnx.ModelProto, feature: str) -> tuple:
+    """Shape of `feature` from one run on zeros (shape inference did not find it).
+
+    Dynamic input axes are set to 1 (batch) and 224 (others).
+    """
+    from .ort_session import import_onnxruntime
+
+    ort = import_onnxruntime()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    feed = {s.name: np.zeros([d if isinstance(d, int) else (1 if axis == 0 else 224)
+                              for axis, d in enumerate(s.shape)], s.dtype)
+            for s in graph_inputs(model)}
+    try:
+        session = ort.InferenceSession(expose_outputs(model, [feature]).SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+        (features,) = session.run([feature], feed)
+    except Exception as exc:
+        raise NotCamCompatible(f"cannot infer the shape of feature tensor {feature!r}: "
+                               f"{str(exc).splitlines()[0]}") from None
+    if features.ndim != 4:
+        raise NotCamCompatible(f"feature tensor {feature!r} must be 4-D, got shape {features.shape}")
+    return ("N", *features.shape[1:])
 
 
 def _image_input(g: _Graph, inputs, feature: str) -> TensorSpec:
@@ -540,10 +566,20 @@ def expose_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     for name in names:
         if name in present:
             continue
-        if name not in g.types:
-            raise CamError(f"cannot expose tensor {name!r}: its type is unknown")
         tensor_type = onnx.TypeProto()
-        tensor_type.CopyFrom(g.types[name])
+        if name in g.types:
+            tensor_type.CopyFrom(g.types[name])
+        else:  # old graphs: the element type is enough for onnxruntime
+            tensor_type = helper.make_tensor_type_proto(_elem_type_guess(g, name), None)
         out.graph.output.append(helper.make_value_info(name, tensor_type))
         present.add(name)
     return out
+
+
+def _elem_type_guess(g: _Graph, name: str) -> int:
+    """Element type of an untyped tensor: that of the first typed input of its producer."""
+    node = g.producer.get(name)
+    for i in (node.input if node is not None else []):
+        if g.elem_type(i):
+            return g.elem_type(i)
+    raise CamError(f"cannot expose tensor {name!r}: its type is unknown")

@@ -203,3 +203,17 @@ def test_load_from_path_equals_in_memory(tmp_path):
     b = camcore.load(zm.model)
     np.testing.assert_array_equal(a.head.weights, b.head.weights)
     assert a.source == str(tmp_path / "nhwc_reducemean.onnx") and b.source is None
+
+
+@pytest.mark.parametrize("opset", [7, 8, 9])
+def test_old_opsets_without_inferred_shapes(opset):
+    """Old graphs (Caffe2-era opsets): shape inference finds no channel count; one run does."""
+    from tests.zoo import _build
+
+    zm = _build(f"opset{opset}", opset=opset)
+    ex = camcore.load(zm.model)
+    assert ex.head.feature_shape[1:] == (8, 8, 8)
+    np.testing.assert_allclose(ex.head.weights, zm.weights, atol=1e-5)
+    x = zm.random_input()
+    out = ex.explain(x, classes=range(5))
+    np.testing.assert_allclose(out.maps.mean(axis=(-2, -1)) + ex.head.bias, reference_logits(zm, x), atol=1e-4)
