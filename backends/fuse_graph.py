@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from camcore._validate import check_size
 from camcore.errors import CamError, InvalidInput
-from camcore.maps import _resize_matrix
+from camcore.maps import resize_matrix
 
 from . import onnx_graph
 from .ort_session import OrtBackend
@@ -191,7 +191,7 @@ def _resize_static(b: _Builder, maps: str, src_hw, dst_hw, normalize: bool) -> s
     interpolating (the rows of both matrices sum to 1), so no full-size pass is
     added.
     """
-    ry, rx = (_resize_matrix(n_out, n_in, "bilinear", "<f4") for n_out, n_in in zip(dst_hw, src_hw))
+    ry, rx = (resize_matrix(n_out, n_in, "bilinear", "<f4") for n_out, n_in in zip(dst_hw, src_hw))
     if normalize:
         sy, sx = _extreme_rows(ry), _extreme_rows(rx)
         probe = b.op("MatMul", [b.const("extreme_rows", ry[sy], np.float32), maps], "probe_rows")

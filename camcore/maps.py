@@ -222,8 +222,8 @@ def upsample(maps, size, *, method="bilinear"):
         raise InvalidInput(f"maps must have non-empty last two axes (h, w), got shape {m.shape}")
     if not np.isfinite(m).all():
         raise InvalidInput("maps must be finite, got NaN or infinity")
-    ry = _resize_matrix(out_h, h, method, m.dtype.str)
-    rx = _resize_matrix(out_w, w, method, m.dtype.str)
+    ry = resize_matrix(out_h, h, method, m.dtype.str)
+    rx = resize_matrix(out_w, w, method, m.dtype.str)
     batch = m.reshape(-1, h, w)
     # Per-map products, broadcast over the batch by matmul: each BLAS call stays
     # small enough to run on one thread. One big (B*H, w) GEMM is no faster
@@ -242,10 +242,32 @@ def _check_maps(m: np.ndarray) -> None:
         raise InvalidInput(f"maps must be at least 2-D (..., h, w), got shape {m.shape}")
 
 
-def _resize_matrix(n_out: int, n_in: int, method: str, dtype: str) -> np.ndarray:
-    """The (n_out, n_in) matrix R with ``resized = R @ samples`` along one axis.
+def resize_matrix(n_out: int, n_in: int, method: str = "bilinear", dtype: str = "<f4") -> np.ndarray:
+    """The interpolation matrix of `upsample` along one axis.
 
-    Small ones are cached (sizes are few in practice); all are read-only.
+    `upsample` computes ``R_H @ map @ R_W.T`` with these matrices; the fused graph
+    (``camcore.fuse``) uses the same ones, so both paths share one definition.
+
+    Parameters
+    ----------
+    n_out, n_in : int
+        Output and input lengths.
+    method : {"nearest", "bilinear", "bicubic"}
+    dtype : str
+        NumPy dtype string of the result.
+
+    Returns
+    -------
+    (n_out, n_in) read-only ndarray
+        Small matrices are cached (sizes are few in practice).
+
+    Examples
+    --------
+    >>> resize_matrix(4, 2, "bilinear", "<f8")
+    array([[1.  , 0.  ],
+           [0.75, 0.25],
+           [0.25, 0.75],
+           [0.  , 1.  ]])
     """
     if n_out * n_in <= _CACHED_MATRIX_MAX_ENTRIES:
         return _cached_resize_matrix(n_out, n_in, method, dtype)

@@ -20,7 +20,7 @@ from backends import onnx_graph
 from backends.fuse_graph import OUTPUTS, _extreme_rows, fuse
 from camcore import CamError, InvalidInput, NotCamCompatible, default_model
 from camcore.explainer import softmax
-from camcore.maps import _resize_matrix
+from camcore.maps import resize_matrix
 from tests.zoo import CASES, NUM_CLASSES, REFUSED, _build, hot_spot_input
 
 DYNAMO = Path(__file__).parent / "models" / "efficientnet_lite0_dynamo.onnx"
@@ -271,8 +271,8 @@ def test_resized_extremes_lie_on_extreme_rows(h, w, out_h, out_w, seed):
     `_extreme_rows` keeps, so normalization can read them from a tiny probe."""
     maps = np.random.default_rng(seed).standard_normal((3, h, w))
     full = camcore.upsample(maps, (out_h, out_w))
-    rows = _extreme_rows(_resize_matrix(out_h, h, "bilinear", "<f8"))
-    cols = _extreme_rows(_resize_matrix(out_w, w, "bilinear", "<f8"))
+    rows = _extreme_rows(resize_matrix(out_h, h, "bilinear", "<f8"))
+    cols = _extreme_rows(resize_matrix(out_w, w, "bilinear", "<f8"))
     assert len(rows) <= min(out_h, 2 * h + 2) and len(cols) <= min(out_w, 2 * w + 2)
     probe = full[:, rows][:, :, cols]
     np.testing.assert_array_equal(probe.max(axis=(1, 2)), full.max(axis=(1, 2)))
