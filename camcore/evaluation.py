@@ -1,0 +1,428 @@
+"""Localization evaluation on weakly-supervised localization datasets (`camcore eval`).
+
+`evaluate` runs an `Explainer` over a `camcore.wsol.Dataset` in batches and
+reports, in percent: classification top-1/top-5, the CAM paper's top-1/top-5
+and GT-known localization, wsolevaluation's MaxBoxAcc (V1) and MaxBoxAccV2,
+and PxAP for mask datasets.
+
+Protocol (clovaai/wsolevaluation, Choe et al., CVPR 2020)
+---------------------------------------------------------
+Followed where it defines things (its ``inference.py`` / ``evaluation.py``):
+
+* the score map of an image is the CAM of its **ground-truth class**, cast to
+  float64, resized to the 224 x 224 grid with bicubic interpolation (OpenCV
+  ``INTER_CUBIC``, which `camcore.upsample` reproduces) and min-max
+  normalized (a constant or NaN map becomes zeros);
+* ground-truth boxes are scaled to that grid as its ``resize_bbox`` does:
+  ``int(x * 224 / W)``, ``int(y * 224 / H)`` on the inclusive coordinates of
+  ``localization.txt``;
+* MaxBoxAcc (V1): largest contour, IoU 0.5; MaxBoxAccV2: all contours, mean
+  over IoU 0.3/0.5/0.7; both over the score-map thresholds (``--thresholds``,
+  default ``0:1:0.01``, the interval its ``evaluation.py`` uses by default);
+  boxes and inclusive IoU are `camcore.metrics.box_accuracies`;
+* PxAP: masks are the union of the instance masks (gray value > 0.5), resized
+  to 224 x 224 with OpenCV's ``INTER_NEAREST`` rule (source index
+  ``floor(i * n_in / 224)``); the ignore region is the ignore mask minus the
+  instance masks; `camcore.metrics.pxap_counts` bins the float maps;
+* ``--save-maps DIR`` writes each normalized 224 x 224 float64 score map to
+  ``DIR/<image_id>.npy`` (the image id keeps its extension), which is where
+  wsolevaluation's ``inference.py`` saves them and its ``evaluation.py``
+  (``CamDataset``) reads them back.
+
+Top-1/top-5 and GT-known localization (the CAM paper's heuristic, not defined
+by wsolevaluation) use the same 224 x 224 normalized maps, of the predicted
+classes and of the ground-truth class: `camcore.boxes` keeps pixels
+``>= threshold * max`` (``--threshold``, 0.2) and boxes the largest
+8-connected component (half-open); ground-truth boxes are the scaled
+inclusive boxes above, made half-open (``x1 + 1``, ``y1 + 1``), so that the
+IoU equals the inclusive IoU of the ILSVRC toolkit. An image is correct at
+IoU >= 0.5 with any of its ground-truth boxes; top-k also needs the class.
+
+Differences from the published protocol
+---------------------------------------
+* **The model's preprocessing** is used, not wsolevaluation's (stretch to
+  224 x 224, ImageNet mean/std). With ``resize="stretch"`` (the embedded
+  EfficientNet-Lite0) the geometry is the protocol's. With ``resize="crop"``
+  the CAM covers only the crop window, so the 224 grid is laid on that window:
+  boxes are mapped with ``int((x - x0) * 224 / w)`` (window origin
+  ``(x0, y0)``, size ``w x h``) and clipped to ``[0, 223]``; a box outside
+  the window becomes a degenerate box on its edge and can hardly be matched.
+  Masks are cut to the window before resizing.
+* **The CAM is a sum** over channels (`camcore.cam`), where wsolevaluation's
+  models take the mean: a positive factor that min-max normalization removes,
+  up to float rounding (maps are computed in float32, as torch does, then
+  resized in float64).
+* **Image sizes** come from the decoded images, not from ``image_sizes.txt``.
+* **Listed images without annotations** (no class label, or no boxes/masks)
+  are left out of every figure and reported (``unannotated``); wsolevaluation
+  would fail on them.
+* **Mask datasets** (OpenImages) have no boxes: localization and MaxBoxAcc
+  figures are null there; wsolevaluation likewise reports only PxAP.
+* **Classification** top-1/top-5 is on the same preprocessed inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CamError, InvalidInput
+from .localize import boxes as heuristic_boxes
+from .maps import cam, normalize, upsample
+from .metrics import box_accuracies, localization_accuracy, pxap_counts
+from .preprocess import Geometry, Preprocess, read_image
+from .wsol import Dataset, read_dataset
+
+__all__ = ["GRID", "IOU_THRESHOLDS", "evaluate", "grid_boxes", "grid_mask", "add_arguments", "main"]
+
+GRID = 224  # wsolevaluation's _RESIZE_LENGTH
+IOU_THRESHOLDS = (0.3, 0.5, 0.7)
+_V1_IOU = 0.5
+
+
+def grid_boxes(boxes, geometry: Geometry, size: int = GRID) -> np.ndarray:
+    """Scale inclusive boxes of the original image to the ``size x size`` grid of the model input.
+
+    For a stretch geometry this is wsolevaluation's ``resize_bbox``
+    (``int(x * size / W)``); for a crop, coordinates are taken relative to the
+    crop window and clipped to ``[0, size - 1]``.
+
+    Parameters
+    ----------
+    boxes : (m, 4) array_like
+        Inclusive ``(x0, y0, x1, y1)`` in original-image pixels.
+    geometry : Geometry
+    size : int
+
+    Returns
+    -------
+    (m, 4) int64 ndarray
+        Inclusive boxes on the grid.
+
+    Examples
+    --------
+    >>> g = Geometry(original_size=(375, 500), crop=(0, 0, 500, 375), input_size=(224, 224))
+    >>> grid_boxes([[156, 163, 318, 230]], g).tolist()
+    [[69, 97, 142, 137]]
+    """
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    x0, y0, x1, y1 = geometry.crop
+    sx, sy = float(size) / float(x1 - x0), float(size) / float(y1 - y0)
+    scaled = (b - np.array([x0, y0, x0, y0], dtype=np.float64)) * np.array([sx, sy, sx, sy])
+    return np.clip(np.trunc(scaled), 0, size - 1).astype(np.int64)
+
+
+def grid_mask(mask, geometry: Geometry, size: int = GRID) -> np.ndarray:
+    """A mask of the original image on the ``size x size`` grid, by OpenCV's ``INTER_NEAREST`` rule.
+
+    Parameters
+    ----------
+    mask : (H0, W0) ndarray
+    geometry : Geometry
+
+    Returns
+    -------
+    (size, size) ndarray
+        ``mask[y0 + floor(i * h / size), x0 + floor(j * w / size)]`` for the crop window.
+
+    Examples
+    --------
+    >>> g = Geometry(original_size=(2, 4), crop=(0, 0, 4, 2), input_size=(4, 4))
+    >>> grid_mask(np.array([[1, 2, 3, 4], [5, 6, 7, 8]]), g, 4)
+    array([[1, 2, 3, 4],
+           [1, 2, 3, 4],
+           [5, 6, 7, 8],
+           [5, 6, 7, 8]])
+    """
+    x0, y0, x1, y1 = geometry.crop
+    rows = y0 + np.minimum((np.arange(size) * (y1 - y0)) // size, y1 - y0 - 1)
+    cols = x0 + np.minimum((np.arange(size) * (x1 - x0)) // size, x1 - x0 - 1)
+    return np.asarray(mask)[np.ix_(rows, cols)]
+
+
+def _gray_mask(path: Path) -> np.ndarray:
+    """A mask file as bool: gray value > 0.5 on 0..255 (OpenCV's gray weights for color files)."""
+    image = read_image(path)
+    if image.ndim == 3:
+        rgb = image[..., :3].astype(np.float64)
+        image = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))
+    elif image.dtype.kind == "f":
+        image = image * 255.0
+    return image > 0.5
+
+
+def _model_info(explainer) -> dict:
+    source = getattr(explainer, "source", None)
+    info = {"path": source, "sha256": None}
+    if source is not None and Path(source).is_file():
+        digest = hashlib.sha256()
+        with open(source, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        info["sha256"] = digest.hexdigest()
+    return info
+
+
+def _save_map(folder: Path, image_id: str, scoremap: np.ndarray) -> None:
+    from ._cli_util import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    np.save(buffer, scoremap.astype(np.float64))
+    atomic_write_bytes(folder / f"{image_id}.npy", buffer.getvalue())
+
+
+def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
+    """The k best classes per row, best first (ties: lower index first)."""
+    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
+
+
+def _run_model(explainer, x: np.ndarray):
+    """Features and (n, C) logits; a fixed-batch model gets its last chunk padded."""
+    head = explainer.head
+    n = len(x)
+    fixed = head.input.shape[0] if head.input.shape else None
+    if isinstance(fixed, int) and fixed != n:
+        if n > fixed:
+            raise CamError(f"the model takes batches of exactly {fixed}, got {n}")
+        x = np.concatenate([x, np.repeat(x[-1:], fixed - n, axis=0)])
+    features, logits = explainer.backend.run({head.input.name: x})
+    logits = np.asarray(logits, dtype=np.float32).reshape(len(x), -1)[:n]
+    return np.asarray(features)[:n], logits
+
+
+def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | None = None,
+             thresholds=np.arange(0, 1, 0.01), top_k: int = 5, threshold: float = 0.2,
+             batch_size: int | None = None, mask_root=None, save_maps=None, progress=None) -> dict:
+    """Evaluate an explainer's CAMs on a localization dataset (see the module docstring).
+
+    Parameters
+    ----------
+    explainer : Explainer
+        Any explainer (its backend runs the model; `Explainer.head` gives the CAM weights).
+    dataset : camcore.wsol.Dataset
+    images : path
+        The image root; ``images / sample.image_id`` is read.
+    preprocess : Preprocess, optional
+        Default: ``explainer.default_preprocess()``.
+    thresholds : (T,) array_like
+        Score-map thresholds of MaxBoxAcc and PxAP.
+    top_k : int
+        Predicted classes kept per image; top-5 figures need ``top_k >= 5``.
+    threshold : float in [0, 1]
+        The heuristic's box threshold for top-k and GT-known localization.
+    batch_size : int, optional
+        Images per model run (default: the explainer's; a fixed-batch model's own).
+    mask_root : path, optional
+        Root of mask paths (default: `images`).
+    save_maps : path, optional
+        Folder receiving ``<image_id>.npy`` score maps.
+    progress : callable, optional
+        Called with the number of images done after each batch.
+
+    Returns
+    -------
+    dict
+        Figures in percent (``top1_loc``, ``top5_loc``, ``gt_known_loc``,
+        ``max_box_acc_v1``, ``max_box_acc_v2``, ``pxap``, ``top1_cls``,
+        ``top5_cls``; None where they do not apply), their ``errors``
+        (100 - figure), optimal thresholds, counts and settings.
+    """
+    head = explainer.head
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= head.num_classes:
+        raise InvalidInput(f"top_k must be an int in [1, {head.num_classes}], got {top_k!r}")
+    if not 0 <= float(threshold) <= 1:
+        raise InvalidInput(f"threshold must be in [0, 1], got {threshold!r}")
+    thresholds = np.asarray(thresholds, dtype=np.float64)
+    if not dataset.samples:
+        raise InvalidInput("the dataset has no annotated image to evaluate")
+    preprocess = preprocess or explainer.default_preprocess()
+    fixed = head.input.shape[0] if head.input.shape else None
+    chunk = fixed if isinstance(fixed, int) else int(batch_size or explainer.batch_size)
+    if chunk < 1:
+        raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
+    images = Path(images)
+    mask_root = images if mask_root is None else Path(mask_root)
+    save_maps = None if save_maps is None else Path(save_maps)
+    layout, dtype = explainer._input_layout(), head.input.dtype
+    boxed = dataset.kind == "boxes"
+    hits = dict.fromkeys(("top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc"), 0)
+    box_acc = pixel = None
+    started = time.perf_counter()
+    for start in range(0, len(dataset.samples), chunk):
+        batch = dataset.samples[start:start + chunk]
+        bad = [s for s in batch if s.label >= head.num_classes]
+        if bad:
+            raise InvalidInput(f"image {bad[0].image_id!r} has class {bad[0].label}, but the model has "
+                               f"{head.num_classes} classes")
+        x, geometries = preprocess.batch([read_image(images / s.image_id) for s in batch],
+                                         layout=layout, dtype=dtype)
+        features, logits = _run_model(explainer, x)
+        labels = np.array([s.label for s in batch], dtype=np.int64)
+        top = _top_classes(logits, top_k)
+        # one CAM pass for the top-k classes and the ground-truth class (last column)
+        maps = cam(features, head.weights, np.concatenate([top, labels[:, None]], axis=1), layout=head.layout)
+        maps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
+        scoremaps = maps[:, -1]
+        hits["top1_cls"] += int((top[:, 0] == labels).sum())
+        hits["top5_cls"] += int((top[:, :5] == labels[:, None]).any(axis=1).sum())
+        if save_maps is not None:
+            for sample, scoremap in zip(batch, scoremaps):
+                _save_map(save_maps, sample.image_id, scoremap)
+        if boxed:
+            gt = [grid_boxes(s.boxes, g) for s, g in zip(batch, geometries)]
+            result = box_accuracies(scoremaps, gt, thresholds=thresholds, iou_thresholds=IOU_THRESHOLDS)
+            box_acc = result if box_acc is None else box_acc + result
+            found = [[heuristic_boxes(m, threshold=threshold) for m in per_image] for per_image in maps]
+            half_open = [b + np.array([0, 0, 1, 1]) for b in gt]
+            pred = [f[:-1] for f in found]
+            known = [f[-1] for f in found]
+            for k, key in ((1, "top1_loc"), (5, "top5_loc")):
+                if k <= top_k:
+                    acc = localization_accuracy(top, pred, labels, half_open, k=k, gt_known_boxes=known)
+                    hits[key] += round(acc["top_k_loc"] * len(batch))
+            hits["gt_known_loc"] += round(acc["gt_known_loc"] * len(batch))
+        else:
+            masks, ignores = [], []
+            for sample, g in zip(batch, geometries):
+                truth = np.any([grid_mask(_gray_mask(mask_root / m), g) for m in sample.masks], axis=0)
+                ignore = np.zeros_like(truth)
+                if sample.ignore is not None:
+                    ignore = grid_mask(_gray_mask(mask_root / sample.ignore), g) & ~truth
+                masks.append(truth)
+                ignores.append(ignore)
+            result = pxap_counts(scoremaps, np.stack(masks), ignore=np.stack(ignores), thresholds=thresholds)
+            pixel = result if pixel is None else pixel + result
+        if progress is not None:
+            progress(len(batch))
+    seconds = time.perf_counter() - started
+    n = len(dataset.samples)
+    figures = {key: 100.0 * value / n for key, value in hits.items()}
+    if top_k < 5:
+        figures["top5_cls"] = figures["top5_loc"] = None
+    optimal = {"max_box_acc_v1": None, "max_box_acc_v2": None}
+    per_iou = None
+    if boxed:
+        v1 = IOU_THRESHOLDS.index(_V1_IOU)
+        figures["max_box_acc_v1"] = float(box_acc.largest.per_iou[v1])
+        figures["max_box_acc_v2"] = box_acc.all.value
+        optimal["max_box_acc_v1"] = float(box_acc.largest.best_thresholds[v1])
+        optimal["max_box_acc_v2"] = {f"{t:g}": float(b) for t, b in zip(IOU_THRESHOLDS, box_acc.all.best_thresholds)}
+        per_iou = {f"{t:g}": float(v) for t, v in zip(IOU_THRESHOLDS, box_acc.all.per_iou)}
+    else:
+        figures.update(top1_loc=None, top5_loc=None, gt_known_loc=None, max_box_acc_v1=None, max_box_acc_v2=None)
+    figures["pxap"] = None if boxed else pixel.value
+    keys = ("top1_loc", "top5_loc", "gt_known_loc", "max_box_acc_v1", "max_box_acc_v2", "pxap", "top1_cls",
+            "top5_cls")
+    out = {key: figures[key] for key in keys}
+    out["errors"] = {key: None if figures[key] is None else 100.0 - figures[key] for key in keys}
+    out.update({
+        "max_box_acc_v2_per_iou": per_iou,
+        "optimal_thresholds": optimal,
+        "iou_thresholds": list(IOU_THRESHOLDS),
+        "thresholds": [round(float(t), 10) for t in thresholds],
+        "box_threshold": float(threshold),
+        "top_k": int(top_k),
+        "grid": GRID,
+        "model": _model_info(explainer),
+        "preprocess": {"size": list(preprocess.size), "resize": preprocess.resize, "mean": list(preprocess.mean),
+                       "std": list(preprocess.std), "scale": preprocess.scale,
+                       "channel_order": preprocess.channel_order, "crop_fraction": preprocess.crop_fraction},
+        "dataset": {"source": dataset.source, "kind": dataset.kind},
+        "counts": {"evaluated": n, "unannotated": len(dataset.unannotated),
+                   "listed": n + len(dataset.unannotated)},
+        "unannotated": list(dataset.unannotated),
+        "seconds": seconds,
+        "images_per_second": n / seconds if seconds > 0 else None,
+    })
+    return out
+
+
+# ----------------------------------------------------------------- command line
+
+def _thresholds(text: str) -> np.ndarray:
+    """``start:stop:step`` -> ``np.arange(start, stop, step)`` within [0, 1)."""
+    try:
+        start, stop, step = (float(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected start:stop:step, e.g. 0:1:0.01, got {text!r}") from None
+    if not (0 <= start < stop <= 1 and step > 0):
+        raise argparse.ArgumentTypeError(f"expected 0 <= start < stop <= 1 and step > 0, got {text!r}")
+    return np.arange(start, stop, step)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `camcore eval` arguments (the CLI calls this when `eval` is chosen)."""
+    from ._cli_util import add_preprocess_arguments
+    from .cli import _fraction, _positive_int
+
+    parser.description = ("Localization accuracy of a model's CAMs on a wsolevaluation metadata folder or "
+                          "Pascal-VOC XML annotations, following wsolevaluation's protocol (224x224 maps).")
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="MODEL.onnx (default: the embedded EfficientNet-Lite0)")
+    parser.add_argument("--metadata", required=True, metavar="DIR",
+                        help="image_ids.txt + class_labels.txt + localization.txt, or VOC .xml files")
+    parser.add_argument("--images", required=True, metavar="DIR", help="image root")
+    parser.add_argument("--synsets", metavar="FILE",
+                        help="VOC only: synset per line, line i = class i (default: synsets.txt or "
+                             "LOC_synset_mapping.txt in the metadata folder)")
+    parser.add_argument("--mask-root", metavar="DIR", help="root of the mask paths (default: --images)")
+    parser.add_argument("--thresholds", type=_thresholds, default=np.arange(0, 1, 0.01), metavar="A:B:STEP",
+                        help="score-map thresholds for MaxBoxAcc and PxAP (default: 0:1:0.01)")
+    parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+                        help="predicted classes per image (default: 5)")
+    parser.add_argument("--threshold", type=_fraction, default=0.2, metavar="T",
+                        help="box threshold of the top-k/GT-known heuristic, fraction of the max (default: 0.2)")
+    parser.add_argument("--json", metavar="FILE", help="write every figure and setting to FILE")
+    parser.add_argument("--save-maps", metavar="DIR", help="write score maps as DIR/<image_id>.npy")
+    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per model run")
+    parser.add_argument("--providers", metavar="LIST",
+                        help="onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names")
+    parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    add_preprocess_arguments(parser)
+
+
+def _format(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def main(args) -> int:
+    """Run `camcore eval` with parsed `args`; returns the exit status."""
+    from ._cli_util import EXIT_OK, Progress, preprocess_from_args, write_json
+    from .api import load
+    from .cli import _providers
+
+    if args.model is not None and not args.model.lower().endswith(".onnx"):
+        raise CamError(f"MODEL must be an .onnx file, got {args.model!r}: "
+                       "camcore eval [MODEL.onnx] --metadata DIR --images DIR")
+    dataset = read_dataset(args.metadata, synsets=args.synsets, images_root=args.images)
+    if dataset.unannotated:
+        print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
+              f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
+    explainer = load(args.model, providers=_providers(args.providers))
+    preprocess = preprocess_from_args(args, explainer)
+    bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
+    try:
+        results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
+                           top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
+                           mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update)
+    finally:
+        bar.close()
+    results["dataset"].update(metadata=str(args.metadata), images=str(args.images))
+    if args.json:
+        write_json(args.json, results)
+    if not args.quiet:
+        rows = [("top1_loc", "top-1 loc"), ("top5_loc", "top-5 loc"), ("gt_known_loc", "GT-known loc"),
+                ("max_box_acc_v1", "MaxBoxAcc"), ("max_box_acc_v2", "MaxBoxAccV2"), ("pxap", "PxAP"),
+                ("top1_cls", "top-1 cls"), ("top5_cls", "top-5 cls")]
+        for key, name in rows:
+            print(f"{name:<14}{_format(results[key]):>8}")
+        counts = results["counts"]
+        print(f"{counts['evaluated']} images in {results['seconds']:.1f} s"
+              + (f", {counts['unannotated']} without annotations" if counts["unannotated"] else ""))
+    return EXIT_OK
