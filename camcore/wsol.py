@@ -24,9 +24,9 @@ are kept aside in `Dataset.unannotated`, never silently dropped.
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from xml.parsers import expat
 
 import numpy as np
 
@@ -232,41 +232,77 @@ def read_synsets(path) -> dict:
     return out
 
 
-def _line_of(text: str, needle: str) -> int:
-    at = text.find(needle)
-    return text.count("\n", 0, at) + 1 if at >= 0 else 1
+@dataclass
+class _Node:
+    """An XML element with the line it starts on."""
+
+    tag: str
+    line: int
+    text: str = ""
+    children: list = field(default_factory=list)
+
+    def find(self, path: str):
+        node = self
+        for tag in path.split("/"):
+            node = next((c for c in node.children if c.tag == tag), None)
+            if node is None:
+                return None
+        return node
+
+    def findtext(self, path: str) -> str | None:
+        node = self.find(path)
+        return None if node is None else node.text.strip()
+
+
+def _parse_xml(path: Path) -> _Node:
+    parser = expat.ParserCreate()
+    stack = [_Node("", 0)]
+
+    def start(tag, attrs):
+        node = _Node(tag, parser.CurrentLineNumber)
+        stack[-1].children.append(node)
+        stack.append(node)
+
+    def text(data):
+        stack[-1].text += data
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = lambda tag: stack.pop()
+    parser.CharacterDataHandler = text
+    try:
+        parser.Parse(path.read_bytes(), True)
+    except expat.ExpatError as exc:
+        raise InvalidInput(f"{_where(path, exc.lineno)}: malformed XML: {expat.ErrorString(exc.code)}") from None
+    return stack[0].children[0]
 
 
 def _voc_file(path: Path, synsets: dict, images_root: Path | None):
     """``(image_id, label or None, boxes)`` of one VOC XML file."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        root = ElementTree.fromstring(text)
-    except ElementTree.ParseError as exc:
-        raise InvalidInput(f"{_where(path, exc.position[0])}: malformed XML: {exc}") from None
-    name = (root.findtext("filename") or "").strip()
-    if not name:
-        raise InvalidInput(f"{_where(path, 1)}: no <filename> element")
-    image_id = _image_id(name, path, _line_of(text, "<filename>"))
+    root = _parse_xml(path)
+    name_node = root.find("filename")
+    if name_node is None or not name_node.text.strip():
+        raise InvalidInput(f"{_where(path, root.line)}: no <filename> element")
+    image_id = _image_id(name_node.text.strip(), path, name_node.line)
     if not Path(image_id).suffix and images_root is not None:
         # ImageNet's XML names the file without its extension
         found = [image_id + s for s in _IMAGE_SUFFIXES if (images_root / (image_id + s)).is_file()]
         image_id = found[0] if found else image_id + ".JPEG"
     labels, boxes = [], []
-    for obj in root.iter("object"):
-        synset = (obj.findtext("name") or "").strip()
-        line = _line_of(text, f"<name>{synset}</name>")
+    for obj in (c for c in root.children if c.tag == "object"):
+        synset = obj.findtext("name") or ""
         if synset not in synsets:
-            raise InvalidInput(f"{_where(path, line)}: synset {synset!r} is not in the synset file")
+            raise InvalidInput(f"{_where(path, obj.line)}: synset {synset!r} is not in the synset file")
         box = []
         for tag in ("xmin", "ymin", "xmax", "ymax"):
-            value = obj.findtext(f"bndbox/{tag}")
+            node = obj.find(f"bndbox/{tag}")
+            value = None if node is None else node.text.strip()
             try:
                 box.append(int(float(value)))
             except (TypeError, ValueError):
+                line = obj.line if node is None else node.line
                 raise InvalidInput(f"{_where(path, line)}: <object> {synset!r} needs a numeric bndbox/{tag}, "
                                    f"got {value!r}") from None
-        _check_box(box, path, line, f"bndbox {box}")
+        _check_box(box, path, obj.line, f"bndbox {box}")
         labels.append(synsets[synset])
         boxes.append(box)
     return image_id, (labels[0] if labels else None), boxes
