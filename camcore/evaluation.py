@@ -30,13 +30,15 @@ Followed where it defines things (its ``inference.py`` / ``evaluation.py``):
   (``CamDataset``) reads them back.
 
 Top-1/top-5 and GT-known localization (the CAM paper's heuristic, not defined
-by wsolevaluation) use the same 224 x 224 normalized maps, of the predicted
-classes and of the ground-truth class: `camcore.boxes` keeps pixels
-``>= threshold * max`` (``--threshold``, 0.2) and boxes the largest
-8-connected component (half-open); ground-truth boxes are the scaled
-inclusive boxes above, made half-open (``x1 + 1``, ``y1 + 1``), so that the
-IoU equals the inclusive IoU of the ILSVRC toolkit. An image is correct at
-IoU >= 0.5 with any of its ground-truth boxes; top-k also needs the class.
+by wsolevaluation) use the same 224 x 224 normalized map of the ground-truth
+class: `camcore.boxes` keeps pixels ``>= threshold * max`` (``--threshold``,
+0.2) and boxes the largest 8-connected component (half-open); ground-truth
+boxes are the scaled inclusive boxes above, made half-open (``x1 + 1``,
+``y1 + 1``), so that the IoU equals the inclusive IoU of the ILSVRC toolkit.
+GT-known: that box reaches IoU >= 0.5 with any ground-truth box of the image.
+Top-k: GT-known and the class among the k best. (Each image has one class,
+so a top-k box can only count for the ground-truth class, whose map is the
+GT-known one: the maps of the other predicted classes are not computed.)
 
 Differences from the published protocol
 ---------------------------------------
@@ -265,10 +267,8 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         features, logits = _run_model(explainer, x)
         labels = np.array([s.label for s in batch], dtype=np.int64)
         top = _top_classes(logits, top_k)
-        # one CAM pass for the top-k classes and the ground-truth class (last column)
-        maps = cam(features, head.weights, np.concatenate([top, labels[:, None]], axis=1), layout=head.layout)
-        maps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
-        scoremaps = maps[:, -1]
+        maps = cam(features, head.weights, labels[:, None], layout=head.layout)[:, 0]
+        scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
         hits["top1_cls"] += int((top[:, 0] == labels).sum())
         hits["top5_cls"] += int((top[:, :5] == labels[:, None]).any(axis=1).sum())
         if save_maps is not None:
@@ -278,10 +278,11 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
             gt = [grid_boxes(s.boxes, g) for s, g in zip(batch, geometries)]
             result = box_accuracies(scoremaps, gt, thresholds=thresholds, iou_thresholds=IOU_THRESHOLDS)
             box_acc = result if box_acc is None else box_acc + result
-            found = [[heuristic_boxes(m, threshold=threshold) for m in per_image] for per_image in maps]
+            known = [heuristic_boxes(m, threshold=threshold) for m in scoremaps]
             half_open = [b + np.array([0, 0, 1, 1]) for b in gt]
-            pred = [f[:-1] for f in found]
-            known = [f[-1] for f in found]
+            # one class per image: a top-k box counts only for the ground-truth class, whose map
+            # is the GT-known one, so the maps of the other predicted classes are never needed
+            pred = [[b] * top_k for b in known]
             for k, key in ((1, "top1_loc"), (5, "top5_loc")):
                 if k <= top_k:
                     acc = localization_accuracy(top, pred, labels, half_open, k=k, gt_known_boxes=known)

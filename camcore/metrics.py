@@ -66,7 +66,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse import csgraph
 
 from ._validate import check_ndim, float_array
 from .errors import InvalidInput
@@ -402,12 +403,115 @@ def _level_boxes(u8: np.ndarray, level: int, euler: int, windows, want_all: bool
     return largest, every
 
 
-def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -> list:
-    """`_level_boxes` ``(largest, every)`` pairs at each of `levels` (ints in [-1, 255]) for one uint8 map."""
+def _row_runs(u8: np.ndarray, levels: np.ndarray) -> tuple:
+    """Horizontal runs of ``u8 > L`` for every L of the sorted `levels`.
+
+    Returns ``(level_index, row, start, stop)`` arrays (``stop`` exclusive),
+    sorted by level, row and start. A run starts at column x for the levels in
+    ``[u8[x-1], u8[x])`` and stops there for those in ``[u8[x], u8[x-1])``
+    (outside the image counts as -1), so all levels come from one pass over
+    the pixel boundaries.
+    """
+    height, width = u8.shape
+    p = np.full((height, width + 2), -1, dtype=np.int16)
+    p[:, 1:-1] = u8
+    left, right = p[:, :-1], p[:, 1:]
+    rows, xs = np.nonzero(left != right)
+    a, b = left[rows, xs], right[rows, xs]
+    first = np.searchsorted(levels, np.minimum(a, b), side="left")
+    n = np.searchsorted(levels, np.maximum(a, b), side="left") - first
+    which = np.repeat(np.arange(n.size), n)
+    level = first[which] + np.arange(which.size) - np.repeat(np.cumsum(n) - n, n)
+    order = np.argsort(level, kind="stable")  # events already run by row, then column
+    level, rows, xs = level[order], rows[which][order], xs[which][order]
+    # in each (level, row) the boundaries alternate start, stop
+    return level[0::2], rows[0::2], xs[0::2], xs[1::2]
+
+
+def _run_boxes(u8: np.ndarray, levels: np.ndarray) -> dict:
+    """8-connected components of ``u8 > L`` for all sorted `levels` at once, from row runs.
+
+    Runs of consecutive rows of one level touch when ``start_a <= stop_b`` and
+    ``start_b <= stop_a``; components are the connected pieces of that graph.
+    Returns per component: ``level`` index, ``box`` (protocol bounding box before
+    clipping), ``raster`` (index of its first pixel), ``area2`` (twice the
+    pixel-centre polygon area, exact for components without holes: windows
+    with 3 set pixels add 1, with 4 add 2, and every such window lies over a
+    pair of touching runs).
+    """
+    height, width = u8.shape
+    level, row, start, stop = _row_runs(u8, levels)
+    n_runs = level.size
+    group = level.astype(np.int64) * (height + 1) + row
+    span = width + 2
+    key_start, key_stop = group * span + start, group * span + stop
+    lo = np.searchsorted(key_stop, (group + 1) * span + start, side="left")
+    hi = np.searchsorted(key_start, (group + 1) * span + stop, side="right")
+    n = np.maximum(hi - lo, 0)
+    a = np.repeat(np.arange(n_runs), n)
+    b = lo[a] + np.arange(a.size) - np.repeat(np.cumsum(n) - n, n)
+    graph = sparse.coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n_runs, n_runs))
+    count, label = csgraph.connected_components(graph, directed=False)
+    # windows over a pair of touching runs: both rows hold x and x+1 -> 2; one row both, the other one
+    # of them (the other run ends or begins there) -> 1
+    sa, ea, sb, eb = start[a], stop[a], start[b], stop[b]
+    area2 = 2 * np.maximum(np.minimum(ea, eb) - np.maximum(sa, sb) - 1, 0)
+    area2 += ((sa < sb) & (sb < ea)).astype(np.int64) + ((sa < eb) & (eb < ea)) + ((sb < sa) & (sa < eb))
+    area2 += (sb < ea) & (ea < eb)
+    first = np.full(count, n_runs, dtype=np.int64)
+    np.minimum.at(first, label, np.arange(n_runs))  # runs are in raster order within a level
+    last = np.zeros(count, dtype=np.int64)
+    np.maximum.at(last, label, np.arange(n_runs))
+    x0 = np.full(count, width, dtype=np.int64)
+    np.minimum.at(x0, label, start)
+    x1 = np.zeros(count, dtype=np.int64)
+    np.maximum.at(x1, label, stop)
+    return {
+        "level": level[first],
+        "box": np.stack([x0, row[first], x1, row[last] + 1], axis=1),
+        "raster": row[first].astype(np.int64) * width + start[first],
+        "area2": np.bincount(label[a], weights=area2, minlength=count),
+    }
+
+
+def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -> tuple:
+    """Protocol boxes of one uint8 map at sorted unique `levels` (ints in [-1, 255]).
+
+    Returns ``(largest, every)``; each wanted one is ``(boxes, level)``: an
+    (M, 4) int64 array of boxes and the (M,) index into `levels` of each, by
+    level; the other is None. Levels whose foreground has holes (Euler number
+    below the component count) go through `_level_boxes`; all others are
+    read from `_run_boxes`. A level without foreground gives ``[0, 0, 0, 0]``.
+    """
+    height, width = u8.shape
+    comps = _run_boxes(u8, levels)
+    box, level = comps["box"], comps["level"]
+    np.minimum(box[:, 2], width - 1, out=box[:, 2])
+    np.minimum(box[:, 3], height - 1, out=box[:, 3])
+    per_level = np.bincount(level, minlength=levels.size)
     quads, v = _windows(u8)
-    euler = _euler_numbers(quads, v)
-    windows = _AreaWindows.build(quads, v, u8.shape[1]) if largest else None
-    return [_level_boxes(u8, int(level), int(euler[level + 1]), windows, every) for level in levels]
+    euler = _euler_numbers(quads, v)[levels + 1]
+    holed = np.flatnonzero(per_level != euler)
+    empty = np.flatnonzero(per_level == 0)
+    windows = _AreaWindows.build(quads, v, width) if largest and holed.size else None
+    slow = [_level_boxes(u8, int(levels[i]), int(euler[i]), windows, every) for i in holed]
+    clean = np.flatnonzero(np.isin(level, holed, invert=True))
+    out = []
+    for mode, wanted in enumerate((largest, every)):
+        if not wanted:
+            out.append(None)
+            continue
+        if mode == 0:  # per level: largest area, ties to the last component in raster order
+            order = clean[np.lexsort((comps["raster"][clean], comps["area2"][clean], level[clean]))]
+            ends = np.flatnonzero(np.append(level[order][1:] != level[order][:-1], True))
+            picked = order[ends] if order.size else order
+        else:
+            picked = clean
+        boxes = np.concatenate([box[picked], np.zeros((empty.size, 4), np.int64)] + [r[mode] for r in slow])
+        owner = np.concatenate([level[picked], empty] + [np.full(len(r[mode]), i) for i, r in zip(holed, slow)])
+        order = np.argsort(owner, kind="stable")
+        out.append((boxes[order], owner[order]))
+    return tuple(out)
 
 
 def _check_scoremaps(scoremaps, name: str, ndim: int, axes: str) -> np.ndarray:
@@ -468,7 +572,10 @@ def protocol_boxes(scoremap, thresholds, *, multi_contour=False):
     u8 = _quantize(_check_scoremaps(scoremap, "scoremap", 2, "(H, W)"))
     levels = _levels(u8, _check_thresholds(thresholds, "thresholds"))
     multi = bool(multi_contour)
-    return [pair[multi] for pair in _map_boxes(u8, levels, not multi, multi)]
+    unique, inverse = np.unique(levels, return_inverse=True)
+    boxes, owner = _map_boxes(u8, unique, not multi, multi)[multi]
+    per_level = np.split(boxes, np.flatnonzero(np.diff(owner)) + 1)
+    return [per_level[i] for i in inverse.reshape(-1)]
 
 
 @dataclass(frozen=True)
@@ -654,15 +761,13 @@ def _box_acc_counts(scoremaps, gt_boxes, thresholds, iou_thresholds, wanted) -> 
             raise InvalidInput(f"gt_boxes[{n}] must hold at least one box, got shape (0, 4)")
         u8 = _quantize(scoremap)
         levels, inverse = np.unique(_levels(u8, thresholds), return_inverse=True)
-        pairs = _map_boxes(u8, levels, *wanted)
-        for mode, count in enumerate(counts):
+        for count, found in zip(counts, _map_boxes(u8, levels, *wanted)):
             if count is None:
                 continue
-            boxes = [pair[mode] for pair in pairs]
-            starts = np.cumsum([0] + [len(b) for b in boxes[:-1]])
-            ious = _pairwise_iou(np.concatenate(boxes), gt, 1.0).max(axis=1)
-            best = np.maximum.reduceat(ious, starts)[inverse.reshape(-1)]
-            count += best[None, :] >= iou_thresholds[:, None]
+            boxes, owner = found
+            best = np.zeros(levels.size)
+            np.maximum.at(best, owner, _pairwise_iou(boxes, gt, 1.0).max(axis=1))
+            count += best[inverse.reshape(-1)][None, :] >= iou_thresholds[:, None]
     return tuple(
         None if c is None else BoxAccResult(c, int(maps.shape[0]), thresholds, iou_thresholds) for c in counts
     )
