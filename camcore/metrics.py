@@ -288,11 +288,15 @@ def _levels(u8: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
 def _windows(u8: np.ndarray) -> tuple:
     """Every 2x2 window of `u8` padded with -1: its 4 values ``(TL, TR, BL, BR)``, and sorted."""
     p = np.pad(u8.astype(np.int16), 1, constant_values=-1)
-    quads = np.stack([p[:-1, :-1].ravel(), p[:-1, 1:].ravel(), p[1:, :-1].ravel(), p[1:, 1:].ravel()])
-    return quads, np.sort(quads, axis=0)  # ascending: sorted[3] is the largest
+    a, b, c, d = p[:-1, :-1].ravel(), p[:-1, 1:].ravel(), p[1:, :-1].ravel(), p[1:, 1:].ravel()
+    # a 5-comparator sorting network: much cheaper than np.sort along a short axis
+    lo1, hi1, lo2, hi2 = np.minimum(a, b), np.maximum(a, b), np.minimum(c, d), np.maximum(c, d)
+    smallest, mid1, mid2, largest = np.minimum(lo1, lo2), np.maximum(lo1, lo2), np.minimum(hi1, hi2), np.maximum(hi1, hi2)
+    v = np.stack([smallest, np.minimum(mid1, mid2), np.maximum(mid1, mid2), largest])
+    return (a, b, c, d), v  # v ascending: v[3] is the largest
 
 
-def _euler_numbers(quads: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _euler_numbers(quads, v: np.ndarray) -> np.ndarray:
     """Euler number (8-connected components minus holes) of ``u8 > L`` for L = -1..255.
 
     Gray's 2x2-window count ``(Q1 - Q3 - 2 QD) / 4``, for all levels at once: a
@@ -312,203 +316,160 @@ def _euler_numbers(quads: np.ndarray, v: np.ndarray) -> np.ndarray:
     return (q1 - q3 - 2 * qd) // 4
 
 
-@dataclass(frozen=True)
-class _AreaWindows:
-    """Windows with 3+ foreground pixels at some level, by decreasing 3rd-largest value.
-
-    At level L the windows whose 3rd-largest value is above L (a prefix of
-    this order) hold 3 or 4 foreground pixels; each adds 1 to twice the
-    contour area of the component of its largest pixel ``(row, col)``, and 1
-    more when its smallest value ``fourth`` is above L too.
-    """
-
-    neg_third: np.ndarray
-    fourth: np.ndarray
-    row: np.ndarray
-    col: np.ndarray
-
-    @classmethod
-    def build(cls, quads: np.ndarray, v: np.ndarray, width: int):
-        order = np.argsort(-v[1], kind="stable")
-        corner = np.argmax(quads[:, order], axis=0)  # 0 TL, 1 TR, 2 BL, 3 BR
-        wr, wc = np.divmod(order, width + 1)
-        return cls(-v[1][order], v[0][order], wr - 1 + corner // 2, wc - 1 + corner % 2)
+def _ranges(first: np.ndarray, n: np.ndarray) -> tuple:
+    """Expand ranges ``[first[i], first[i] + n[i])``: returns (i, value) per element."""
+    which = np.repeat(np.arange(n.size), n)
+    return which, first[which] + np.arange(which.size) - np.repeat(np.cumsum(n) - n, n)
 
 
-def _level_boxes(u8: np.ndarray, level: int, euler: int, windows, want_all: bool) -> tuple:
-    """Protocol boxes of one uint8 map at one integer level, from one labelling.
-
-    Returns ``(largest, every)``: the (1, 4) box of the largest contour when
-    `windows` (an `_AreaWindows`) is given, else None; the (m, 4) boxes of all
-    contours when `want_all`, else None.
-    """
-    height, width = u8.shape
-    fg = u8 > level
-    rows = np.flatnonzero(fg.any(axis=1))
-    if rows.size == 0:
-        return tuple(np.zeros((1, 4), dtype=np.int64) if want else None for want in (windows is not None, want_all))
-    cols = np.flatnonzero(fg.any(axis=0))
-    bounds = np.array([[cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]])
-    # crop to the foreground and pad with background: the image border is outside it
-    crop = np.pad(fg[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], 1)
-    labels, count = ndimage.label(crop, _EIGHT)
-    has_holes = count != euler
-    offset = np.array([cols[0] - 1, rows[0] - 1] * 2)
-    if has_holes and (want_all or count > 1):
-        bg_labels = ndimage.label(~crop, _FOUR)[0]
-        outside = bg_labels[0, 0]  # the padding is one background piece
-    largest = every = None
-    if want_all:
-        if count == 1 and not has_holes:
-            every = bounds  # one component: its box is the foreground's
-        else:
-            boxes = [(s[1].start, s[0].start, s[1].stop, s[0].stop) for s in ndimage.find_objects(labels)]
-            if has_holes:  # a hole's contour runs through the pixels around it
-                boxes += [
-                    (s[1].start - 1, s[0].start - 1, s[1].stop + 1, s[0].stop + 1)
-                    for label, s in enumerate(ndimage.find_objects(bg_labels), 1)
-                    if s is not None and label != outside
-                ]
-            every = np.asarray(boxes, dtype=np.int64) + offset
-    if windows is not None:
-        if count == 1:
-            largest = bounds
-        else:
-            # twice the contour polygon area: over 2x2 windows of the component with
-            # its holes filled, 3 pixels set -> 1, 4 set -> 2
-            if has_holes:  # rare: fill and count on the crop
-                filled = bg_labels != outside
-                area_labels, area_count = ndimage.label(filled, _EIGHT)
-                f = filled.view(np.uint8)
-                quad = f[:-1, :-1] + f[1:, :-1] + f[:-1, 1:] + f[1:, 1:]
-                inside = quad >= 3
-                owner = np.maximum(
-                    np.maximum(area_labels[:-1, :-1], area_labels[1:, :-1]),
-                    np.maximum(area_labels[:-1, 1:], area_labels[1:, 1:]),
-                )[inside]
-                weights = quad[inside] - 2
-            else:
-                area_labels, area_count = labels, count
-                n = np.searchsorted(windows.neg_third, -level, side="left")
-                owner = labels[windows.row[:n] - offset[1], windows.col[:n] - offset[0]]
-                weights = 1 + (windows.fourth[:n] > level)
-            area2 = np.bincount(owner, weights=weights, minlength=area_count + 1)[1:]
-            best = area_count - 1 - int(np.argmax(area2[::-1]))  # the last one among ties
-            s = ndimage.find_objects(area_labels, max_label=best + 1)[best]
-            largest = np.array([[s[1].start, s[0].start, s[1].stop, s[0].stop]]) + offset
-    for out in (largest, every):
-        if out is not None:
-            np.minimum(out[:, 2], width - 1, out=out[:, 2])
-            np.minimum(out[:, 3], height - 1, out=out[:, 3])
-    return largest, every
-
-
-def _row_runs(u8: np.ndarray, levels: np.ndarray) -> tuple:
-    """Horizontal runs of ``u8 > L`` for every L of the sorted `levels`.
+def _row_runs(values: np.ndarray, levels: np.ndarray) -> tuple:
+    """Horizontal runs of ``values > L`` for every L of the sorted `levels`.
 
     Returns ``(level_index, row, start, stop)`` arrays (``stop`` exclusive),
     sorted by level, row and start. A run starts at column x for the levels in
-    ``[u8[x-1], u8[x])`` and stops there for those in ``[u8[x], u8[x-1])``
-    (outside the image counts as -1), so all levels come from one pass over
-    the pixel boundaries.
+    ``[values[x-1], values[x])`` and stops there for those in
+    ``[values[x], values[x-1])`` (outside the image counts as -1), so all
+    levels come from one pass over the pixel boundaries.
     """
-    height, width = u8.shape
+    height, width = values.shape
     p = np.full((height, width + 2), -1, dtype=np.int16)
-    p[:, 1:-1] = u8
+    p[:, 1:-1] = values
     left, right = p[:, :-1], p[:, 1:]
     rows, xs = np.nonzero(left != right)
     a, b = left[rows, xs], right[rows, xs]
-    first = np.searchsorted(levels, np.minimum(a, b), side="left")
-    n = np.searchsorted(levels, np.maximum(a, b), side="left") - first
-    which = np.repeat(np.arange(n.size), n)
-    level = first[which] + np.arange(which.size) - np.repeat(np.cumsum(n) - n, n)
-    order = np.argsort(level, kind="stable")  # events already run by row, then column
+    below = np.searchsorted(levels, np.arange(-1, 256), side="left")  # how many levels lie below v, v = -1..255
+    first = below[np.minimum(a, b) + 1]
+    which, level = _ranges(first, below[np.maximum(a, b) + 1] - first)
+    order = np.argsort(level, kind="stable")  # boundaries already run by row, then column
     level, rows, xs = level[order], rows[which][order], xs[which][order]
     # in each (level, row) the boundaries alternate start, stop
     return level[0::2], rows[0::2], xs[0::2], xs[1::2]
 
 
-def _run_boxes(u8: np.ndarray, levels: np.ndarray) -> dict:
-    """8-connected components of ``u8 > L`` for all sorted `levels` at once, from row runs.
+def _run_components(runs: tuple, shape: tuple, eight: bool) -> dict:
+    """Connected components of sorted row runs ``(level, row, start, stop)``, per level.
 
     Runs of consecutive rows of one level touch when ``start_a <= stop_b`` and
-    ``start_b <= stop_a``; components are the connected pieces of that graph.
-    Returns per component: ``level`` index, ``box`` (protocol bounding box before
-    clipping), ``raster`` (index of its first pixel), ``area2`` (twice the
-    pixel-centre polygon area, exact for components without holes: windows
-    with 3 set pixels add 1, with 4 add 2, and every such window lies over a
-    pair of touching runs).
+    ``start_b <= stop_a`` (8-connectivity), or when they overlap (4-). Returns
+    the run -> component ``label`` and, per component: ``level``, ``box``
+    ``(x0, y0, x1, y1)`` (exclusive ends, as the protocol's ``x + w``),
+    ``raster`` (index of its first pixel) and ``area2`` (twice the polygon
+    area through the pixel centres of its outer contour, exact when it has no
+    hole: 2x2 windows with 3 set pixels add 1, with 4 add 2, and each such
+    window lies over a pair of touching runs).
     """
-    height, width = u8.shape
-    level, row, start, stop = _row_runs(u8, levels)
+    level, row, start, stop = runs
+    height, width = shape
     n_runs = level.size
-    group = level.astype(np.int64) * (height + 1) + row
+    reach = 1 if eight else 0
     span = width + 2
+    group = level.astype(np.int64) * (height + 1) + row  # the next row of a run's level is group + 1
     key_start, key_stop = group * span + start, group * span + stop
-    lo = np.searchsorted(key_stop, (group + 1) * span + start, side="left")
-    hi = np.searchsorted(key_start, (group + 1) * span + stop, side="right")
-    n = np.maximum(hi - lo, 0)
-    a = np.repeat(np.arange(n_runs), n)
-    b = lo[a] + np.arange(a.size) - np.repeat(np.cumsum(n) - n, n)
+    lo = np.searchsorted(key_stop, (group + 1) * span + start + 1 - reach, side="left")
+    hi = np.searchsorted(key_start, (group + 1) * span + stop - 1 + reach, side="right")
+    a, b = _ranges(lo, np.maximum(hi - lo, 0))
     graph = sparse.coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n_runs, n_runs))
     count, label = csgraph.connected_components(graph, directed=False)
-    # windows over a pair of touching runs: both rows hold x and x+1 -> 2; one row both, the other one
-    # of them (the other run ends or begins there) -> 1
+    # windows over touching runs a (row r) and b (row r + 1): both rows hold x and x + 1 -> 2;
+    # one row holds both and the other one of them (its run ends or begins there) -> 1
     sa, ea, sb, eb = start[a], stop[a], start[b], stop[b]
-    area2 = 2 * np.maximum(np.minimum(ea, eb) - np.maximum(sa, sb) - 1, 0)
-    area2 += ((sa < sb) & (sb < ea)).astype(np.int64) + ((sa < eb) & (eb < ea)) + ((sb < sa) & (sa < eb))
-    area2 += (sb < ea) & (ea < eb)
+    weight = 2 * np.maximum(np.minimum(ea, eb) - np.maximum(sa, sb) - 1, 0)
+    weight += ((sa < sb) & (sb < ea)).astype(np.int64) + ((sa < eb) & (eb < ea))
+    weight += ((sb < sa) & (sa < eb)).astype(np.int64) + ((sb < ea) & (ea < eb))
+    index = np.arange(n_runs)
     first = np.full(count, n_runs, dtype=np.int64)
-    np.minimum.at(first, label, np.arange(n_runs))  # runs are in raster order within a level
+    np.minimum.at(first, label, index)  # runs are in raster order within a level
     last = np.zeros(count, dtype=np.int64)
-    np.maximum.at(last, label, np.arange(n_runs))
+    np.maximum.at(last, label, index)
     x0 = np.full(count, width, dtype=np.int64)
     np.minimum.at(x0, label, start)
     x1 = np.zeros(count, dtype=np.int64)
     np.maximum.at(x1, label, stop)
     return {
+        "label": label,
         "level": level[first],
         "box": np.stack([x0, row[first], x1, row[last] + 1], axis=1),
         "raster": row[first].astype(np.int64) * width + start[first],
-        "area2": np.bincount(label[a], weights=area2, minlength=count),
+        "area2": np.bincount(label[a], weights=weight, minlength=count),
     }
+
+
+def _largest_per_level(comps: dict) -> np.ndarray:
+    """Index of the component with the largest area per level; ties go to the last in raster order."""
+    order = np.lexsort((comps["raster"], comps["area2"], comps["level"]))
+    level = comps["level"][order]
+    return order[np.flatnonzero(np.append(level[1:] != level[:-1], True))] if order.size else order
+
+
+def _take(runs: tuple, keep: np.ndarray) -> tuple:
+    return tuple(r[keep] for r in runs)
 
 
 def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -> tuple:
     """Protocol boxes of one uint8 map at sorted unique `levels` (ints in [-1, 255]).
 
     Returns ``(largest, every)``; each wanted one is ``(boxes, level)``: an
-    (M, 4) int64 array of boxes and the (M,) index into `levels` of each, by
-    level; the other is None. Levels whose foreground has holes (Euler number
-    below the component count) go through `_level_boxes`; all others are
-    read from `_run_boxes`. A level without foreground gives ``[0, 0, 0, 0]``.
+    (M, 4) int64 array of boxes, clipped as the protocol does, and the (M,)
+    index into `levels` of each, by level; the other is None. A level without
+    foreground gives ``[0, 0, 0, 0]``.
+
+    Levels whose foreground has holes (Euler number below the component
+    count) also get the background runs ``u8 <= L``: their 4-connected
+    components that touch no image border are the holes, whose contour boxes
+    are theirs grown by one pixel; and the largest contour is read on the
+    foreground with its holes filled (hole runs merged into the runs around).
     """
     height, width = u8.shape
-    comps = _run_boxes(u8, levels)
-    box, level = comps["box"], comps["level"]
-    np.minimum(box[:, 2], width - 1, out=box[:, 2])
-    np.minimum(box[:, 3], height - 1, out=box[:, 3])
-    per_level = np.bincount(level, minlength=levels.size)
-    quads, v = _windows(u8)
-    euler = _euler_numbers(quads, v)[levels + 1]
+    fg_runs = _row_runs(u8, levels)
+    fg = _run_components(fg_runs, u8.shape, True)
+    per_level = np.bincount(fg["level"], minlength=levels.size)
+    euler = _euler_numbers(*_windows(u8))[levels + 1]
     holed = np.flatnonzero(per_level != euler)
+    parts = {0: [], 1: []}  # mode -> [(boxes, level index)]
     empty = np.flatnonzero(per_level == 0)
-    windows = _AreaWindows.build(quads, v, width) if largest and holed.size else None
-    slow = [_level_boxes(u8, int(levels[i]), int(euler[i]), windows, every) for i in holed]
-    clean = np.flatnonzero(np.isin(level, holed, invert=True))
+    for mode in (0, 1):
+        parts[mode].append((np.zeros((empty.size, 4), np.int64), empty))
+    plain = np.isin(fg["level"], holed, invert=True)
+    if every:
+        parts[1].append((fg["box"], fg["level"]))
+    if largest:
+        picked = _largest_per_level({k: v[plain] for k, v in fg.items() if k != "label"})
+        parts[0].append((fg["box"][plain][picked], fg["level"][plain][picked]))
+    if holed.size:
+        inverted = 255 - u8.astype(np.int16)
+        # u8 <= L  <=>  255 - u8 > 254 - L; reversed so that the levels increase
+        bg_runs = _row_runs(inverted, (254 - levels[holed])[::-1])
+        bg = _run_components(bg_runs, u8.shape, False)
+        bg_runs = (holed[::-1][bg_runs[0]],) + bg_runs[1:]  # back to indices into `levels`
+        bg["level"] = holed[::-1][bg["level"]]
+        _, row, start, stop = bg_runs
+        border = (row == 0) | (row == height - 1) | (start == 0) | (stop == width)
+        is_hole = np.bincount(bg["label"], weights=border, minlength=bg["level"].size) == 0
+        if every:
+            grown = bg["box"][is_hole] + np.array([-1, -1, 1, 1])
+            parts[1].append((grown, bg["level"][is_hole]))
+        if largest:
+            runs = [np.concatenate(pair) for pair in zip(_take(fg_runs, np.isin(fg_runs[0], holed)),
+                                                         _take(bg_runs, is_hole[bg["label"]]))]
+            order = np.lexsort((runs[2], runs[1], runs[0]))
+            level, row, start, stop = (r[order] for r in runs)
+            # a hole run sits between two foreground runs of its row: merge each chain into one run
+            new = np.ones(level.size, dtype=bool)
+            new[1:] = (level[1:] != level[:-1]) | (row[1:] != row[:-1]) | (start[1:] != stop[:-1])
+            begin = np.flatnonzero(new)
+            end = np.append(begin[1:], level.size) - 1
+            filled = _run_components((level[begin], row[begin], start[begin], stop[end]), u8.shape, True)
+            picked = _largest_per_level(filled)
+            parts[0].append((filled["box"][picked], filled["level"][picked]))
     out = []
     for mode, wanted in enumerate((largest, every)):
         if not wanted:
             out.append(None)
             continue
-        if mode == 0:  # per level: largest area, ties to the last component in raster order
-            order = clean[np.lexsort((comps["raster"][clean], comps["area2"][clean], level[clean]))]
-            ends = np.flatnonzero(np.append(level[order][1:] != level[order][:-1], True))
-            picked = order[ends] if order.size else order
-        else:
-            picked = clean
-        boxes = np.concatenate([box[picked], np.zeros((empty.size, 4), np.int64)] + [r[mode] for r in slow])
-        owner = np.concatenate([level[picked], empty] + [np.full(len(r[mode]), i) for i, r in zip(holed, slow)])
+        boxes = np.concatenate([p[0] for p in parts[mode]])
+        owner = np.concatenate([p[1] for p in parts[mode]])
+        np.minimum(boxes[:, 2], width - 1, out=boxes[:, 2])
+        np.minimum(boxes[:, 3], height - 1, out=boxes[:, 3])
         order = np.argsort(owner, kind="stable")
         out.append((boxes[order], owner[order]))
     return tuple(out)
