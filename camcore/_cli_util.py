@@ -24,6 +24,10 @@ from .errors import CamError, NotCamCompatible
 from .preprocess import Preprocess
 
 __all__ = [
+    "EXIT_OK",
+    "EXIT_ERROR",
+    "EXIT_REFUSED",
+    "EXIT_INTERRUPTED",
     "add_preprocess_arguments",
     "preprocess_from_args",
     "atomic_write_bytes",
