@@ -78,6 +78,12 @@ class _Builder:
             return self.op(op_type, [x, self.const(f"{name}_axes", axes)], name, keepdims=1)
         return self.op(op_type, [x], name, axes=list(axes), keepdims=1)
 
+    def clip01(self, x: str, name: str) -> str:
+        if self.opset >= 11:
+            bounds = [self.const("zero", 0.0, np.float32), self.const("one", 1.0, np.float32)]
+            return self.op("Clip", [x, *bounds], name)
+        return self.op("Clip", [x], name, min=0.0, max=1.0)
+
     def as_float(self, x: str, elem_type, name: str) -> str:
         if elem_type == TensorProto.FLOAT:
             return x
@@ -189,7 +195,7 @@ def _resize_static(b: _Builder, maps: str, src_hw, dst_hw, normalize: bool) -> s
     min and max of the resized maps are read from the few rows and columns that
     can hold them (`_extreme_rows`), and the min-max scaling is applied before
     interpolating (the rows of both matrices sum to 1), so no full-size pass is
-    added.
+    added but a Clip to [0, 1] against float rounding.
     """
     ry, rx = (resize_matrix(n_out, n_in, "bilinear", "<f4") for n_out, n_in in zip(dst_hw, src_hw))
     if normalize:
@@ -198,7 +204,9 @@ def _resize_static(b: _Builder, maps: str, src_hw, dst_hw, normalize: bool) -> s
         probe = b.op("MatMul", [probe, b.const("extreme_cols", rx[sx].T, np.float32)], "probe")
         maps = _min_max(b, maps, probe)
     maps = b.op("MatMul", [b.const("resize_rows", ry, np.float32), maps], "maps_rows")  # (N, k, H, w)
-    return b.op("MatMul", [maps, b.const("resize_cols", rx.T, np.float32)], "maps_resized")
+    maps = b.op("MatMul", [maps, b.const("resize_cols", rx.T, np.float32)], "maps_resized")
+    # Scaling before interpolating can leave [0, 1] by float rounding (~1e-7): clip it back.
+    return b.clip01(maps, "maps_clipped") if normalize else maps
 
 
 def _resize_dynamic(b: _Builder, maps: str, image: str | None, target, opset: int) -> str:
@@ -232,7 +240,7 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
           [normalize: ReduceSum(x * 0) -> IsNaN -> Where: maps holding NaN/inf -> 0]
           no size:      [normalize: ReduceMin, ReduceMax -> (x - min) / (max - min)]
           static size:  [normalize: min, max from R_H[rows] @ x @ R_W[cols]^T, then scale x]
-                        -> MatMul(R_H, .) -> MatMul(., R_W^T)
+                        -> MatMul(R_H, .) -> MatMul(., R_W^T) [normalize: Clip to [0, 1]]
           dynamic size: Resize(linear, half_pixel) -> [normalize: as without size]
           -> cam_maps
 
@@ -250,8 +258,6 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
     normalize : bool
         Scale each map to [0, 1] by min-max over its last two axes, as
         `camcore.normalize`; constant maps and maps holding NaN become zeros.
-        With a static `size` the scaling is applied before interpolating, so
-        values may leave [0, 1] by float rounding (about 1e-7).
 
     Returns
     -------

@@ -187,6 +187,8 @@ def run_command(fn, args) -> int:
         fail(one_line(exc) if exc.filename is None else f"{exc.strerror or exc}: {exc.filename}")
         return EXIT_ERROR
     except KeyboardInterrupt:
+        # Objects half-built by the interrupted call (imageio plugins) complain when freed.
+        sys.unraisablehook = lambda unraisable: None
         fail("interrupted")
         return EXIT_INTERRUPTED
 

@@ -150,13 +150,10 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
             yield item if pixels is None else pixels
 
     records, taken = [], set()
-    batch = explainer.head.input.shape[0] if explainer.head.input.shape else None
     progress = Progress(len(items), label, quiet=quiet)
     try:
-        # A model exported with a fixed batch size takes chunks of exactly that size.
         for result in explainer.iter_explain_images(images(), preprocess=preprocess, top_k=top_k,
-                                                    threshold=threshold, errors="report",
-                                                    batch_size=batch if isinstance(batch, int) else None):
+                                                    threshold=threshold, errors="report"):
             name, stem, pixels = pending.popleft()
             record = _record(name, result, explainer)
             if result.error is None:
@@ -248,7 +245,7 @@ def cmd_inspect(args) -> int:
     explainer = _load(args.model, _providers(args.providers))
     head = explainer.head
     info = {
-        "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer._input_layout(),
+        "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer.input_layout,
                   "dtype": str(np.dtype(head.input.dtype))},
         "feature": {"name": head.feature, "shape": _dims(head.feature_shape), "layout": head.layout},
         "pooling": head.pooling,

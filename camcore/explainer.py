@@ -209,9 +209,7 @@ class Explainer:
         if sel is None:
             if not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= head.num_classes):
                 raise InvalidInput(f"top_k must be an int in [1, {head.num_classes}], got {top_k!r}")
-        chunk = self.batch_size if batch_size is None else int(batch_size)
-        if chunk < 1:
-            raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
+        chunk = self._chunk_size(batch_size)
         parts = []
         for start in range(0, max(n, 1), chunk):
             part = {name: value[start:start + chunk] for name, value in feed.items()}
@@ -220,12 +218,39 @@ class Explainer:
             raise InvalidInput("inputs must hold at least one item")
         return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)))
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model was exported with, or None for a dynamic batch axis."""
+        shape = self.head.input.shape
+        return shape[0] if shape and isinstance(shape[0], int) else None
+
+    def _chunk_size(self, batch_size) -> int:
+        chunk = self.batch_size if batch_size is None else int(batch_size)
+        if chunk < 1:
+            raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
+        return self.fixed_batch or chunk
+
+    def forward(self, feed: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Run one chunk through the backend: ``(features, (n, C) float32 logits)``.
+
+        A model with a fixed batch size gets a short chunk padded (with copies of
+        its last item) and the padding cut from the results.
+        """
+        n = len(next(iter(feed.values())))
+        fixed = self.fixed_batch
+        if fixed is not None and n != fixed:
+            if n > fixed:
+                raise InvalidInput(f"inputs must come in chunks of {fixed} for this model, got {n}")
+            feed = {k: np.concatenate([v, np.repeat(v[-1:], fixed - n, axis=0)]) for k, v in feed.items()}
+        features, logits = self.backend.run(feed)
+        logits = np.asarray(logits, dtype=np.float32).reshape(len(logits), -1)[:n]
+        if logits.shape[1] != self.head.num_classes:
+            raise CamError(f"the backend returned {logits.shape[1]} logits, the head has {self.head.num_classes}")
+        return features[:n], logits
+
     def _explain_chunk(self, feed, sel, top_k):
         head = self.head
-        features, logits = self.backend.run(feed)
-        logits = np.asarray(logits, dtype=np.float32).reshape(len(logits), -1)
-        if logits.shape[1] != head.num_classes:
-            raise CamError(f"the backend returned {logits.shape[1]} logits, the head has {head.num_classes}")
+        features, logits = self.forward(feed)
         if sel is None:
             sel = _top_k(logits, top_k)
         probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
@@ -240,11 +265,16 @@ class Explainer:
         if self.preprocess is not None:
             return self.preprocess
         shape = self.head.input.shape
-        hw = shape[2:4] if self._input_layout() == "NCHW" else shape[1:3]
+        hw = shape[2:4] if self.input_layout == "NCHW" else shape[1:3]
         size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) for d in hw) else (224, 224)
         return Preprocess.imagenet(size)
 
-    def _input_layout(self) -> str:
+    def _input_layout(self) -> str:  # kept until camcore/evaluation.py moves to input_layout
+        return self.input_layout
+
+    @property
+    def input_layout(self) -> str:
+        """``"NCHW"`` or ``"NHWC"``: where the image input keeps its channels (1 or 3)."""
         shape = self.head.input.shape
         if len(shape) == 4 and shape[1] in (1, 3):
             return "NCHW"
@@ -297,8 +327,8 @@ class Explainer:
         if upsample not in ("nearest", "bilinear", "bicubic"):
             raise InvalidInput(f"upsample must be one of 'nearest', 'bilinear', 'bicubic', got {upsample!r}")
         preprocess = preprocess or self.default_preprocess()
-        chunk = self.batch_size if batch_size is None else int(batch_size)
-        layout, dtype = self._input_layout(), self.head.input.dtype
+        chunk = self._chunk_size(batch_size)
+        layout, dtype = self.input_layout, self.head.input.dtype
         class_rows = None if classes is None else np.asarray(classes)
         index = 0
         batch = []

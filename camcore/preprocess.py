@@ -39,7 +39,8 @@ def read_image(path) -> np.ndarray:
             warnings.simplefilter("ignore", DeprecationWarning)
             image = io.imread(path)
     except Exception as exc:
-        raise CamError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CamError(f"cannot read image {path}: {reason}") from None
     if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
         raise CamError(f"cannot read image {path}: unexpected shape {image.shape}")
     return image

@@ -221,3 +221,25 @@ def test_old_opsets_without_inferred_shapes(opset):
     expected = reference_logits(zm, x)  # log-softmax: the logits up to a per-row constant
     np.testing.assert_allclose(reconstructed - reconstructed.mean(1, keepdims=True),
                                expected - expected.mean(1, keepdims=True), atol=1e-4)
+
+
+@pytest.mark.parametrize("fixed", [1, 2])
+def test_fixed_batch_models_take_any_number_of_items(fixed):
+    """gap_gemm is exported with batch 2; chunks are cut to the model's batch and the last one padded."""
+    zm = CASES["gap_gemm"]() if fixed == 2 else CASES["reshape_const"]()
+    model = zm.model
+    if fixed == 1:
+        model = onnx.ModelProto()
+        model.CopyFrom(zm.model)
+        model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
+    ex = camcore.load(model)
+    assert ex.fixed_batch == fixed
+    x = zm.random_input(4, (5, *zm.input_shape[1:]))
+    out = ex.explain(x, classes=range(5), batch_size=64)
+    assert out.maps.shape[0] == 5
+    single = [ex.explain(x[i:i + 1], classes=range(5)) for i in range(5)]
+    np.testing.assert_allclose(out.logits, np.concatenate([s.logits for s in single]), atol=1e-6)
+    np.testing.assert_allclose(out.maps.mean(axis=(-2, -1)) + ex.head.bias, out.logits, atol=1e-5)
+    images = ex.explain_images([np.full((8, 8, 3), v, np.uint8) for v in (0, 50, 100)],
+                               preprocess=camcore.Preprocess(8))
+    assert len(images) == 3 and all(len(r.classes) == 1 for r in images)
