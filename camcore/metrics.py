@@ -340,7 +340,8 @@ def _row_runs(values: np.ndarray, levels: np.ndarray) -> tuple:
     below = np.searchsorted(levels, np.arange(-1, 256), side="left")  # how many levels lie below v, v = -1..255
     first = below[np.minimum(a, b) + 1]
     which, level = _ranges(first, below[np.maximum(a, b) + 1] - first)
-    order = np.argsort(level, kind="stable")  # boundaries already run by row, then column
+    # boundaries already run by row, then column; int16 levels get numpy's radix sort
+    order = np.argsort(level.astype(np.int16), kind="stable")
     level, rows, xs = level[order], rows[which][order], xs[which][order]
     # in each (level, row) the boundaries alternate start, stop
     return level[0::2], rows[0::2], xs[0::2], xs[1::2]
@@ -414,10 +415,10 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
     foreground gives ``[0, 0, 0, 0]``.
 
     Levels whose foreground has holes (Euler number below the component
-    count) also get the background runs ``u8 <= L``: their 4-connected
-    components that touch no image border are the holes, whose contour boxes
-    are theirs grown by one pixel; and the largest contour is read on the
-    foreground with its holes filled (hole runs merged into the runs around).
+    count) also get the gaps between runs of a row: their 4-connected
+    components that meet no other background are the holes, whose contour
+    boxes are theirs grown by one pixel; and the largest contour is read on
+    the foreground with its holes filled (runs joined across hole gaps).
     """
     height, width = u8.shape
     fg_runs = _row_runs(u8, levels)
@@ -429,35 +430,39 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
     empty = np.flatnonzero(per_level == 0)
     for mode in (0, 1):
         parts[mode].append((np.zeros((empty.size, 4), np.int64), empty))
-    plain = np.isin(fg["level"], holed, invert=True)
+    # filling holes can change which component is largest only where there are several
+    refill = holed[per_level[holed] > 1]
     if every:
         parts[1].append((fg["box"], fg["level"]))
     if largest:
+        plain = np.isin(fg["level"], refill, invert=True)
         picked = _largest_per_level({k: v[plain] for k, v in fg.items() if k != "label"})
         parts[0].append((fg["box"][plain][picked], fg["level"][plain][picked]))
     if holed.size:
-        inverted = 255 - u8.astype(np.int16)
-        # u8 <= L  <=>  255 - u8 > 254 - L; reversed so that the levels increase
-        bg_runs = _row_runs(inverted, (254 - levels[holed])[::-1])
-        bg = _run_components(bg_runs, u8.shape, False)
-        bg_runs = (holed[::-1][bg_runs[0]],) + bg_runs[1:]  # back to indices into `levels`
-        bg["level"] = holed[::-1][bg["level"]]
-        _, row, start, stop = bg_runs
-        border = (row == 0) | (row == height - 1) | (start == 0) | (stop == width)
-        is_hole = np.bincount(bg["label"], weights=border, minlength=bg["level"].size) == 0
-        if every:
-            grown = bg["box"][is_hole] + np.array([-1, -1, 1, 1])
-            parts[1].append((grown, bg["level"][is_hole]))
-        if largest:
-            runs = [np.concatenate(pair) for pair in zip(_take(fg_runs, np.isin(fg_runs[0], holed)),
-                                                         _take(bg_runs, is_hole[bg["label"]]))]
-            order = np.lexsort((runs[2], runs[1], runs[0]))
-            level, row, start, stop = (r[order] for r in runs)
-            # a hole run sits between two foreground runs of its row: merge each chain into one run
+        level, row, start, stop = _take(fg_runs, np.isin(fg_runs[0], holed))
+        group = level.astype(np.int64) * (height + 1) + row
+        # holes are made of gaps between two runs of a row: any other background pixel lies left
+        # of the first run or right of the last one, so it reaches the image border
+        inner = np.flatnonzero(group[1:] == group[:-1])
+        gaps = (level[inner], row[inner], stop[inner], start[inner + 1])
+        pieces = _run_components(gaps, u8.shape, False)
+        # a gap meets that outer background when the row above or below has no run of its level,
+        # or starts after the gap starts, or stops before it stops
+        outside = np.zeros(inner.size, dtype=bool)
+        for step in (-1, 1):
+            first = np.searchsorted(group, group[inner] + step, side="left")
+            last = np.searchsorted(group, group[inner] + step, side="right") - 1
+            outside |= (last < first) | (gaps[2] < start[np.minimum(first, group.size - 1)])
+            outside |= gaps[3] > stop[np.maximum(last, 0)]
+        is_hole = np.bincount(pieces["label"], weights=outside, minlength=pieces["level"].size) == 0
+        if every:  # a hole's contour runs through the pixels around it
+            parts[1].append((pieces["box"][is_hole] + np.array([-1, -1, 1, 1]), pieces["level"][is_hole]))
+        if largest and refill.size:  # fill the holes: runs on both sides of a hole gap become one
             new = np.ones(level.size, dtype=bool)
-            new[1:] = (level[1:] != level[:-1]) | (row[1:] != row[:-1]) | (start[1:] != stop[:-1])
-            begin = np.flatnonzero(new)
-            end = np.append(begin[1:], level.size) - 1
+            new[inner + 1] = ~is_hole[pieces["label"]]
+            begin, end = np.flatnonzero(new), np.flatnonzero(np.append(new[1:], True))
+            keep = np.isin(level[begin], refill)
+            begin, end = begin[keep], end[keep]
             filled = _run_components((level[begin], row[begin], start[begin], stop[end]), u8.shape, True)
             picked = _largest_per_level(filled)
             parts[0].append((filled["box"][picked], filled["level"][picked]))
