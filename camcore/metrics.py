@@ -368,8 +368,11 @@ def _run_components(runs: tuple, shape: tuple, eight: bool) -> dict:
     key_start, key_stop = group * span + start, group * span + stop
     lo = np.searchsorted(key_stop, (group + 1) * span + start + 1 - reach, side="left")
     hi = np.searchsorted(key_start, (group + 1) * span + stop - 1 + reach, side="right")
-    a, b = _ranges(lo, np.maximum(hi - lo, 0))
-    graph = sparse.coo_matrix((np.ones(a.size, dtype=np.int8), (a, b)), shape=(n_runs, n_runs))
+    n = np.maximum(hi - lo, 0)
+    a, b = _ranges(lo, n)
+    # a is sorted: the edge list is already a CSR matrix
+    indptr = np.concatenate([[0], np.cumsum(n)])
+    graph = sparse.csr_matrix((np.ones(a.size, dtype=np.int8), b, indptr), shape=(n_runs, n_runs))
     count, label = csgraph.connected_components(graph, directed=False)
     # windows over touching runs a (row r) and b (row r + 1): both rows hold x and x + 1 -> 2;
     # one row holds both and the other one of them (its run ends or begins there) -> 1

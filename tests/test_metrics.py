@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from camcore.errors import InvalidInput
+from camcore.maps import normalize, upsample
 from camcore.metrics import (
     BoxAccResult,
+    box_accuracies,
     iou,
     localization_accuracy,
     max_box_acc,
     protocol_boxes,
     pxap,
+    pxap_counts,
 )
 
 # --------------------------------------------------------------------------- reference
@@ -337,6 +340,75 @@ def test_max_box_acc_matches_reference_on_multi_blob_maps(multi_contour):
     assert res.value == pytest.approx(value)
     assert 0 < res.value < 100  # the data exercise both outcomes
     np.testing.assert_array_equal(res.best_thresholds, taus[np.argmax(curve, axis=1)])
+
+
+def cam_like_maps(rng, n, size=(40, 44), grid=(7, 7)):
+    """Bicubic-upsampled random feature-resolution maps, normalized: CAM-like, with many peaks and holes."""
+    return normalize(upsample(rng.standard_normal((n,) + grid), size, method="bicubic"))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_protocol_boxes_match_reference_on_cam_like_maps(seed):
+    # all levels of a realistic map at once: rows with several runs, merging and splitting
+    # components, holes that open to the border through the row above or below
+    scoremap = cam_like_maps(np.random.default_rng(seed), 1)[0]
+    taus = np.arange(0, 1, 0.04)
+    for multi in (False, True):
+        ours = protocol_boxes(scoremap, taus, multi_contour=multi)
+        ref = reference_boxes(scoremap, taus, multi)
+        if multi:
+            assert [sorted_rows(b) for b in ours] == [sorted_rows(b) for b in ref]
+        else:
+            assert [b.tolist() for b in ours] == ref
+
+
+def test_nested_holes_and_open_gaps():
+    m = np.zeros((13, 30))
+    m[1:12, 1:12] = 1  # a ring...
+    m[3:10, 3:10] = 0
+    m[5:8, 5:8] = 1  # ...around a dot
+    m[1:12, 16:28] = 1  # a cup: its gap opens to the top row
+    m[2:10, 19:25] = 0
+    m[0, 19:25] = 0
+    m[1, 19:25] = 0
+    for multi in (False, True):
+        ours = protocol_boxes(m, [0.5], multi_contour=multi)[0]
+        ref = reference_boxes(m, [0.5], multi)[0]
+        assert sorted_rows(ours) == sorted_rows(ref)
+    assert sorted_rows(protocol_boxes(m, [0.5], multi_contour=True)[0]) == [
+        (1, 1, 12, 12), (2, 2, 11, 11), (5, 5, 8, 8), (16, 1, 28, 12)]
+
+
+def test_box_accuracies_is_both_rules_in_one_pass():
+    rng = np.random.default_rng(3)
+    maps = np.concatenate([blob_maps(rng, 10, (24, 20)), cam_like_maps(rng, 10, (24, 20))])
+    gt = random_gt(rng, 20, (24, 20))
+    taus = np.arange(0, 1, 0.02)
+    both = box_accuracies(maps, gt, thresholds=taus)
+    for result, multi in ((both.largest, False), (both.all, True)):
+        single = max_box_acc(maps, gt, thresholds=taus, multi_contour=multi)
+        np.testing.assert_array_equal(result.counts, single.counts)
+        _, curve = reference_max_box_acc(maps, gt, taus, (0.3, 0.5, 0.7), multi)
+        np.testing.assert_allclose(result.curve, curve)
+    chunks = box_accuracies(maps[:7], gt[:7], thresholds=taus) + box_accuracies(maps[7:], gt[7:], thresholds=taus)
+    np.testing.assert_array_equal(chunks.largest.counts, both.largest.counts)
+    np.testing.assert_array_equal(chunks.all.counts, both.all.counts)
+    assert chunks.all.n_images == 20
+
+
+def test_pxap_counts_add_over_chunks():
+    rng = np.random.default_rng(5)
+    maps = rng.random((6, 9, 9))
+    masks = rng.random((6, 9, 9)) < 0.3
+    ignore = rng.random((6, 9, 9)) < 0.1
+    whole = pxap_counts(maps, masks, ignore=ignore)
+    parts = pxap_counts(maps[:2], masks[:2], ignore=ignore[:2]) + pxap_counts(maps[2:], masks[2:], ignore=ignore[2:])
+    np.testing.assert_array_equal(parts.positive, whole.positive)
+    assert parts.value == whole.value == pxap(maps, masks, ignore=ignore)
+    assert whole.positive.sum() == (masks & ~ignore).sum()
+    with pytest.raises(InvalidInput, match="identical thresholds"):
+        whole + pxap_counts(maps, masks, thresholds=[0.0, 0.5])
 
 
 def test_max_box_acc_v1_keeps_the_largest_contour_v2_all():
