@@ -189,9 +189,7 @@ def _run_model(explainer, x: np.ndarray):
     head = explainer.head
     n = len(x)
     fixed = head.input.shape[0] if head.input.shape else None
-    if isinstance(fixed, int) and fixed != n:
-        if n > fixed:
-            raise CamError(f"the model takes batches of exactly {fixed}, got {n}")
+    if isinstance(fixed, int) and fixed > n:
         x = np.concatenate([x, np.repeat(x[-1:], fixed - n, axis=0)])
     features, logits = explainer.backend.run({head.input.name: x})
     logits = np.asarray(logits, dtype=np.float32).reshape(len(x), -1)[:n]

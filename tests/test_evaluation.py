@@ -286,6 +286,10 @@ def test_cli_eval_errors(tmp_path, capsys):
     assert f"{meta / 'localization.txt'}, line 1: expected 'path,x0,y0,x1,y1'" in capsys.readouterr().err
     code = cli_main(["eval", "model.pt", "--metadata", str(meta), "--images", str(tmp_path / "images")])
     assert code == 1 and "MODEL must be an .onnx file" in capsys.readouterr().err
+    (meta / "localization.txt").write_text("a.png,1,2,3,4\n")
+    (tmp_path / "images" / "a.png").unlink()
+    code = cli_main(["eval", "--metadata", str(meta), "--images", str(tmp_path / "images")])
+    assert code == 1 and "image not found" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["eval", "--metadata", str(meta), "--images", "x", "--thresholds", "0:2:0.1"])
 
@@ -312,3 +316,23 @@ def test_real_photos_with_the_embedded_model(tmp_path):
     assert result["top1_loc"] == 100.0 and result["gt_known_loc"] == 100.0
     assert result["max_box_acc_v1"] == 100.0 and result["max_box_acc_v2"] >= 50.0
     assert 0 <= result["optimal_thresholds"]["max_box_acc_v1"] < 0.6
+
+
+def test_cli_eval_with_an_onnx_model(tmp_path, capsys):
+    import hashlib
+
+    from tests.zoo import CASES
+
+    zm = CASES["hot_spot_nchw"]()  # input fixed to (1, 3, 9, 7): batches of one, padded
+    model = zm.save(tmp_path)
+    meta = write_dataset(tmp_path, hand_items()[:3])
+    out = tmp_path / "out.json"
+    code = cli_main(["eval", str(model), "--metadata", str(meta), "--images", str(tmp_path / "images"),
+                     "--json", str(out), "--top-k", "2", "--quiet"])
+    assert code == 0 and capsys.readouterr().out == ""
+    result = json.loads(out.read_text())
+    assert result["model"] == {"path": str(model), "sha256": hashlib.sha256(model.read_bytes()).hexdigest()}
+    assert result["counts"]["evaluated"] == 3 and result["top_k"] == 2
+    assert result["top5_loc"] is None and result["top5_cls"] is None
+    assert result["preprocess"]["size"] == [9, 7] and result["preprocess"]["resize"] == "crop"
+    assert all(0 <= result[k] <= 100 for k in ("top1_loc", "gt_known_loc", "max_box_acc_v2", "top1_cls"))
