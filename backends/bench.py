@@ -13,8 +13,8 @@ once (the configuration order rotates from round to round), so a noisy machine
 slows all of them alike.  After `warmup` rounds, `repeat` rounds are kept and the
 throughput reported is the median of the per-round images per second.
 
-Peak memory: a process's peak resident set size (``getrusage`` ``ru_maxrss``) only
-grows, so one process cannot give each configuration its own peak.  Each
+Peak memory: a process's peak resident set size (see `peak_rss_mib`) only grows,
+so one process cannot give each configuration its own peak.  Each
 configuration is therefore measured in a fresh Python subprocess that sets it up,
 records its peak RSS (``setup_rss_mib``), runs it three times and records the
 peak again (``peak_rss_mib``).  Both are whole-process figures (Python, numpy,
@@ -52,8 +52,8 @@ from . import onnx_graph
 from .ort_session import import_onnxruntime, make_session, provider_name, resolve_providers
 
 __all__ = ["run_benchmark", "format_table", "session_runner", "machine", "Configurations", "prepare_models",
-           "time_interleaved", "median_throughput", "provider_chain", "random_feed", "explain_step", "add_arguments",
-           "main"]
+           "time_interleaved", "median_throughput", "provider_chain", "random_feed", "explain_step", "peak_rss_mib",
+           "add_arguments", "main"]
 
 MODES = ("plain", "explain", "fused")
 CAM_OUTPUTS = ("cam_classes", "cam_scores", "cam_maps")
@@ -107,9 +107,22 @@ def _memory_gib():
     return None
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident set size, in MiB.
+
+    On Linux, ``VmHWM`` from ``/proc/self/status``: the peak of the current process
+    image.  ``getrusage().ru_maxrss`` is not used there because it carries over the
+    forking parent's resident size across ``exec``, so a small child of a large
+    parent would report the parent's size.  Elsewhere, ``ru_maxrss``.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB elsewhere
 
 
 # --------------------------------------------------------------------------- runners
@@ -273,10 +286,10 @@ def _probe_main(argument: str) -> None:
     spec = json.loads(argument)
     setup = Configurations(spec["plain"], spec["fused"], spec["chain"], spec["io_binding"])
     step = setup.step(spec["mode"], spec["batch"])
-    setup_rss = _peak_rss_mib()
+    setup_rss = peak_rss_mib()
     for _ in range(3):
         step()
-    print(json.dumps({"setup_rss_mib": round(setup_rss, 1), "peak_rss_mib": round(_peak_rss_mib(), 1)}))
+    print(json.dumps({"setup_rss_mib": round(setup_rss, 1), "peak_rss_mib": round(peak_rss_mib(), 1)}))
 
 
 def provider_chain(name: str) -> list:

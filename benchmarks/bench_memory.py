@@ -4,7 +4,7 @@ Target (issue 5): explaining 10,000 images keeps the peak resident set size with
 1.5x of the peak for a single chunk.
 
 Each measurement runs in a fresh Python subprocess, because a process's peak RSS
-(``getrusage`` ``ru_maxrss``) never goes down.  The subprocess loads the embedded
+(``VmHWM``, see `backends.bench.peak_rss_mib`) never goes down.  The subprocess loads the embedded
 EfficientNet-Lite0, then calls ``explain_images`` (which returns the list of every
 result, so it is the stricter of the two image entry points) on a generator that
 makes random 375x500x3 uint8 images one at a time, so the inputs are never all in
@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,15 +40,12 @@ def _rss_now_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _rss_peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB on Linux
-
-
 def child(count: int, sample: int) -> dict:
     """Explain `count` random images in this process; report RSS figures."""
     import numpy as np
 
     import camcore
+    from backends.bench import peak_rss_mib
 
     explainer = camcore.load(None, providers=["cpu"])
     samples = []
@@ -61,14 +57,14 @@ def child(count: int, sample: int) -> dict:
                 samples.append([i, round(_rss_now_mib(), 1)])
             yield rng.integers(0, 256, IMAGE_SHAPE, dtype=np.uint8)
 
-    after_load = _rss_peak_mib()
+    after_load = peak_rss_mib()
     start = time.perf_counter()
     results = explainer.explain_images(images(), top_k=1)
     seconds = time.perf_counter() - start
     samples.append([count, round(_rss_now_mib(), 1)])
     boxes = sum(len(r.boxes[0]) for r in results)
     return {"count": count, "chunk": explainer.batch_size, "results": len(results), "boxes_found": boxes,
-            "setup_peak_rss_mib": round(after_load, 1), "peak_rss_mib": round(_rss_peak_mib(), 1),
+            "setup_peak_rss_mib": round(after_load, 1), "peak_rss_mib": round(peak_rss_mib(), 1),
             "rss_samples": samples, "seconds": round(seconds, 1), "images_per_s": round(count / seconds, 2)}
 
 
@@ -91,7 +87,7 @@ def markdown(result: dict) -> str:
         "",
         "Each row is a fresh subprocess: the embedded EfficientNet-Lite0 (CPU), `explain_images(images, top_k=1)` "
         f"on a generator of random {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} RGB uint8 images (made one at a time), "
-        "every result kept in the returned list. Peak RSS is the process's `ru_maxrss` (whole process: Python, "
+        "every result kept in the returned list. Peak RSS is the process's `VmHWM` (whole process: Python, "
         "numpy, onnxruntime, the model).",
         "",
         "| images | chunk | peak RSS MiB | peak after loading MiB | seconds | images/s |",

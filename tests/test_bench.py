@@ -143,3 +143,15 @@ def test_explain_step_gives_one_box_per_image(model_path):
         assert b.shape == (1, 4)
         x0, y0, x1, y1 = b[0]
         assert 0 <= x0 < x1 <= 8 and 0 <= y0 < y1 <= 8
+
+
+def test_memory_probe_reports_the_child_not_the_parent(model_path, tmp_path):
+    """A small child of a large parent reports its own peak (ru_maxrss would report the parent's)."""
+    ballast = np.ones(400 * 2**20 // 8)  # 400 MiB, touched
+    parent = bench.peak_rss_mib()
+    assert parent > 400
+    plain, fused = bench.prepare_models(onnx.load(str(model_path)), tmp_path)
+    probe = bench._memory_probe({"plain": str(plain), "fused": str(fused), "chain": ["CPUExecutionProvider"],
+                                 "io_binding": False, "mode": "plain", "batch": 2})
+    assert 10 < probe["setup_rss_mib"] <= probe["peak_rss_mib"] < parent - 300
+    del ballast
