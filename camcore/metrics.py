@@ -44,7 +44,10 @@ The protocol's boxes are computed here without OpenCV, from exact identities:
   1/2 when three are and 0 otherwise; summing windows gives ``cv2.contourArea``;
 * ties between equal areas go to the component found last in raster order,
   which is the first one in OpenCV's contour list (the protocol's test vectors
-  rely on this).
+  rely on this);
+* hole contours compete for the largest as well: a hole's contour can at most
+  tie its component's outer contour (a one-pixel-thin ring), and then wins,
+  being found later; those few holes are traced exactly (Suzuki & Abe).
 
 `tests/test_metrics.py` checks these against a straightforward implementation
 of Suzuki & Abe's border following (the algorithm inside ``cv2.findContours``)
@@ -416,6 +419,37 @@ def _largest_per_level(comps: dict) -> np.ndarray:
     return order[np.flatnonzero(np.append(level[1:] != level[:-1], True))] if order.size else order
 
 
+# the 8 neighbours clockwise on screen (rows grow downwards), from east
+_AROUND = ((0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1), (-1, 0), (-1, 1))
+
+
+def _hole_border_area2(fg: np.ndarray, i: int, j: int) -> int:
+    """Twice the polygon area of the hole border traced from foreground pixel (i, j), hole to its east.
+
+    Suzuki & Abe's border following (steps 3.1-3.6, the algorithm of
+    ``cv2.findContours``), then the shoelace formula, as ``cv2.contourArea``.
+    """
+    f = np.pad(fg, 1)
+    start = (i + 1, j + 1)
+    p1 = next((q for q in ((start[0] + di, start[1] + dj) for di, dj in _AROUND) if f[q]), None)
+    if p1 is None:
+        return 0
+    previous, current, points = p1, start, []
+    while True:
+        back = _AROUND.index((previous[0] - current[0], previous[1] - current[1]))
+        for s in range(1, 9):  # counterclockwise from the neighbour after the previous pixel
+            di, dj = _AROUND[(back - s) % 8]
+            following = (current[0] + di, current[1] + dj)
+            if f[following]:
+                break
+        points.append(current)
+        if following == start and current == p1:
+            break
+        previous, current = current, following
+    y, x = np.array(points).T
+    return int(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
 def _take(runs: tuple, keep: np.ndarray) -> tuple:
     return tuple(r[keep] for r in runs)
 
@@ -444,14 +478,9 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
     empty = np.flatnonzero(per_level == 0)
     for mode in (0, 1):
         parts[mode].append((np.zeros((empty.size, 4), np.int64), empty))
-    # filling holes can change which component is largest only where there are several
-    refill = holed[per_level[holed] > 1]
     if every:
         parts[1].append((fg["box"], fg["level"]))
-    if largest:
-        plain = np.isin(fg["level"], refill, invert=True)
-        picked = _largest_per_level({k: v[plain] for k, v in fg.items() if k != "label"})
-        parts[0].append((fg["box"][plain][picked], fg["level"][plain][picked]))
+    refill = holed
     if holed.size:
         level, row, start, stop = _take(fg_runs, np.isin(fg_runs[0], holed))
         group = level.astype(np.int64) * (height + 1) + row
@@ -469,8 +498,17 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
             outside |= (last < first) | (gaps[2] < start[np.minimum(first, group.size - 1)])
             outside |= gaps[3] > stop[np.maximum(last, 0)]
         is_hole = np.bincount(pieces["label"], weights=outside, minlength=pieces["level"].size) == 0
-        if every:  # a hole's contour runs through the pixels around it
-            parts[1].append((pieces["box"][is_hole] + np.array([-1, -1, 1, 1]), pieces["level"][is_hole]))
+        grown = pieces["box"] + np.array([-1, -1, 1, 1])  # a hole's contour runs through the pixels around it
+        if every:
+            parts[1].append((grown[is_hole], pieces["level"][is_hole]))
+        # hole contours compete for the largest too, but one can only tie the largest contour (never
+        # exceed it), in a one-pixel-thin ring, and its area is at most 10 x its pixel count
+        pixels = np.bincount(pieces["label"], weights=gaps[3] - gaps[2], minlength=is_hole.size)
+        unfilled = np.zeros(levels.size)
+        np.maximum.at(unfilled, fg["level"], fg["area2"])
+        rivals = np.flatnonzero(is_hole & (10 * pixels >= unfilled[pieces["level"]]))
+        # filling holes changes areas, hence the largest, only where there are several contours
+        refill = np.union1d(holed[per_level[holed] > 1], pieces["level"][rivals])
         if largest and refill.size:  # fill the holes: runs on both sides of a hole gap become one
             new = np.ones(level.size, dtype=bool)
             new[inner + 1] = ~is_hole[pieces["label"]]
@@ -478,8 +516,24 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
             keep = np.isin(level[begin], refill)
             begin, end = begin[keep], end[keep]
             filled = _run_components((level[begin], row[begin], start[begin], stop[end]), u8.shape, True)
-            picked = _largest_per_level(filled)
-            parts[0].append((filled["box"][picked], filled["level"][picked]))
+    if largest:  # the winner of each level: area, raster index of its first pixel, box
+        plain = np.isin(fg["level"], refill, invert=True)
+        candidates = [{k: v[plain] for k, v in fg.items() if k != "label"}]
+        if refill.size:
+            candidates.append({k: v for k, v in filled.items() if k != "label"})
+        comps = {k: np.concatenate([c[k] for c in candidates]) for k in candidates[0]}
+        picked = _largest_per_level(comps)
+        best = {k: v[picked] for k, v in comps.items()}
+        if holed.size:  # trace the few holes that may tie
+            for h in rivals:
+                lv = pieces["level"][h]
+                i, j = divmod(int(pieces["raster"][h]) - 1, width)  # left of its first pixel
+                w = int(np.flatnonzero(best["level"] == lv)[0])
+                area2 = _hole_border_area2(u8 > levels[lv], i, j)
+                # found after its own component's outer border, so it wins ties with it
+                if (area2, pieces["raster"][h] - 1) > (best["area2"][w], best["raster"][w]):
+                    best["area2"][w], best["raster"][w], best["box"][w] = area2, pieces["raster"][h] - 1, grown[h]
+        parts[0].append((best["box"], best["level"]))
     out = []
     for mode, wanted in enumerate((largest, every)):
         if not wanted:

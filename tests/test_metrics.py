@@ -380,6 +380,19 @@ def test_nested_holes_and_open_gaps():
         (1, 1, 12, 12), (2, 2, 11, 11), (5, 5, 8, 8), (16, 1, 28, 12)]
 
 
+def test_a_hole_contour_can_tie_and_win_the_largest():
+    # a one-pixel-thin diamond with a tail: its hole's contour has the outer contour's area (2)
+    # and is found later, so OpenCV's max() returns the hole's box
+    m = np.zeros((3, 7))
+    m[[0, 1, 1, 2, 2], [1, 0, 2, 1, 3]] = 0.3
+    assert protocol_boxes(m, [0.0])[0].tolist() == [[0, 0, 3, 2]] == reference_boxes(m, [0.0], False)[0]
+    # a thicker ring: the outer contour is strictly larger and keeps its box
+    m = np.zeros((6, 7))
+    m[0:5, 0:5] = 1
+    m[2, 2] = 0
+    assert protocol_boxes(m, [0.5])[0].tolist() == [[0, 0, 5, 5]] == reference_boxes(m, [0.5], False)[0]
+
+
 def test_box_accuracies_is_both_rules_in_one_pass():
     rng = np.random.default_rng(3)
     maps = np.concatenate([blob_maps(rng, 10, (24, 20)), cam_like_maps(rng, 10, (24, 20))])
