@@ -73,10 +73,10 @@ def breakdown(explainer, dataset, images, batch: int) -> dict:
     out = {}
     t0 = time.perf_counter()
     pixels = [camcore.preprocess.read_image(images / s.image_id) for s in samples]
-    x, geometries = preprocess.batch(pixels, layout=explainer._input_layout())
+    x, geometries = preprocess.batch(pixels, layout=explainer.input_layout)
     out["read + preprocess"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    features, logits = explainer.backend.run({explainer.head.input.name: x})
+    features, logits = explainer.forward({explainer.head.input.name: x})
     out["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     np.argsort(-logits.reshape(len(x), -1), axis=1, kind="stable")[:, :5]

@@ -184,18 +184,6 @@ def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
-def _run_model(explainer, x: np.ndarray):
-    """Features and (n, C) logits; a fixed-batch model gets its last chunk padded."""
-    head = explainer.head
-    n = len(x)
-    fixed = head.input.shape[0] if head.input.shape else None
-    if isinstance(fixed, int) and fixed > n:
-        x = np.concatenate([x, np.repeat(x[-1:], fixed - n, axis=0)])
-    features, logits = explainer.backend.run({head.input.name: x})
-    logits = np.asarray(logits, dtype=np.float32).reshape(len(x), -1)[:n]
-    return np.asarray(features)[:n], logits
-
-
 def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | None = None,
              thresholds=np.arange(0, 1, 0.01), top_k: int = 5, threshold: float = 0.2,
              batch_size: int | None = None, mask_root=None, save_maps=None, progress=None) -> dict:
@@ -242,14 +230,13 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
     if not dataset.samples:
         raise InvalidInput("the dataset has no annotated image to evaluate")
     preprocess = preprocess or explainer.default_preprocess()
-    fixed = head.input.shape[0] if head.input.shape else None
-    chunk = fixed if isinstance(fixed, int) else int(batch_size or explainer.batch_size)
+    chunk = explainer.fixed_batch or int(batch_size or explainer.batch_size)
     if chunk < 1:
         raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
     images = Path(images)
     mask_root = images if mask_root is None else Path(mask_root)
     save_maps = None if save_maps is None else Path(save_maps)
-    layout, dtype = explainer._input_layout(), head.input.dtype
+    layout, dtype = explainer.input_layout, head.input.dtype
     boxed = dataset.kind == "boxes"
     hits = dict.fromkeys(("top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc"), 0)
     box_acc = pixel = None
@@ -262,7 +249,7 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
                                f"{head.num_classes} classes")
         x, geometries = preprocess.batch([read_image(images / s.image_id) for s in batch],
                                          layout=layout, dtype=dtype)
-        features, logits = _run_model(explainer, x)
+        features, logits = explainer.forward({head.input.name: x})
         labels = np.array([s.label for s in batch], dtype=np.int64)
         top = _top_classes(logits, top_k)
         maps = cam(features, head.weights, labels[:, None], layout=head.layout)[:, 0]
