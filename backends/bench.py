@@ -403,7 +403,13 @@ def prepare_models(model, folder) -> tuple:
 
 
 def median_throughput(batch: int, seconds) -> float:
-    """Images per second: the median over rounds of ``batch / seconds``."""
+    """Images per second: the median over rounds of ``batch / seconds``.
+
+    Examples
+    --------
+    >>> median_throughput(16, [0.5, 0.4, 1.0])
+    32.0
+    """
     return statistics.median(batch / s for s in seconds)
 
 
