@@ -9,7 +9,8 @@ EfficientNet-Lite0 runs:
   the original image, the largest box), chunk by chunk;
 * ``eval``: `camcore.evaluation.evaluate` on the same images (top-5 classes,
   the ground-truth CAM as a 224x224 bicubic map, MaxBoxAcc V1 + V2 over 100
-  thresholds, the heuristic's top-k/GT-known box).
+  thresholds, the heuristic's top-k/GT-known box); it scores a batch in a
+  second thread while the next one is read and run.
 
 Both read and preprocess the images themselves. Throughput is the median
 over rounds of images per second; the issue's target is eval within 10 % of

@@ -70,6 +70,7 @@ import hashlib
 import io
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -239,30 +240,18 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
     layout, dtype = explainer.input_layout, head.input.dtype
     boxed = dataset.kind == "boxes"
     hits = dict.fromkeys(("top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc"), 0)
-    box_acc = pixel = None
-    started = time.perf_counter()
-    for start in range(0, len(dataset.samples), chunk):
-        batch = dataset.samples[start:start + chunk]
-        bad = [s for s in batch if s.label >= head.num_classes]
-        if bad:
-            raise InvalidInput(f"image {bad[0].image_id!r} has class {bad[0].label}, but the model has "
-                               f"{head.num_classes} classes")
-        x, geometries = preprocess.batch([read_image(images / s.image_id) for s in batch],
-                                         layout=layout, dtype=dtype)
-        features, logits = explainer.forward({head.input.name: x})
-        labels = np.array([s.label for s in batch], dtype=np.int64)
-        top = _top_classes(logits, top_k)
-        maps = cam(features, head.weights, labels[:, None], layout=head.layout)[:, 0]
-        scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
-        hits["top1_cls"] += int((top[:, 0] == labels).sum())
-        hits["top5_cls"] += int((top[:, :5] == labels[:, None]).any(axis=1).sum())
+    totals = {"box_acc": None, "pixel": None}
+
+    def score(batch, geometries, labels, top, scoremaps):
+        """Every figure of one batch, as counts that add up."""
+        out = {"top1_cls": int((top[:, 0] == labels).sum()),
+               "top5_cls": int((top[:, :5] == labels[:, None]).any(axis=1).sum())}
         if save_maps is not None:
             for sample, scoremap in zip(batch, scoremaps):
                 _save_map(save_maps, sample.image_id, scoremap)
         if boxed:
             gt = [grid_boxes(s.boxes, g) for s, g in zip(batch, geometries)]
-            result = box_accuracies(scoremaps, gt, thresholds=thresholds, iou_thresholds=IOU_THRESHOLDS)
-            box_acc = result if box_acc is None else box_acc + result
+            out["box_acc"] = box_accuracies(scoremaps, gt, thresholds=thresholds, iou_thresholds=IOU_THRESHOLDS)
             known = [heuristic_boxes(m, threshold=threshold) for m in scoremaps]
             half_open = [b + np.array([0, 0, 1, 1]) for b in gt]
             # one class per image: a top-k box counts only for the ground-truth class, whose map
@@ -271,8 +260,8 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
             for k, key in ((1, "top1_loc"), (5, "top5_loc")):
                 if k <= top_k:
                     acc = localization_accuracy(top, pred, labels, half_open, k=k, gt_known_boxes=known)
-                    hits[key] += round(acc["top_k_loc"] * len(batch))
-            hits["gt_known_loc"] += round(acc["gt_known_loc"] * len(batch))
+                    out[key] = round(acc["top_k_loc"] * len(batch))
+            out["gt_known_loc"] = round(acc["gt_known_loc"] * len(batch))
         else:
             masks, ignores = [], []
             for sample, g in zip(batch, geometries):
@@ -282,10 +271,43 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
                     ignore = grid_mask(_gray_mask(mask_root / sample.ignore), g) & ~truth
                 masks.append(truth)
                 ignores.append(ignore)
-            result = pxap_counts(scoremaps, np.stack(masks), ignore=np.stack(ignores), thresholds=thresholds)
-            pixel = result if pixel is None else pixel + result
+            out["pixel"] = pxap_counts(scoremaps, np.stack(masks), ignore=np.stack(ignores), thresholds=thresholds)
+        return len(batch), out
+
+    def collect(future):
+        n_done, out = future.result()
+        for key, value in out.items():
+            if key in totals:
+                totals[key] = value if totals[key] is None else totals[key] + value
+            else:
+                hits[key] += value
         if progress is not None:
-            progress(len(batch))
+            progress(n_done)
+
+    started = time.perf_counter()
+    # the figures of one batch are computed in a second thread while the next batch is read and run
+    # (NumPy and image decoding release the GIL); batches are collected in order
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for start in range(0, len(dataset.samples), chunk):
+            batch = dataset.samples[start:start + chunk]
+            bad = [s for s in batch if s.label >= head.num_classes]
+            if bad:
+                raise InvalidInput(f"image {bad[0].image_id!r} has class {bad[0].label}, but the model has "
+                                   f"{head.num_classes} classes")
+            x, geometries = preprocess.batch([read_image(images / s.image_id) for s in batch],
+                                             layout=layout, dtype=dtype)
+            features, logits = explainer.forward({head.input.name: x})
+            labels = np.array([s.label for s in batch], dtype=np.int64)
+            maps = cam(features, head.weights, labels[:, None], layout=head.layout)[:, 0]
+            scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
+            future = pool.submit(score, batch, geometries, labels, _top_classes(logits, top_k), scoremaps)
+            if pending is not None:
+                collect(pending)
+            pending = future
+        if pending is not None:
+            collect(pending)
+    box_acc, pixel = totals["box_acc"], totals["pixel"]
     seconds = time.perf_counter() - started
     n = len(dataset.samples)
     figures = {key: 100.0 * value / n for key, value in hits.items()}
