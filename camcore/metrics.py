@@ -391,7 +391,8 @@ def _run_components(runs: tuple, shape: tuple, eight: bool) -> dict:
     # windows over touching runs a (row r) and b (row r + 1): both rows hold x and x + 1 -> 2;
     # one row holds both and the other one of them (its run ends or begins there) -> 1
     sa, ea, sb, eb = start[a], stop[a], start[b], stop[b]
-    weight = 2 * np.maximum(np.minimum(ea, eb) - np.maximum(sa, sb) - 1, 0)
+    full = np.maximum(np.minimum(ea, eb) - np.maximum(sa, sb) - 1, 0)  # windows with 4 set pixels
+    weight = 2 * full
     weight += ((sa < sb) & (sb < ea)).astype(np.int64) + ((sa < eb) & (eb < ea))
     weight += ((sb < sa) & (sa < eb)).astype(np.int64) + ((sb < ea) & (ea < eb))
     index = np.arange(n_runs)
@@ -409,6 +410,7 @@ def _run_components(runs: tuple, shape: tuple, eight: bool) -> dict:
         "box": np.stack([x0, row[first], x1, row[last] + 1], axis=1),
         "raster": row[first].astype(np.int64) * width + start[first],
         "area2": np.bincount(label[a], weights=weight, minlength=count),
+        "blocks": np.bincount(label[a], weights=full, minlength=count),
     }
 
 
@@ -482,7 +484,8 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
         parts[1].append((fg["box"], fg["level"]))
     refill = holed
     if holed.size:
-        level, row, start, stop = _take(fg_runs, np.isin(fg_runs[0], holed))
+        taken = np.flatnonzero(np.isin(fg_runs[0], holed))
+        level, row, start, stop = _take(fg_runs, taken)
         group = level.astype(np.int64) * (height + 1) + row
         # holes are made of gaps between two runs of a row: any other background pixel lies left
         # of the first run or right of the last one, so it reaches the image border
@@ -502,11 +505,16 @@ def _map_boxes(u8: np.ndarray, levels: np.ndarray, largest: bool, every: bool) -
         if every:
             parts[1].append((grown[is_hole], pieces["level"][is_hole]))
         # hole contours compete for the largest too, but one can only tie the largest contour (never
-        # exceed it), in a one-pixel-thin ring, and its area is at most 10 x its pixel count
+        # exceed it), when its component has no 2x2 block (a one-pixel-thin ring: any block lies
+        # between its outer and hole contours), and its area is at most 10 x its pixel count
         pixels = np.bincount(pieces["label"], weights=gaps[3] - gaps[2], minlength=is_hole.size)
         unfilled = np.zeros(levels.size)
         np.maximum.at(unfilled, fg["level"], fg["area2"])
-        rivals = np.flatnonzero(is_hole & (10 * pixels >= unfilled[pieces["level"]]))
+        first_gap = np.full(is_hole.size, inner.size)
+        np.minimum.at(first_gap, pieces["label"], np.arange(inner.size))
+        around = fg["label"][taken[inner[first_gap]]]  # the component left of the hole's first gap
+        thin = fg["blocks"][around] == 0
+        rivals = np.flatnonzero(is_hole & thin & (10 * pixels >= unfilled[pieces["level"]]))
         # filling holes changes areas, hence the largest, only where there are several contours
         refill = np.union1d(holed[per_level[holed] > 1], pieces["level"][rivals])
         if largest and refill.size:  # fill the holes: runs on both sides of a hole gap become one
