@@ -271,9 +271,6 @@ class Explainer:
         size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) for d in hw) else (224, 224)
         return Preprocess.imagenet(size)
 
-    def _input_layout(self) -> str:  # kept until camcore/evaluation.py moves to input_layout
-        return self.input_layout
-
     @property
     def input_layout(self) -> str:
         """``"NCHW"`` or ``"NHWC"``: where the image input keeps its channels (1 or 3)."""
