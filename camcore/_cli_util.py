@@ -170,6 +170,33 @@ def fail(message: str) -> None:
     print(f"camcore: error: {message}", file=sys.stderr)
 
 
+def provider_list(text):
+    """``--providers cpu,cuda`` -> ``["cpu", "cuda"]``; None when not given."""
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
 def run_command(fn, args) -> int:
     """Run ``fn(args) -> int`` and turn expected failures into one stderr line and an exit status.
 

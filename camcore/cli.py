@@ -17,7 +17,8 @@ import numpy as np
 
 from . import __version__
 from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_preprocess_arguments, atomic_write_bytes,
-                        encode_png, fail, one_line, preprocess_from_args, run_command, title_strip, write_json)
+                        encode_png, fail, fraction, one_line, positive_int, preprocess_from_args, provider_list,
+                        run_command, title_strip, write_json)
 from .errors import CamError
 
 __all__ = ["main", "build_parser"]
@@ -39,30 +40,6 @@ def _load(model, providers):
     from .api import load
 
     return load(model, providers=providers)
-
-
-def _providers(text):
-    return [p.strip() for p in text.split(",") if p.strip()] if text else None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
-    return value
 
 
 def _display(image) -> np.ndarray:
@@ -177,7 +154,7 @@ def _results(model, threshold, records) -> dict:
 def cmd_demo(args) -> int:
     from skimage import data
 
-    explainer = _load(None, _providers(args.providers))
+    explainer = _load(None, provider_list(args.providers))
     out = Path(args.out)
     items = [(f"skimage.data.{name}", name, getattr(data, name)()) for name in DEMO_IMAGES]
     records = _explain_and_write(explainer, items, out, preprocess=None, top_k=1, threshold=0.2,
@@ -212,7 +189,7 @@ def cmd_explain(args) -> int:
     if not paths:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
     images = _collect_images(paths)
-    explainer = _load(model, _providers(args.providers))
+    explainer = _load(model, provider_list(args.providers))
     preprocess = preprocess_from_args(args, explainer)
     out = Path(args.out)
     items = [(str(p), p.stem, str(p)) for p in images]
@@ -242,7 +219,7 @@ def _dims(shape) -> list:
 def cmd_inspect(args) -> int:
     from backends.ort_session import import_onnxruntime
 
-    explainer = _load(args.model, _providers(args.providers))
+    explainer = _load(args.model, provider_list(args.providers))
     head = explainer.head
     info = {
         "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer.input_layout,
@@ -336,8 +313,8 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
                                    "A first argument ending in .onnx is the model.")
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="optional MODEL.onnx, then image files or folders")
     p.add_argument("--out", default="camcore-out", metavar="DIR", help="output folder (default: %(default)s)")
-    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K", help="classes per image (default: 1)")
-    p.add_argument("--threshold", type=_fraction, default=0.2, metavar="T",
+    p.add_argument("--top-k", type=positive_int, default=1, metavar="K", help="classes per image (default: 1)")
+    p.add_argument("--threshold", type=fraction, default=0.2, metavar="T",
                    help="box threshold as a fraction of the map's max (default: 0.2)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
@@ -356,7 +333,7 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
                        description="Adds outputs cam_classes, cam_scores and cam_maps to the model.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
-    p.add_argument("--top-k", type=_positive_int, default=1, metavar="K")
+    p.add_argument("--top-k", type=positive_int, default=1, metavar="K")
     p.add_argument("--size", nargs="+", metavar="H W|input",
                    help="resize the maps to H W, or to the model input size ('input')")
     p.add_argument("--no-normalize", action="store_true", help="keep raw CAM values (no per-map min-max)")

@@ -366,8 +366,7 @@ def _thresholds(text: str) -> np.ndarray:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `camcore eval` arguments (the CLI calls this when `eval` is chosen)."""
-    from ._cli_util import add_preprocess_arguments
-    from .cli import _fraction, _positive_int
+    from ._cli_util import add_preprocess_arguments, fraction, positive_int
 
     parser.description = ("Localization accuracy of a model's CAMs on a wsolevaluation metadata folder or "
                           "Pascal-VOC XML annotations, following wsolevaluation's protocol (224x224 maps).")
@@ -382,13 +381,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-root", metavar="DIR", help="root of the mask paths (default: --images)")
     parser.add_argument("--thresholds", type=_thresholds, default=np.arange(0, 1, 0.01), metavar="A:B:STEP",
                         help="score-map thresholds for MaxBoxAcc and PxAP (default: 0:1:0.01)")
-    parser.add_argument("--top-k", type=_positive_int, default=5, metavar="K",
+    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K",
                         help="predicted classes per image (default: 5)")
-    parser.add_argument("--threshold", type=_fraction, default=0.2, metavar="T",
+    parser.add_argument("--threshold", type=fraction, default=0.2, metavar="T",
                         help="box threshold of the top-k/GT-known heuristic, fraction of the max (default: 0.2)")
     parser.add_argument("--json", metavar="FILE", help="write every figure and setting to FILE")
     parser.add_argument("--save-maps", metavar="DIR", help="write score maps as DIR/<image_id>.npy")
-    parser.add_argument("--batch-size", type=_positive_int, metavar="N", help="images per model run")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per model run")
     parser.add_argument("--providers", metavar="LIST",
                         help="onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
@@ -401,9 +400,8 @@ def _format(value) -> str:
 
 def main(args) -> int:
     """Run `camcore eval` with parsed `args`; returns the exit status."""
-    from ._cli_util import EXIT_OK, Progress, preprocess_from_args, write_json
+    from ._cli_util import EXIT_OK, Progress, preprocess_from_args, provider_list, write_json
     from .api import load
-    from .cli import _providers
 
     if args.model is not None and not args.model.lower().endswith(".onnx"):
         raise CamError(f"MODEL must be an .onnx file, got {args.model!r}: "
@@ -412,7 +410,7 @@ def main(args) -> int:
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
               f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, providers=_providers(args.providers))
+    explainer = load(args.model, providers=provider_list(args.providers))
     preprocess = preprocess_from_args(args, explainer)
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
     try:

@@ -1,7 +1,5 @@
 """The ONNX backend against the fixture zoo: head discovery, the CAM oracle, refusals, errors."""
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import onnxruntime as ort
