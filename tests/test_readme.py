@@ -1,5 +1,6 @@
 """The README's code cannot rot: its Python blocks run, its commands run or are checked."""
 
+import json
 import re
 import shlex
 import shutil
@@ -63,6 +64,11 @@ def workdir(tmp_path, monkeypatch):
     skio.imsave(tmp_path / "photos" / "coffee.png", data.coffee())
     skio.imsave(tmp_path / "photos" / "rocket.jpg", data.rocket())
     shutil.copy(default_model.path(), tmp_path / "model.onnx")
+    # A one-image wsolevaluation metadata folder: chelsea, class 285, the cat's box.
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "image_ids.txt").write_text("photo.jpg\n")
+    (tmp_path / "meta" / "class_labels.txt").write_text("photo.jpg,285\n")
+    (tmp_path / "meta" / "localization.txt").write_text("photo.jpg,0,0,399,299\n")
     return tmp_path
 
 
@@ -83,6 +89,8 @@ def test_camcore_commands_run(workdir, capsys):
     assert (workdir / "camcore-demo" / "chelsea.cam.png").is_file()
     assert (workdir / "cams" / "results.json").is_file()
     assert (workdir / "model_cam.onnx").is_file()
+    figures = json.loads((workdir / "eval.json").read_text())
+    assert figures["top1_cls"] == 100 and figures["gt_known_loc"] == 100
 
 
 def test_python_blocks_run(workdir, capsys):
