@@ -262,12 +262,8 @@ def test_largest_counts_holes_as_inside():
     assert [box.tolist()] == [reference_boxes(m, [0.5], False)[0]]
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.sampled_from([(6, 7), (14, 17), (20, 9)]))
-def test_protocol_boxes_match_border_following_reference(seed, size):
-    rng = np.random.default_rng(seed)
-    scoremap = blob_maps(rng, 1, size)[0]
-    taus = np.arange(0, 1, 0.05)
+def assert_matches_reference(scoremap, taus):
+    """protocol_boxes equals the border-following reference, largest contour and all contours."""
     for multi in (False, True):
         ours = protocol_boxes(scoremap, taus, multi_contour=multi)
         ref = reference_boxes(scoremap, taus, multi)
@@ -275,6 +271,15 @@ def test_protocol_boxes_match_border_following_reference(seed, size):
             assert [sorted_rows(b) for b in ours] == [sorted_rows(b) for b in ref]
         else:
             assert [b.tolist() for b in ours] == ref
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([(6, 7), (14, 17), (20, 9)]))
+def test_protocol_boxes_match_border_following_reference(seed, size):
+    rng = np.random.default_rng(seed)
+    scoremap = blob_maps(rng, 1, size)[0]
+    taus = np.arange(0, 1, 0.05)
+    assert_matches_reference(scoremap, taus)
 
 
 @settings(max_examples=40, deadline=None)
@@ -282,13 +287,7 @@ def test_protocol_boxes_match_border_following_reference(seed, size):
 def test_protocol_boxes_match_reference_on_adversarial_maps(scoremap):
     # few levels: many ties, one-pixel lines, diagonal touches and holes
     taus = [0.0, 0.3, 0.5, 0.9]
-    for multi in (False, True):
-        ours = protocol_boxes(scoremap, taus, multi_contour=multi)
-        ref = reference_boxes(scoremap, taus, multi)
-        if multi:
-            assert [sorted_rows(b) for b in ours] == [sorted_rows(b) for b in ref]
-        else:
-            assert [b.tolist() for b in ours] == ref
+    assert_matches_reference(scoremap, taus)
 
 
 def test_protocol_boxes_validates():
@@ -354,13 +353,7 @@ def test_protocol_boxes_match_reference_on_cam_like_maps(seed):
     # components, holes that open to the border through the row above or below
     scoremap = cam_like_maps(np.random.default_rng(seed), 1)[0]
     taus = np.arange(0, 1, 0.04)
-    for multi in (False, True):
-        ours = protocol_boxes(scoremap, taus, multi_contour=multi)
-        ref = reference_boxes(scoremap, taus, multi)
-        if multi:
-            assert [sorted_rows(b) for b in ours] == [sorted_rows(b) for b in ref]
-        else:
-            assert [b.tolist() for b in ours] == ref
+    assert_matches_reference(scoremap, taus)
 
 
 def test_nested_holes_and_open_gaps():
