@@ -183,6 +183,12 @@ def machine_line(m: dict) -> str:
             f"({', '.join(m['onnxruntime_providers'])})")
 
 
+def markdown_table(header, rows) -> list:
+    """Lines of a right-aligned Markdown table."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|",
+            *("| " + " | ".join(cells) + " |" for cells in rows)]
+
+
 def markdown(result: dict) -> str:
     modes = result["modes"]
     has_torch = "torchcam" in modes
@@ -214,22 +220,16 @@ def markdown(result: dict) -> str:
         "",
         "Images per second (higher is better):",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---:" for _ in header) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in rows),
+        *markdown_table(header, rows),
         "",
         "The same ratios taken within each round (plain seconds / other seconds, median over rounds): two runs "
         "a few seconds apart share the machine's load, so this is the steadier estimate on a noisy machine:",
         "",
-        "| " + " | ".join(paired_header) + " |",
-        "|" + "|".join("---:" for _ in paired_header) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in paired),
+        *markdown_table(paired_header, paired),
         "",
         "And the ratios of the fastest round of each (the least disturbed runs; `timeit`'s estimator):",
         "",
-        "| " + " | ".join(paired_header) + " |",
-        "|" + "|".join("---:" for _ in paired_header) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in fastest),
+        *markdown_table(paired_header, fastest),
         "",
         "![throughput versus batch size](throughput.png)",
         "",
