@@ -134,7 +134,7 @@ class _Graph:
     def build(cls, model: onnx.ModelProto) -> "_Graph":
         try:
             inferred = shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:
+        except Exception:  # a graph inference rejects is still analysed, with fewer types known
             inferred = model
         g = inferred.graph
         producer, consumers, order = {}, {}, {}
@@ -391,7 +391,7 @@ def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: 
             batch = np.moveaxis(chunk.reshape([len(chunk)] + [1] * (len(shape) - 2) + [k]), -1, channel_axis)
             try:
                 result = run(np.ascontiguousarray(batch.reshape(shape), dtype=dtype))
-            except Exception:
+            except CamError:
                 # A head with a fixed batch size (e.g. Reshape to [1, K]): one probe at a time.
                 result = np.concatenate([run(np.ascontiguousarray(b[None], dtype=dtype)) for b in batch])
             out.append(np.asarray(result, dtype=np.float64).reshape(len(chunk), -1))
@@ -546,7 +546,10 @@ def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
     def run(batch: np.ndarray) -> np.ndarray:
         # Shape-only inputs carry the batch size and nothing else.
         dummies = {s.name: np.zeros((len(batch),) + (1,) * (len(s.shape) - 1), s.dtype) for s in shape_only}
-        return session.run(None, {pooled: batch, **dummies})[0]
+        try:
+            return session.run(None, {pooled: batch, **dummies})[0]
+        except Exception as exc:
+            raise CamError(f"cannot run the classifier head on its own: {str(exc).splitlines()[0]}") from None
 
     return run
 
