@@ -89,6 +89,10 @@ def test_camcore_commands_run(workdir, capsys):
     assert (workdir / "camcore-demo" / "chelsea.cam.png").is_file()
     assert (workdir / "cams" / "results.json").is_file()
     assert (workdir / "model_cam.onnx").is_file()
+    bench = json.loads((workdir / "bench.json").read_text())
+    cpu = bench["providers"][0]
+    assert (cpu["name"], cpu["status"]) == ("cpu", "ok") and [r["batch"] for r in cpu["runs"]] == [1, 16]
+    assert all(r[kind]["images_per_s"] > 0 for r in cpu["runs"] for kind in ("plain", "explain", "fused"))
     figures = json.loads((workdir / "eval.json").read_text())
     assert figures["top1_cls"] == 100 and figures["gt_known_loc"] == 100
 
