@@ -14,7 +14,7 @@ Every function that edits a graph returns a copy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,8 @@ _AFFINE_OPS = {
 }
 _SHAPE_ONLY = {"Shape", "Size"}
 _PROBE_BATCH = 512
+# Constant subgraphs larger than this are not folded (shape arithmetic is a few nodes).
+_MAX_FOLD_NODES = 64
 
 
 def np_dtype(elem_type: int) -> np.dtype:
@@ -54,10 +56,15 @@ def np_dtype(elem_type: int) -> np.dtype:
 
 
 def _dims(type_proto) -> tuple:
+    """Declared dims: ints for fixed axes, str or None for dynamic ones.
+
+    Older PaddlePaddle exports write ``dim_value: -1`` (not a ``dim_param``) for every
+    dynamic axis, so a ``dim_value <= 0`` is read as dynamic too.
+    """
     if not type_proto.tensor_type.HasField("shape"):
         return ()
     return tuple(
-        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        (d.dim_value if d.dim_value > 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
         for d in type_proto.tensor_type.shape.dim
     )
 
@@ -129,6 +136,7 @@ class _Graph:
     order: dict
     types: dict
     constants: dict
+    folded: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, model: onnx.ModelProto) -> "_Graph":
@@ -160,17 +168,37 @@ class _Graph:
         return t.tensor_type.elem_type if t is not None else None
 
     def constant(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or Constant-node output, else None."""
+        """Value of a tensor computed from constants alone, else None.
+
+        Initializers are read directly; anything else (Constant nodes, and subgraphs of
+        constants such as tf2onnx's ``Cast(int32 initializer)`` axes) is evaluated with
+        `onnx.reference` on the subgraph that produces it.
+        """
         if name in self.constants:
             return onnx.numpy_helper.to_array(self.constants[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    return onnx.numpy_helper.to_array(attr.t)
-                if attr.name in ("value_ints", "value_int"):
-                    return np.array(helper.get_attribute_value(attr), dtype=np.int64)
-        return None
+        if name not in self.folded:
+            self.folded[name] = self._fold(name)
+        return self.folded[name]
+
+    def _fold(self, name: str) -> np.ndarray | None:
+        nodes = self.ancestors(name)
+        if not nodes or len(nodes) > _MAX_FOLD_NODES:
+            return None
+        produced = {o for n in nodes for o in n.output}
+        leaves = {i for n in nodes for i in n.input if i and i not in produced}
+        if any(leaf not in self.constants for leaf in leaves):
+            return None  # depends on a graph input
+        from onnx.reference import ReferenceEvaluator
+
+        graph = helper.make_graph(nodes, "cam_fold", [], [helper.make_empty_tensor_value_info(name)],
+                                  [self.constants[leaf] for leaf in sorted(leaves)])
+        folder = helper.make_model(graph, opset_imports=self.model.opset_import,
+                                   ir_version=self.model.ir_version)
+        try:
+            (value,) = ReferenceEvaluator(folder).run(None, {})
+        except Exception:  # an op the reference cannot run: the tensor is not read as constant
+            return None
+        return np.asarray(value)
 
     def ancestors(self, name: str, *, stop: str | None = None, shape_only_stops: bool = False):
         """Nodes the tensor `name` depends on, not walking past `stop`."""
@@ -221,7 +249,8 @@ class _Pooling:
     kind: str  # "average" or "max"
     layout: str
     keepdims: bool
-    kernel: tuple | None = None  # AveragePool: the feature size it covers
+    description: str  # how it pools, for `camcore inspect`
+    scale: float = 1.0  # pooled = scale * mean_xy(features) (AveragePool counting its padding)
 
 
 def _spatial_axes(g: _Graph, node) -> tuple | None:
@@ -238,12 +267,66 @@ def _spatial_axes(g: _Graph, node) -> tuple | None:
     return tuple(sorted(int(a) % rank for a in axes)), rank
 
 
+def _window_pool(g: _Graph, node) -> str | None:
+    """Describe a 2-D AveragePool/MaxPool whose single output window covers the whole map.
+
+    Padding may make the window larger than the map (GoogLeNet from Caffe2: a 7x7 kernel
+    with pads (0, 0, 1, 1) over a 6x6 map).  Returns None for a local pooling.
+    """
+    kernel = tuple(_attr(node, "kernel_shape", ()))
+    if len(kernel) != 2:
+        return None
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    pads = tuple(_attr(node, "pads", None) or (0, 0, 0, 0))
+    if auto_pad not in ("NOTSET", "VALID") or (auto_pad == "VALID" and any(pads)):
+        return None
+    if any(d != 1 for d in _attr(node, "dilations", None) or (1, 1)):
+        return None  # a dilated window skips pixels
+    spatial = g.shape(node.input[0])[2:]
+    if len(spatial) != 2 or not all(isinstance(s, int) for s in spatial):
+        # Unknown map size: only an unpadded kernel can be read as the whole map.
+        return None if any(pads) else f"{node.op_type} {kernel[0]}x{kernel[1]} over the whole map"
+    strides = tuple(_attr(node, "strides", None) or (1, 1))
+    ceil = bool(_attr(node, "ceil_mode", 0))
+    for axis, size in enumerate(spatial):
+        begin, end = pads[axis], pads[axis + 2]
+        span = size + begin + end - kernel[axis]
+        out = (-(-span // strides[axis]) if ceil else span // strides[axis]) + 1
+        if span < 0 or out != 1 or kernel[axis] - begin < size:
+            return None
+    padded = f" with pads {pads}" if any(pads) else ""
+    return f"{node.op_type} {kernel[0]}x{kernel[1]}{padded} over the whole {spatial[0]}x{spatial[1]} map"
+
+
+def _pool_scale(g: _Graph, node) -> float:
+    """``pooled / mean_xy(features)`` of a whole-map AveragePool, run on a map of ones.
+
+    1 with ``count_include_pad=0``; with ``count_include_pad=1`` the padded cells count
+    in the divisor, so the pooled value is a constant times the mean.  Running the node
+    under onnxruntime gives exactly the divisor the model will run with.
+    """
+    if node.op_type != "AveragePool" or not any(_attr(node, "pads", None) or ()):
+        return 1.0
+    from .ort_session import make_session
+
+    h, w = g.shape(node.input[0])[2:]
+    elem = g.elem_type(node.input[0]) or onnx.TensorProto.FLOAT
+    single = helper.make_node("AveragePool", ["x"], ["y"], name="cam_pool_scale",
+                              **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+    graph = helper.make_graph([single], "cam_pool_scale", [helper.make_tensor_value_info("x", elem, [1, 1, h, w])],
+                              [helper.make_tensor_value_info("y", elem, None)])
+    model = helper.make_model(graph, opset_imports=g.model.opset_import, ir_version=g.model.ir_version)
+    (pooled,) = make_session(model, ["CPUExecutionProvider"]).run(None, {"x": np.ones((1, 1, h, w), np_dtype(elem))})
+    return float(np.asarray(pooled, np.float64).ravel()[0])
+
+
 def _as_global_pool(g: _Graph, node) -> _Pooling | None:
     """Return the pooling description if `node` pools over the whole spatial map."""
     op = node.op_type
     if op in ("GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"):
         kind = "average" if op == "GlobalAveragePool" else "max"
-        return _Pooling(node, kind, "NCHW", True)
+        return _Pooling(node, kind, "NCHW", True, f"{op} over H and W")
     if op in ("ReduceMean", "ReduceMax"):
         found = _spatial_axes(g, node)
         if found is None:
@@ -255,17 +338,14 @@ def _as_global_pool(g: _Graph, node) -> _Pooling | None:
         if layout is None:
             return None
         kind = "average" if op == "ReduceMean" else "max"
-        return _Pooling(node, kind, layout, bool(_attr(node, "keepdims", 1)))
+        keepdims = bool(_attr(node, "keepdims", 1))
+        return _Pooling(node, kind, layout, keepdims, f"{op} over H and W (axes {axes[0]}, {axes[1]})")
     if op in ("AveragePool", "MaxPool"):
-        kernel = tuple(_attr(node, "kernel_shape", ()))
-        pads = _attr(node, "pads", None) or []
-        if len(kernel) != 2 or any(pads) or _attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID", "NOTSET", "VALID"):
+        description = _window_pool(g, node)
+        if description is None:
             return None
-        spatial = g.shape(node.input[0])[2:]
-        if len(spatial) == 2 and all(isinstance(s, int) for s in spatial) and tuple(spatial) != kernel:
-            return None  # a local pooling inside the backbone
         kind = "average" if op == "AveragePool" else "max"
-        return _Pooling(node, kind, "NCHW", True, kernel)
+        return _Pooling(node, kind, "NCHW", True, description)
     return None
 
 
@@ -484,14 +564,16 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
     run = _probe_runner(probe, pooled, g)
     weights, bias = _recover_affine(run, pooled_shape, channel_axis, k, np_dtype(elem),
                                     _product_label(g, head_nodes, pooled))
+    # The probe reads logits from the pooled tensor; CAM needs them from mean_xy(features).
+    weights = (weights * _pool_scale(g, pooling.node)).astype(np.float32)
 
     inputs = graph_inputs(model)
     image_input = _image_input(g, inputs, feature)
-    extra = {"pooled": pooled, "pool_kernel": pooling.kernel}
     return Head(
         weights=weights, bias=bias, feature=feature, logits=logits, layout=pooling.layout,
         pooling=pooling.node.op_type, input=image_input, inputs=inputs,
-        feature_shape=feature_shape, scoring=scoring, output=output, extra=extra,
+        feature_shape=feature_shape, scoring=scoring, output=output, extra={"pooled": pooled},
+        pooling_node=pooling.node.name or pooled, pooling_detail=pooling.description,
     )
 
 

@@ -45,6 +45,8 @@ class Head:
         Layout of the feature tensor.
     pooling : str
         Op type of the global average pooling node.
+    pooling_node, pooling_detail : str
+        Its node name, and how it pools (e.g. ``"ReduceMean over H and W (axes 1, 2)"``).
     input : TensorSpec
         The image input.  `inputs` lists every graph input (multi-input models).
     feature_shape : tuple
@@ -67,6 +69,8 @@ class Head:
     scoring: str = "softmax"
     output: str = ""
     extra: dict = field(default_factory=dict)
+    pooling_node: str = ""
+    pooling_detail: str = ""
 
     @property
     def num_classes(self) -> int:

@@ -226,6 +226,8 @@ def cmd_inspect(args) -> int:
                   "dtype": str(np.dtype(head.input.dtype))},
         "feature": {"name": head.feature, "shape": _dims(head.feature_shape), "layout": head.layout},
         "pooling": head.pooling,
+        "pooling_node": head.pooling_node,
+        "pooling_detail": head.pooling_detail,
         "logits": head.logits,
         "scoring": head.scoring,
         "num_classes": head.num_classes,
@@ -243,7 +245,7 @@ def cmd_inspect(args) -> int:
     print(f"input        {info['input']['name']} {shape_text(info['input']['shape'])} "
           f"{info['input']['layout']} {info['input']['dtype']}")
     print(f"feature      {head.feature} {shape_text(info['feature']['shape'])} {head.layout}")
-    print(f"pooling      {head.pooling}")
+    print(f"pooling      {head.pooling_detail or head.pooling} at node {head.pooling_node!r}")
     print(f"logits       {head.logits} ({head.scoring})")
     print(f"classes      {head.num_classes}")
     print(f"channels     {head.channels}")

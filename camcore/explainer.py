@@ -224,7 +224,8 @@ class Explainer:
     def fixed_batch(self) -> int | None:
         """The batch size the model was exported with, or None for a dynamic batch axis."""
         shape = self.head.input.shape
-        return shape[0] if shape and isinstance(shape[0], int) else None
+        # Some exporters declare dynamic axes as -1 (or 0).
+        return shape[0] if shape and isinstance(shape[0], int) and shape[0] > 0 else None
 
     def _chunk_size(self, batch_size) -> int:
         chunk = self.batch_size if batch_size is None else int(batch_size)
@@ -268,7 +269,7 @@ class Explainer:
             return self.preprocess
         shape = self.head.input.shape
         hw = shape[2:4] if self.input_layout == "NCHW" else shape[1:3]
-        size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) for d in hw) else (224, 224)
+        size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else (224, 224)
         return Preprocess.imagenet(size)
 
     @property

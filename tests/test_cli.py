@@ -297,13 +297,29 @@ def test_inspect_json_on_zoo_models(zoo_dir):
         assert "CPUExecutionProvider" in info["providers"]
 
 
+@pytest.mark.parametrize("name, shape, detail", [
+    # paddle2onnx's dim_value -1 axes are dynamic (null), never a batch of -1.
+    ("paddle_minus_one_dims", [None, 3, None, None], "GlobalAveragePool over H and W"),
+    ("avgpool_padded_include_pad", [2, 3, 6, 6], "AveragePool 7x7 with pads (0, 0, 1, 1) over the whole 6x6 map"),
+    ("nhwc_reducemean_cast_axes_opset18", [2, 9, 7, 3], "ReduceMean over H and W (axes 1, 2)"),
+])
+def test_inspect_json_pooling_and_dynamic_axes(name, shape, detail, zoo_dir):
+    zm = CASES[name]()
+    proc = camcore_cli("inspect", zm.save(zoo_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["input"]["shape"] == shape
+    assert info["pooling_detail"] == detail and info["pooling_node"]
+    assert info["feature"]["shape"][1 if zm.layout == "NCHW" else 3] == 8
+
+
 def test_inspect_embedded_model_text():
     proc = camcore_cli("inspect", default_model.path())
     assert proc.returncode == 0, proc.stderr
     fields = dict(line.split(None, 1) for line in proc.stdout.splitlines())
     assert fields["input"].startswith("input (batch, 3, 224, 224) NCHW")
     assert fields["feature"].endswith(", 1280, 7, 7) NCHW")
-    assert fields["pooling"] == "GlobalAveragePool"
+    assert fields["pooling"].startswith("GlobalAveragePool over H and W at node ")
     assert fields["classes"] == "1000" and fields["channels"] == "1280"
     assert "CPUExecutionProvider" in fields["providers"]
 

@@ -70,6 +70,17 @@ def test_chunks_bound_the_batch():
     assert out.classes.shape == (10, 1)
 
 
+@pytest.mark.parametrize("batch_dim", [-1, 0, "N", None])
+def test_dynamic_batch_declared_as_minus_one_is_chunked(batch_dim):
+    """paddle2onnx writes dynamic axes as -1: that is no fixed batch of -1."""
+    rng = np.random.default_rng(0)
+    ex = Explainer(FakeBackend(rng.standard_normal((4, 3)), rng.standard_normal(4), shape=(batch_dim, 3, -1, -1)),
+                   batch_size=4)
+    assert ex.fixed_batch is None
+    out = ex.explain(rng.standard_normal((10, 3, 8, 8)).astype(np.float32))
+    assert ex.backend.calls == [4, 4, 2] and out.maps.shape == (10, 1, 8, 8)
+
+
 def test_explain_validation():
     ex, rng = make()
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)

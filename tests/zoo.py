@@ -226,6 +226,16 @@ def _pool(g: _Graph, f: str, kind: str, *, layout: str, hw, channels: int):
     if kind == "avgpool_full":
         pooled = g.op("AveragePool", [f], "pooled", kernel_shape=list(hw))
         return pooled, 4, f, layout, "AveragePool", channels
+    if kind.startswith("avgpool_padded"):
+        # GoogLeNet as converted from Caffe2: a 7x7 kernel, pads (0, 0, 1, 1), over a 6x6 map.
+        pooled = g.op("AveragePool", [f], "pooled", kernel_shape=[hw[0] + 1, hw[1] + 1], pads=[0, 0, 1, 1],
+                      count_include_pad=int(kind.endswith("include")))
+        return pooled, 4, f, layout, "AveragePool", channels
+    if kind == "mean_cast_axes":
+        # tf2onnx with its optimizers off: ReduceMean's axes come from Cast(int32 initializer).
+        axes = g.op("Cast", [g.const("axes_i32", spatial, np.int32)], to=TensorProto.INT64)
+        pooled = g.op("ReduceMean", [f, axes], "pooled", keepdims=0)
+        return pooled, 2, f, layout, "ReduceMean", channels
     if kind == "transpose_gap":
         t = g.op("Transpose", [f], "features_nchw", perm=[0, 3, 1, 2])
         return g.op("GlobalAveragePool", [t], "pooled"), 4, t, "NCHW", "GlobalAveragePool", channels
@@ -385,7 +395,7 @@ def _build(name: str, *, opset: int = 13, layout: str = "NCHW", pooling: str = "
            external: bool = False, refuse: str | None = None) -> ZooModel:
     g = _Graph(name, opset, dtype)
     elem = helper.np_dtype_to_tensor_dtype(g.dtype)
-    h, w = ("H", "W") if dynamic_hw else hw
+    h, w = ("H", "W") if dynamic_hw is True else (-1, -1) if dynamic_hw == "minus_one" else hw
     dims = [batch, IN_CHANNELS, h, w] if layout == "NCHW" else [batch, h, w, IN_CHANNELS]
     input_name = "input_1" if layout == "NHWC" else "input"
 
@@ -393,6 +403,8 @@ def _build(name: str, *, opset: int = 13, layout: str = "NCHW", pooling: str = "
     pooled, rank, feature, feature_layout, pool_op, k = _pool(
         g, f, pooling, layout=layout, hw=hw, channels=channels)
     weights, bias = _head(g, pooled, rank, k, head)
+    if weights is not None and pooling == "avgpool_padded_include":
+        weights = weights * (hw[0] * hw[1]) / ((hw[0] + 1) * (hw[1] + 1))  # the padding counts
     out, scoring = _ending(g, "logits", ending)
 
     def value_info(tensor, size):
@@ -413,7 +425,8 @@ def _build(name: str, *, opset: int = 13, layout: str = "NCHW", pooling: str = "
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="camcore-zoo",
                               ir_version=helper.find_min_ir_version_for(opsets))
-    concrete = tuple({"N": 2, "H": hw[0], "W": hw[1]}.get(d, d) for d in dims)
+    sizes = {"N": 2, "C": IN_CHANNELS, "H": hw[0], "W": hw[1]}
+    concrete = tuple(d if isinstance(d, int) and d > 0 else sizes[axis] for d, axis in zip(dims, layout))
     return ZooModel(
         name=name, model=model, layout=feature_layout, feature=feature, logits="logits",
         pooling=pool_op,
@@ -441,6 +454,11 @@ CASES: dict[str, Callable[[], ZooModel]] = _cases(
     reducemean_input_keepdims1=dict(pooling="mean_keep", opset=18),
     reducemean_input_keepdims0=dict(pooling="mean_drop", opset=18, head="matmul_add"),
     avgpool_full_map=dict(pooling="avgpool_full", hw=(9, 7)),
+    avgpool_padded_exclude_pad=dict(pooling="avgpool_padded_exclude", hw=(6, 6)),
+    avgpool_padded_include_pad=dict(pooling="avgpool_padded_include", hw=(6, 6)),
+    reducemean_cast_axes_opset18=dict(pooling="mean_cast_axes", opset=18, head="matmul_add"),
+    nhwc_reducemean_cast_axes_opset18=dict(pooling="mean_cast_axes", opset=18, head="matmul_add",
+                                           layout="NHWC", hw=(9, 7)),
     se_block_backbone=dict(se=True),
     # Head variants.
     gemm_transb0_alpha_beta=dict(head="gemm_tb0"),
@@ -473,6 +491,9 @@ CASES: dict[str, Callable[[], ZooModel]] = _cases(
     dynamic_batch=dict(batch="N", other_shapes=[(1, 3, 8, 8), (5, 3, 8, 8)]),
     dynamic_batch_hw=dict(batch="N", dynamic_hw=True, hw=(8, 8),
                           other_shapes=[(1, 3, 9, 7), (3, 3, 16, 12)]),
+    # paddle2onnx: every dynamic axis declared as dim_value -1.
+    paddle_minus_one_dims=dict(batch=-1, dynamic_hw="minus_one", hw=(8, 8), head="reshape_shape",
+                               other_shapes=[(1, 3, 9, 7), (5, 3, 16, 12)]),
     external_data=dict(channels=64, external=True),
     # Orientation: features are hot exactly where the input is.
     hot_spot_nchw=dict(hot_spot=True, hw=(9, 7), batch=1),
