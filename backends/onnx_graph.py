@@ -27,6 +27,8 @@ from camcore.errors import CamError, NotCamCompatible
 __all__ = [
     "load_model",
     "find_head",
+    "find_target",
+    "candidate_layers",
     "expose_outputs",
     "graph_inputs",
     "np_dtype",
@@ -504,6 +506,24 @@ def _product_label(g: _Graph, nodes: list, pooled: str) -> str:
     return "the numerical probe found a nonlinear response"
 
 
+def _resolve_logits(g: _Graph, feature, logits, output) -> tuple[str, str, str]:
+    """Check the tensor-name overrides; return ``(output, logits, scoring)``."""
+    names = [o.name for o in g.model.graph.output]
+    if output is None:
+        output = names[0] if names else None
+    if output is None or output not in names:
+        raise CamError(f"output {output!r} not found; the model's outputs are {sorted(names)}")
+    known = set(g.producer) | {i.name for i in g.model.graph.input}
+    for name, value in (("feature", feature), ("logits", logits)):
+        if value is not None and value not in known:
+            raise CamError(f"{name} tensor {value!r} not found in the graph")
+    if logits is None:
+        logits, scoring = _walk_to_logits(g, output)
+    else:
+        scoring = _scoring_of(g, logits)
+    return output, logits, scoring
+
+
 def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str | None = None,
               output: str | None = None) -> Head:
     """Find the feature tensor, the pooling and the affine head of a GAP classifier.
@@ -529,19 +549,7 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
         With a one-line reason.
     """
     g = _Graph.build(model)
-    names = {o.name for o in model.graph.output}
-    if output is None:
-        output = model.graph.output[0].name if model.graph.output else None
-    if output is None or (output not in names):
-        raise CamError(f"output {output!r} not found; the model's outputs are {sorted(names)}")
-    known = set(g.producer) | {i.name for i in model.graph.input}
-    for name, value in (("feature", feature), ("logits", logits)):
-        if value is not None and value not in known:
-            raise CamError(f"{name} tensor {value!r} not found in the graph")
-    if logits is None:
-        logits, scoring = _walk_to_logits(g, output)
-    else:
-        scoring = _scoring_of(g, logits)
+    output, logits, scoring = _resolve_logits(g, feature, logits, output)
     pooling = _find_pooling(g, logits, output, feature)
     feature = pooling.node.input[0]
     pooled = pooling.node.output[0]
@@ -574,6 +582,138 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
         pooling=pooling.node.op_type, input=image_input, inputs=inputs,
         feature_shape=feature_shape, scoring=scoring, output=output, extra={"pooled": pooled},
         pooling_node=pooling.node.name or pooled, pooling_detail=pooling.description,
+    )
+
+
+# Ops whose 4-D inputs and outputs are NCHW by the ONNX spec.
+_NCHW_OPS = {
+    "Conv", "ConvTranspose", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool",
+    "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "DepthToSpace",
+    "SpaceToDepth", "MaxRoiPool", "QLinearConv",
+}
+
+
+def _layouts(g: _Graph) -> dict:
+    """Layout ("NCHW" or "NHWC") of every 4-D tensor, propagated in graph order.
+
+    Tensors read or written by spec-NCHW ops are NCHW; a Transpose permutes its input's
+    layout; other ops pass on the layout of their first 4-D input.  Image inputs are read
+    by where their 1 or 3 channels sit.
+    """
+    layouts = {}
+    for spec in graph_inputs(g.model):
+        if len(spec.shape) == 4:
+            layouts[spec.name] = "NHWC" if spec.shape[3] in (1, 3) and spec.shape[1] not in (1, 3) else "NCHW"
+    for node in g.model.graph.node:
+        four = [i for i in node.input if len(g.shape(i)) == 4]
+        if node.op_type in _NCHW_OPS:
+            layout = "NCHW"
+            for i in four[:1]:
+                layouts[i] = "NCHW"
+        elif node.op_type == "Transpose" and four and four[0] in layouts:
+            perm = _attr(node, "perm", (3, 2, 1, 0))
+            layout = "".join(layouts[four[0]][p] for p in perm)
+        else:
+            layout = next((layouts[i] for i in four if i in layouts), None)
+        for out in node.output:
+            if layout in ("NCHW", "NHWC") and len(g.shape(out)) == 4:
+                layouts[out] = layout
+    return layouts
+
+
+def _spatial_size(shape: tuple, layout: str) -> int | None:
+    hw = shape[2:4] if layout == "NCHW" else shape[1:3]
+    return hw[0] * hw[1] if all(isinstance(d, int) for d in hw) else None
+
+
+def _value_nodes(g: _Graph, logits: str, stop: str | None = None) -> list:
+    """Nodes on value paths to `logits` (not through Shape/Size), fed by a graph input."""
+    inputs = {s.name for s in graph_inputs(g.model)}
+    nodes = [n for n in g.ancestors(logits, stop=stop, shape_only_stops=True) if n.op_type not in _SHAPE_ONLY]
+    fed, kept = set(inputs), []
+    for node in nodes:
+        if any(i in fed for i in node.input):
+            fed.update(node.output)
+            kept.append(node)
+    return kept
+
+
+def candidate_layers(model: onnx.ModelProto, *, logits: str | None = None, output: str | None = None) -> list:
+    """The 4-D tensors the logits depend on, in graph order: ``(name, shape, layout)``.
+
+    Any of them can be the target layer of the gradient and forward-only methods
+    (``camcore.load(model, feature=name)``); dims are as inferred (None when dynamic).
+    """
+    g = _Graph.build(model)
+    _, logits, _ = _resolve_logits(g, None, logits, output)
+    return _candidates(g, logits)
+
+
+def _candidates(g: _Graph, logits: str) -> list:
+    layouts = _layouts(g)
+    seen, found = set(), []
+    for node in _value_nodes(g, logits):
+        for out in node.output:
+            if out in layouts and out not in seen:
+                seen.add(out)
+                found.append((out, g.shape(out), layouts[out]))
+    return found
+
+
+def find_target(model: onnx.ModelProto, *, feature: str | None = None, logits: str | None = None,
+                output: str | None = None, cam_refusal: str = "") -> Head:
+    """Find the target layer for the gradient and forward-only methods (no affine head needed).
+
+    The default is the tensor feeding the last global pooling (average or max) on the
+    logits' path or, when there is none, the last 4-D tensor of spatial size above 1 on
+    that path.  `feature` may name any 4-D tensor the logits depend on, provided every
+    value path to the logits goes through it (a layer bypassed by a skip connection is
+    refused: the gradient at it would miss the bypass).
+
+    Returns
+    -------
+    Head
+        With ``weights`` and ``bias`` None and `cam_refusal` recorded; `num_classes` and
+        `channels` are 0 where shape inference could not tell them.
+    """
+    g = _Graph.build(model)
+    output, logits, scoring = _resolve_logits(g, feature, logits, output)
+    layouts = _layouts(g)
+    pooling = None
+    if feature is None:
+        pools = [p for p in (_as_global_pool(g, n) for n in _value_nodes(g, logits)) if p is not None]
+        if pools:
+            pooling = pools[-1]
+            feature = pooling.node.input[0]
+        else:
+            maps = [c for c in _candidates(g, logits) if (_spatial_size(c[1], c[2]) or 2) > 1]
+            if not maps:
+                raise NotCamCompatible(f"no 4-D feature map on the path to output {output!r}")
+            feature = maps[-1][0]
+    else:
+        if feature not in {c[0] for c in _candidates(g, logits)}:
+            raise NotCamCompatible(f"tensor {feature!r} is not a 4-D feature map that the logits {logits!r} depend on")
+        pooling = next((p for p in (_as_global_pool(g, n) for n in g.consumers.get(feature, []))
+                        if p is not None and p.node.input[0] == feature), None)
+    layout = pooling.layout if pooling is not None else layouts.get(feature, "NCHW")
+    inputs = {s.name for s in graph_inputs(g.model)}
+    for node in _value_nodes(g, logits, stop=feature):
+        bypass = [i for i in node.input if i in inputs]
+        if bypass and feature not in inputs:
+            raise NotCamCompatible(f"layer {feature!r} is bypassed: the logits depend on input {bypass[0]!r} "
+                                   f"other than through it ({_node_label(node)})")
+    shape = g.shape(feature)
+    channels = shape[1 if layout == "NCHW" else 3] if len(shape) == 4 else None
+    classes = g.shape(logits)[-1] if g.shape(logits) else None
+    specs = graph_inputs(model)
+    return Head(
+        weights=None, bias=None, feature=feature, logits=logits, layout=layout,
+        pooling=pooling.node.op_type if pooling is not None else "", input=_image_input(g, specs, feature),
+        inputs=specs, feature_shape=shape, scoring=scoring, output=output,
+        pooling_node=(pooling.node.name or pooling.node.output[0]) if pooling is not None else "",
+        pooling_detail=pooling.description if pooling is not None else "",
+        num_classes=classes if isinstance(classes, int) else 0,
+        channels=channels if isinstance(channels, int) else 0, cam_refusal=cam_refusal,
     )
 
 

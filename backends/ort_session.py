@@ -8,11 +8,11 @@ from typing import Mapping
 import numpy as np
 
 from camcore.backend import Head
-from camcore.errors import CamError, InvalidInput, missing_dependency
+from camcore.errors import CamError, InvalidInput, NotCamCompatible, missing_dependency
 
 from . import onnx_graph
 
-__all__ = ["OrtBackend", "import_onnxruntime", "resolve_providers", "make_session"]
+__all__ = ["OrtBackend", "find_any_head", "import_onnxruntime", "resolve_providers", "make_session"]
 
 _ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -98,26 +98,35 @@ class OrtBackend:
         import_onnxruntime()
         proto, self.folder = onnx_graph.load_model(model)
         self.model = proto
-        self.head: Head = onnx_graph.find_head(proto, feature=feature, logits=logits, output=output)
+        self.head: Head = find_any_head(proto, feature=feature, logits=logits, output=output)
         exposed = onnx_graph.expose_outputs(proto, [self.head.feature, self.head.logits])
+        self._providers = providers
         self.session = make_session(exposed, providers, options=session_options)
         self._fetch = [self.head.feature, self.head.logits]
-        self.head = self._with_concrete_feature_shape(self.head)
+        self._head_sessions = {}
+        self.head = self._with_concrete_shapes(self.head)
 
-    def _with_concrete_feature_shape(self, head: Head) -> Head:
-        """Fill the feature shape that shape inference left symbolic, by one batch-1 run.
+    def _with_concrete_shapes(self, head: Head) -> Head:
+        """Fill what shape inference left unknown (feature dims, C, K) by one batch-1 run.
 
-        Only for inputs of static size (apart from the batch axis); other models keep
-        symbolic dims, since the feature size follows the input size.
+        The feature shape is filled only for inputs of static size (apart from the batch
+        axis), since otherwise the feature size follows the input size; C and K are read
+        from a run at 224 pixels per dynamic axis when inference did not give them.
         """
         shape = head.feature_shape
-        if len(shape) == 4 and all(isinstance(d, int) for d in shape[1:]):
+        known = len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])
+        static = all(isinstance(d, int) for spec in head.inputs for d in spec.shape[1:])
+        if (known or not static) and head.num_classes and head.channels:
             return head
-        if any(not isinstance(d, int) for spec in head.inputs for d in spec.shape[1:]):
-            return head
-        feed = {spec.name: np.zeros((1, *spec.shape[1:]), spec.dtype) for spec in head.inputs}
-        (features,) = self.session.run([head.feature], feed)
-        return dataclasses.replace(head, feature_shape=(shape[0] if shape else "N", *features.shape[1:]))
+        feed = {spec.name: np.zeros([d if isinstance(d, int) else (1 if axis == 0 else 224)
+                                     for axis, d in enumerate(spec.shape)], spec.dtype) for spec in head.inputs}
+        features, logits = self.session.run(self._fetch, feed)
+        changes = {"num_classes": int(np.prod(logits.shape[1:])),
+                   "channels": int(features.shape[1 if head.layout == "NCHW" else 3])}
+        if static and not known:
+            changes["feature_shape"] = (shape[0] if shape else "N", *features.shape[1:])
+        return dataclasses.replace(head, **changes) if head.weights is None else \
+            dataclasses.replace(head, feature_shape=changes.get("feature_shape", shape))
 
     @property
     def providers(self) -> list:
@@ -153,3 +162,75 @@ class OrtBackend:
         except Exception as exc:
             raise CamError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
         return features, logits.reshape(len(logits), -1)
+
+    def _head_session(self, gradients: bool):
+        """The head alone (feature tensor -> logits), with the backward pass when asked; built once."""
+        if gradients not in self._head_sessions:
+            from . import backprop
+
+            head, frontier = backprop.cut_head(self.model, self.head.feature, self.head.logits)
+            if gradients:
+                head = backprop.add_backward(head, self.head.feature, self.head.logits, seed=_SEED, grad=_GRAD)
+            session = make_session(head, self._providers)
+            specs = {i.name: i for i in session.get_inputs()}
+            self._head_sessions[gradients] = (session, [specs[name] for name in frontier],
+                                              specs.get(_SEED))
+        return self._head_sessions[gradients]
+
+    def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None):
+        """Run the head alone on any batch of feature maps; see `camcore.Backend.run_head`.
+
+        Frontier inputs of the head are read only through ``Shape`` (a batch size for a
+        Reshape): they get zeros of the right batch size.  A model exported with a fixed
+        batch size runs in chunks of that size, the last one padded.
+        """
+        session, frontier, seed_spec = self._head_session(seeds is not None)
+        fixed = self.head.input.shape[0] if self.head.input.shape else None
+        step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(features), 1)
+        logits_out, grads_out = [], []
+        for start in range(0, len(features), step):
+            part = features[start:start + step]
+            n = len(part)
+            pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
+            if pad:
+                part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+            feed = {self.head.feature: np.ascontiguousarray(part)}
+            for spec in frontier:
+                dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
+                feed[spec.name] = np.zeros([len(part), *dims[1:]], _ORT_DTYPES.get(spec.type, np.float32))
+            if seeds is not None:
+                seed = seeds[start:start + step]
+                if pad:
+                    seed = np.concatenate([seed, np.zeros((pad, seed.shape[1]), seed.dtype)])
+                rank = len(seed_spec.shape) if seed_spec.shape else 2
+                feed[_SEED] = seed.astype(_ORT_DTYPES.get(seed_spec.type, np.float32)).reshape(
+                    len(seed), -1, *[1] * (rank - 2))
+            try:
+                outputs = session.run(None, feed)
+            except Exception as exc:
+                raise CamError(f"onnxruntime failed on the head: {str(exc).splitlines()[0]}") from None
+            logits_out.append(outputs[0].reshape(len(part), -1)[:n])
+            if seeds is not None:
+                grads_out.append(outputs[-1][:n])
+        logits = np.concatenate(logits_out)
+        return logits if seeds is None else (logits, np.concatenate(grads_out))
+
+
+_SEED, _GRAD = "cam_seed", "cam_grad"
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def find_any_head(model, *, feature=None, logits=None, output=None) -> Head:
+    """The CAM head when the model has one, else the target layer of the gradient methods.
+
+    Raises `NotCamCompatible` only when neither can be found, with both reasons.
+    """
+    try:
+        return onnx_graph.find_head(model, feature=feature, logits=logits, output=output)
+    except NotCamCompatible as refusal:
+        try:
+            return onnx_graph.find_target(model, feature=feature, logits=logits, output=output,
+                                          cam_refusal=str(refusal))
+        except NotCamCompatible as exc:
+            raise NotCamCompatible(f"{refusal}; no target layer for gradient methods either: {exc}") from None

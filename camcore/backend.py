@@ -1,8 +1,10 @@
 """The seam between the array core and a runtime: one small Protocol.
 
-A backend runs model-ready inputs and returns the feature tensor that feeds the
-global average pooling together with the logits; it also describes the affine
-head (weights and bias) that maps pooled features to logits.  `camcore` never
+A backend runs model-ready inputs and returns the target feature tensor (by
+default the one that feeds the global pooling) together with the logits; it runs
+the head (feature tensor -> logits) on its own, with gradients, for the gradient
+and forward-only methods; and it describes the head it found (`Head`), with the
+affine classifier (weights and bias) when CAM applies.  `camcore` never
 imports a backend module at import time: `camcore.load` looks the backend up by
 name in a small registry (see `register_backend`).
 """
@@ -32,19 +34,21 @@ class TensorSpec:
 
 @dataclass(frozen=True, eq=False)
 class Head:
-    """What was found in a model: the feature tensor, the pooling and the affine head.
+    """What was found in a model: the target layer, the pooling and, for CAM, the affine head.
 
     Attributes
     ----------
-    weights : (C, K) float32 ndarray
-        Effective classifier from pooled features to logits.
-    bias : (C,) float32 ndarray
+    weights : (C, K) float32 ndarray or None
+        Effective classifier from pooled features to logits; None when the head after the
+        target layer is not GAP + affine (then only gradient and forward-only methods work).
+    bias : (C,) float32 ndarray or None
     feature, logits : str
-        Tensor names of the feature map that feeds the pooling and of the logits.
+        Tensor names of the target layer (by default the feature map that feeds the
+        global pooling) and of the logits.
     layout : {"NCHW", "NHWC"}
         Layout of the feature tensor.
     pooling : str
-        Op type of the global average pooling node.
+        Op type of the global pooling node ("" when the target feeds none).
     pooling_node, pooling_detail : str
         Its node name, and how it pools (e.g. ``"ReduceMean over H and W (axes 1, 2)"``).
     input : TensorSpec
@@ -55,10 +59,14 @@ class Head:
         How scores are made from logits: sigmoid when the graph ends in Sigmoid.
     output : str
         The model output the head was traced from.
+    num_classes, channels : int
+        C and K (read from `weights` when given).
+    cam_refusal : str
+        Why CAM cannot explain this model ("" when `weights` is set).
     """
 
-    weights: np.ndarray
-    bias: np.ndarray
+    weights: np.ndarray | None
+    bias: np.ndarray | None
     feature: str
     logits: str
     layout: str
@@ -71,19 +79,24 @@ class Head:
     extra: dict = field(default_factory=dict)
     pooling_node: str = ""
     pooling_detail: str = ""
+    num_classes: int = 0
+    channels: int = 0
+    cam_refusal: str = ""
+
+    def __post_init__(self):
+        if self.weights is not None:
+            object.__setattr__(self, "num_classes", int(self.weights.shape[0]))
+            object.__setattr__(self, "channels", int(self.weights.shape[1]))
 
     @property
-    def num_classes(self) -> int:
-        return int(self.weights.shape[0])
-
-    @property
-    def channels(self) -> int:
-        return int(self.weights.shape[1])
+    def affine(self) -> bool:
+        """True when CAM applies: GAP + affine head, `weights` and `bias` known."""
+        return self.weights is not None
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """What `Explainer` needs from a runtime."""
+    """What `Explainer` needs from a runtime: a forward pass, and the head on its own."""
 
     head: Head
 
@@ -92,6 +105,17 @@ class Backend(Protocol):
 
         Returns ``(features, logits)``: features ``(N, K, h, w)`` or ``(N, h, w, K)``
         as `head.layout` says, and logits ``(N, C)`` (pre-activation).
+        """
+        ...
+
+    def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None):
+        """Run only the part of the model from the feature tensor to the logits.
+
+        `features` is any batch ``(M, ...)`` in the feature tensor's shape (features of
+        several images, or edited copies of one image's features).  Returns logits
+        ``(M, C)``; with `seeds` ``(M, C)``, returns ``(logits, gradients)`` where
+        ``gradients[m] = d (seeds[m] . logits[m]) / d features[m]``, shaped like `features`.
+        The backbone is not run again.
         """
         ...
 

@@ -20,6 +20,7 @@ from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_preprocess_arguments,
                         encode_png, fail, fraction, one_line, positive_int, preprocess_from_args, provider_list,
                         run_command, title_strip, write_json)
 from .errors import CamError
+from .methods import METHODS
 
 __all__ = ["main", "build_parser"]
 
@@ -36,10 +37,10 @@ PLUGINS = {
 
 # ----------------------------------------------------------------- shared pieces
 
-def _load(model, providers):
+def _load(model, providers, feature=None):
     from .api import load
 
-    return load(model, providers=providers)
+    return load(model, providers=providers, feature=feature)
 
 
 def _display(image) -> np.ndarray:
@@ -107,7 +108,8 @@ def _unique_name(stem: str, taken: set) -> str:
     return name
 
 
-def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label):
+def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label,
+                       method="auto"):
     """Explain ``(name, stem, path or array)`` items, write ``<stem>.cam.png`` each; return the records.
 
     Images are read once: the generator handed to `iter_explain_images` keeps
@@ -130,7 +132,7 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
     progress = Progress(len(items), label, quiet=quiet)
     try:
         for result in explainer.iter_explain_images(images(), preprocess=preprocess, top_k=top_k,
-                                                    threshold=threshold, errors="report"):
+                                                    threshold=threshold, errors="report", method=method):
             name, stem, pixels = pending.popleft()
             record = _record(name, result, explainer)
             if result.error is None:
@@ -144,9 +146,9 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
     return records
 
 
-def _results(model, threshold, records) -> dict:
+def _results(model, threshold, records, method="cam") -> dict:
     return {"model": str(model if model is not None else "embedded:efficientnet_lite0"),
-            "threshold": threshold, "images": records}
+            "method": method, "threshold": threshold, "images": records}
 
 
 # ----------------------------------------------------------------- demo
@@ -189,13 +191,14 @@ def cmd_explain(args) -> int:
     if not paths:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
     images = _collect_images(paths)
-    explainer = _load(model, provider_list(args.providers))
+    explainer = _load(model, provider_list(args.providers), args.feature)
+    method = explainer.resolve_method(args.method)
     preprocess = preprocess_from_args(args, explainer)
     out = Path(args.out)
     items = [(str(p), p.stem, str(p)) for p in images]
     records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
-                                 threshold=args.threshold, quiet=args.quiet, label="explain")
-    results = _results(model, args.threshold, records)
+                                 threshold=args.threshold, quiet=args.quiet, label="explain", method=method)
+    results = _results(model, args.threshold, records, method)
     write_json(out / "results.json", results)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -217,10 +220,12 @@ def _dims(shape) -> list:
 
 
 def cmd_inspect(args) -> int:
+    from backends.onnx_graph import candidate_layers
     from backends.ort_session import import_onnxruntime
 
-    explainer = _load(args.model, provider_list(args.providers))
+    explainer = _load(args.model, provider_list(args.providers), args.feature)
     head = explainer.head
+    layers = candidate_layers(explainer.backend.model, logits=head.logits, output=head.output)
     info = {
         "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer.input_layout,
                   "dtype": str(np.dtype(head.input.dtype))},
@@ -232,6 +237,9 @@ def cmd_inspect(args) -> int:
         "scoring": head.scoring,
         "num_classes": head.num_classes,
         "channels": head.channels,
+        "cam": {"exact": head.affine, "reason": head.cam_refusal or None},
+        "default_method": explainer.resolve_method("auto"),
+        "layers": [{"name": name, "shape": _dims(shape), "layout": layout} for name, shape, layout in layers],
         "providers": import_onnxruntime().get_available_providers(),
     }
     if args.json:
@@ -245,10 +253,16 @@ def cmd_inspect(args) -> int:
     print(f"input        {info['input']['name']} {shape_text(info['input']['shape'])} "
           f"{info['input']['layout']} {info['input']['dtype']}")
     print(f"feature      {head.feature} {shape_text(info['feature']['shape'])} {head.layout}")
-    print(f"pooling      {head.pooling_detail or head.pooling} at node {head.pooling_node!r}")
+    pooling = f"{head.pooling_detail or head.pooling} at node {head.pooling_node!r}" if head.pooling else "none"
+    print(f"pooling      {pooling}")
     print(f"logits       {head.logits} ({head.scoring})")
     print(f"classes      {head.num_classes}")
     print(f"channels     {head.channels}")
+    print(f"cam          {'exact (global average pooling + affine head)' if head.affine else 'no: ' + head.cam_refusal}")
+    print(f"method       {info['default_method']} by default; --method takes {', '.join(METHODS[1:])}")
+    print(f"layers       {len(layers)} candidate target layers (--feature NAME), last first:")
+    for name, shape, layout in reversed(layers):
+        print(f"  {name} {shape_text(_dims(shape))} {layout}")
     print(f"providers    {', '.join(info['providers'])}")
     return EXIT_OK
 
@@ -292,6 +306,16 @@ def _plugin_module(name: str):
         raise CamError(f"the '{name}' command is not available: {reason}") from None
 
 
+def add_method_arguments(parser) -> None:
+    """--method and --feature, shared by explain, eval and fuse."""
+    parser.add_argument("--method", choices=METHODS, default="auto",
+                        help="cam (exact, GAP + affine heads), a gradient method, or eigencam; "
+                             "auto: cam where it applies, else gradcam (default)")
+    parser.add_argument("--feature", metavar="NAME",
+                        help="target layer: a 4-D tensor name (default: the one feeding the last global "
+                             "pooling; camcore inspect lists them)")
+
+
 def build_parser(argv=()) -> argparse.ArgumentParser:
     """The `camcore` argument parser; plugin subcommands are built only when chosen in `argv`.
 
@@ -321,13 +345,16 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     p.add_argument("--providers", metavar="LIST", help=providers_help)
+    add_method_arguments(p)
     add_preprocess_arguments(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("inspect", help="show the CAM head found in a model",
-                       description="Exit status 2 (with the reason on stderr) when CAM cannot explain the model.")
+    p = sub.add_parser("inspect", help="show the head found in a model, and its candidate target layers",
+                       description="Exit status 2 (with the reason on stderr) when no method can explain "
+                                   "the model.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--feature", metavar="NAME", help="target layer (a 4-D tensor name; default: found)")
     p.add_argument("--providers", metavar="LIST", help=providers_help)
     p.set_defaults(func=cmd_inspect)
 

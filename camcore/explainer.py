@@ -8,12 +8,13 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from .backend import Backend, Head
-from .errors import CamError, InvalidInput
+from .errors import CamError, InvalidInput, NotCamCompatible
 from .localize import boxes as find_boxes
 from .maps import cam, normalize, upsample
+from .methods import GRADIENT_METHODS, METHODS, eigencam
 from .preprocess import Geometry, Preprocess, read_image
 
-__all__ = ["Explainer", "Explanation", "ImageExplanation", "softmax", "sigmoid"]
+__all__ = ["Explainer", "Explanation", "Gradients", "ImageExplanation", "softmax", "sigmoid"]
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,14 +41,41 @@ class Explanation:
         Probabilities of `classes`: softmax over the logits, or sigmoid for
         multi-label models whose graph ends in Sigmoid.
     maps : (N, k, h, w) float32 ndarray
-        Raw CAMs at feature resolution, channels-first whatever the model's layout.
-        The bias is not included: ``maps.mean((-2, -1)) + bias[classes] == logits``.
+        Raw maps at feature resolution, channels-first whatever the model's layout.
+        With ``method="cam"`` the bias is not included:
+        ``maps.mean((-2, -1)) + bias[classes] == logits``.
+    method : str
+        The method that made the maps ("cam", "gradcam", ...; never "auto").
     """
 
     logits: np.ndarray
     classes: np.ndarray
     scores: np.ndarray
     maps: np.ndarray
+    method: str = "cam"
+
+
+@dataclass(frozen=True, eq=False)
+class Gradients:
+    """Result of `Explainer.gradients`: the raw material of gradient-based methods.
+
+    Attributes
+    ----------
+    features : (N, K, h, w) or (N, h, w, K) ndarray
+        The target layer's activations, in the model's own layout (`layout`).
+    logits : (N, C) float32 ndarray
+    classes : (N, k) int64 ndarray
+    gradients : (N, k, *features.shape[1:]) ndarray
+        ``gradients[n, j] = d logits[n, classes[n, j]] / d features[n]``, computed
+        inside the ONNX graph by the runtime.
+    layout : {"NCHW", "NHWC"}
+    """
+
+    features: np.ndarray
+    logits: np.ndarray
+    classes: np.ndarray
+    gradients: np.ndarray
+    layout: str
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,11 +94,13 @@ class ImageExplanation:
         The largest box of each class's map (paper heuristic), in original-image
         pixels, ``(x0, y0, x1, y1)`` half-open; empty when the map is constant.
     cams : (k, h, w) float32 ndarray
-        Raw CAMs at feature resolution.
+        Raw maps at feature resolution.
     geometry : Geometry
         How the model input was cut from the original image.
     error : str or None
         Why the image could not be explained (then `classes` is empty).
+    method : str
+        The method that made the maps.
     """
 
     source: str | None
@@ -82,6 +112,7 @@ class ImageExplanation:
     geometry: Geometry | None
     upsample: str = "bilinear"
     error: str | None = None
+    method: str = "cam"
 
     @property
     def maps(self) -> np.ndarray:
@@ -186,8 +217,30 @@ class Explainer:
             raise InvalidInput(f"inputs must share one batch size, got shapes {[v.shape for v in feed.values()]}")
         return feed, sizes.pop()
 
-    def explain(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None) -> Explanation:
-        """Run model-ready inputs and compute CAMs.
+    def resolve_method(self, method: str) -> str:
+        """The method `method` stands for on this model ("auto" -> "cam" or "gradcam").
+
+        Raises `NotCamCompatible` (with the reason) for "cam" on a head that is not
+        GAP + affine, and `InvalidInput` for an unknown name.
+        """
+        if method not in METHODS:
+            raise InvalidInput(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+        if method == "auto":
+            return "cam" if self.head.affine else "gradcam"
+        if method == "cam" and not self.head.affine:
+            raise NotCamCompatible(self.head.cam_refusal or "the head is not global average pooling + affine")
+        return method
+
+    def _selection(self, classes, top_k, n):
+        sel = _class_selection(classes, n, self.head.num_classes)
+        if sel is None and not (isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool)
+                                and 1 <= top_k <= self.head.num_classes):
+            raise InvalidInput(f"top_k must be an int in [1, {self.head.num_classes}], got {top_k!r}")
+        return sel
+
+    def explain(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None,
+                method: str = "auto") -> Explanation:
+        """Run model-ready inputs and compute class activation maps.
 
         Parameters
         ----------
@@ -199,26 +252,55 @@ class Explainer:
         top_k : int
         batch_size : int, optional
             Chunk size (default: the explainer's).
+        method : str
+            ``"cam"`` (Zhou et al. 2016; exact, GAP + affine heads only), a gradient method
+            (``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``, ``"layercam"``;
+            see `camcore.methods`), ``"eigencam"``, or ``"auto"``: ``"cam"`` where the
+            head is affine, else ``"gradcam"``.  Gradient methods run the backbone once
+            per batch and the head (forward and backward) once per class.
 
         Returns
         -------
         Explanation
-            ``logits (N, C)``, ``classes (N, k)``, ``scores (N, k)``, ``maps (N, k, h, w)``.
+            ``logits (N, C)``, ``classes (N, k)``, ``scores (N, k)``, ``maps (N, k, h, w)``
+            and the `method` used.
         """
+        method = self.resolve_method(method)
         feed, n = self._feed(inputs)
-        head = self.head
-        sel = _class_selection(classes, n, head.num_classes)
-        if sel is None:
-            if not (isinstance(top_k, (int, np.integer)) and 1 <= top_k <= head.num_classes):
-                raise InvalidInput(f"top_k must be an int in [1, {head.num_classes}], got {top_k!r}")
+        sel = self._selection(classes, top_k, n)
         chunk = self._chunk_size(batch_size)
         parts = []
         for start in range(0, max(n, 1), chunk):
             part = {name: value[start:start + chunk] for name, value in feed.items()}
-            parts.append(self._explain_chunk(part, None if sel is None else sel[start:start + chunk], top_k))
+            parts.append(self._explain_chunk(part, None if sel is None else sel[start:start + chunk], top_k,
+                                             method))
         if n == 0:
             raise InvalidInput("inputs must hold at least one item")
-        return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)))
+        return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)), method=method)
+
+    def gradients(self, inputs, *, classes=None, top_k: int = 1) -> Gradients:
+        """The target layer's activations and the gradients of class logits with respect to them.
+
+        One forward pass of the model, then the head alone, forward and backward, for
+        each class (the backbone is not run again).  The raw material of every gradient
+        method in `camcore.methods`, for writing one's own.
+
+        Parameters
+        ----------
+        inputs : ndarray or dict of ndarray
+            One batch, in the model's own dtype and layout.
+        classes, top_k
+            As in `explain`.
+
+        Returns
+        -------
+        Gradients
+        """
+        feed, n = self._feed(inputs)
+        sel = self._selection(classes, top_k, n)
+        features, logits = self.forward(feed)
+        sel = _top_k(logits, top_k) if sel is None else sel
+        return Gradients(features, logits, sel, self._class_gradients(features, sel), self.head.layout)
 
     @property
     def fixed_batch(self) -> int | None:
@@ -251,15 +333,30 @@ class Explainer:
             raise CamError(f"the backend returned {logits.shape[1]} logits, the head has {self.head.num_classes}")
         return features[:n], logits
 
-    def _explain_chunk(self, feed, sel, top_k):
+    def _class_gradients(self, features: np.ndarray, sel: np.ndarray) -> np.ndarray:
+        """``(n, k, *features.shape[1:])``: d logits[i, sel[i, j]] / d features[i], from the head alone."""
+        n, k = sel.shape
+        repeated = np.repeat(features, k, axis=0)  # item-major: row i*k + j is (item i, class j)
+        seeds = np.zeros((n * k, self.head.num_classes), np.float32)
+        seeds[np.arange(n * k), sel.ravel()] = 1
+        _, gradients = self.backend.run_head(repeated, seeds)
+        return np.asarray(gradients).reshape(n, k, *features.shape[1:])
+
+    def _explain_chunk(self, feed, sel, top_k, method):
         head = self.head
         features, logits = self.forward(feed)
         if sel is None:
             sel = _top_k(logits, top_k)
         probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
         scores = np.take_along_axis(probabilities, sel, axis=1).astype(np.float32)
-        maps = cam(features, head.weights, sel, layout=head.layout).astype(np.float32, copy=False)
-        return logits, sel, scores, maps
+        if method == "cam":
+            maps = cam(features, head.weights, sel, layout=head.layout)
+        elif method == "eigencam":
+            maps = np.repeat(eigencam(features, layout=head.layout)[:, None], sel.shape[1], axis=1)
+        else:
+            gradients = self._class_gradients(features, sel)
+            maps = GRADIENT_METHODS[method](features, gradients, layout=head.layout)
+        return logits, sel, scores, maps.astype(np.float32, copy=False)
 
     # ------------------------------------------------------------------ images
 
@@ -284,7 +381,7 @@ class Explainer:
 
     def explain_images(self, images, *, preprocess: Preprocess | None = None, top_k: int = 1,
                        threshold: float = 0.2, upsample: str = "bilinear", classes=None,
-                       batch_size: int | None = None) -> list[ImageExplanation]:
+                       batch_size: int | None = None, method: str = "auto") -> list[ImageExplanation]:
         """Explain raw images: paths, or (H, W), (H, W, 3), (H, W, 4) uint8 or float arrays.
 
         Each image is preprocessed (`preprocess`, default `default_preprocess()`), run
@@ -303,6 +400,8 @@ class Explainer:
         upsample : {"nearest", "bilinear", "bicubic"}
         classes : optional
             As in `explain`, instead of `top_k`.
+        method : str
+            As in `explain` (default "auto").
 
         Returns
         -------
@@ -310,11 +409,12 @@ class Explainer:
         """
         return list(self.iter_explain_images(images, preprocess=preprocess, top_k=top_k, threshold=threshold,
                                              upsample=upsample, classes=classes, batch_size=batch_size,
-                                             errors="raise"))
+                                             errors="raise", method=method))
 
     def iter_explain_images(self, images: Iterable, *, preprocess: Preprocess | None = None, top_k: int = 1,
                             threshold: float = 0.2, upsample: str = "bilinear", classes=None,
-                            batch_size: int | None = None, errors: str = "raise") -> Iterator[ImageExplanation]:
+                            batch_size: int | None = None, errors: str = "raise",
+                            method: str = "auto") -> Iterator[ImageExplanation]:
         """Like `explain_images`, one result at a time, reading images chunk by chunk.
 
         With ``errors="report"``, an image that cannot be read or preprocessed gives an
@@ -326,6 +426,7 @@ class Explainer:
             raise InvalidInput(f"threshold must be in [0, 1], got {threshold!r}")
         if upsample not in ("nearest", "bilinear", "bicubic"):
             raise InvalidInput(f"upsample must be one of 'nearest', 'bilinear', 'bicubic', got {upsample!r}")
+        method = self.resolve_method(method)
         preprocess = preprocess or self.default_preprocess()
         chunk = self._chunk_size(batch_size)
         layout, dtype = self.input_layout, self.head.input.dtype
@@ -337,13 +438,14 @@ class Explainer:
             index += 1
             if len(batch) == chunk:
                 yield from self._image_chunk(batch, preprocess, layout, dtype, top_k, threshold, upsample,
-                                             class_rows, errors)
+                                             class_rows, errors, method)
                 batch = []
         if batch:
             yield from self._image_chunk(batch, preprocess, layout, dtype, top_k, threshold, upsample,
-                                         class_rows, errors)
+                                         class_rows, errors, method)
 
-    def _image_chunk(self, batch, preprocess, layout, dtype, top_k, threshold, method, class_rows, errors):
+    def _image_chunk(self, batch, preprocess, layout, dtype, top_k, threshold, resize, class_rows, errors,
+                     method):
         prepared, results = [], {}
         for index, image in batch:
             source = str(image) if not isinstance(image, np.ndarray) else None
@@ -355,7 +457,8 @@ class Explainer:
                 if errors == "raise":
                     raise
                 results[index] = ImageExplanation(source, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                                                  [], np.zeros((0, 0, 0), np.float32), None, method, str(exc))
+                                                  [], np.zeros((0, 0, 0), np.float32), None, resize, str(exc),
+                                                  method)
         if prepared:
             x = np.stack([p[2] for p in prepared])
             if layout == "NCHW":
@@ -364,11 +467,11 @@ class Explainer:
             sel = None
             if class_rows is not None:
                 sel = class_rows if class_rows.ndim == 1 else class_rows[[p[0] for p in prepared]]
-            out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x))
+            out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x), method=method)
             for j, (index, source, _, geometry) in enumerate(prepared):
-                full = _image_maps(out.maps[j], geometry, method)
+                full = _image_maps(out.maps[j], geometry, resize)
                 found = [find_boxes(m, threshold=threshold) for m in full]
                 results[index] = ImageExplanation(source, geometry.original_size, out.classes[j], out.scores[j],
-                                                  found, out.maps[j], geometry, method)
+                                                  found, out.maps[j], geometry, resize, method=method)
         for index, _ in batch:
             yield results[index]

@@ -7,6 +7,7 @@ import pytest
 
 import camcore
 from camcore import CamError, InvalidInput, NotCamCompatible
+from backends import onnx_graph
 from tests.zoo import CASES, REFUSED, hot_spot_input
 
 ALIASES = {  # tensors that hold the same values as the zoo's "logits" (through Flatten/Squeeze/Cast)
@@ -84,11 +85,17 @@ def test_top_k_scores(case):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused(name):
+def test_refused_by_cam_with_one_line_reason(name):
+    """CAM refuses these heads; loading still succeeds, for the gradient methods."""
     zm = REFUSED[name]()
     with pytest.raises(NotCamCompatible, match=zm.refuse) as info:
-        camcore.load(zm.model)
+        onnx_graph.find_head(zm.model)
     assert "\n" not in str(info.value)
+    ex = camcore.load(zm.model)
+    assert not ex.head.affine and ex.head.cam_refusal == str(info.value)
+    with pytest.raises(NotCamCompatible, match=zm.refuse):
+        ex.explain(zm.random_input(0), method="cam")
+    assert ex.resolve_method("auto") == "gradcam"
 
 
 @pytest.mark.parametrize("name", ["hot_spot_nchw", "hot_spot_nhwc"])

@@ -17,7 +17,7 @@ from skimage import io as skio
 import camcore
 from camcore import _cli_util, cli, default_model
 from camcore.errors import CamError, NotCamCompatible
-from tests.zoo import CASES, REFUSED
+from tests.zoo import CASES, REFUSED, vector_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -324,22 +324,28 @@ def test_inspect_embedded_model_text():
     assert "CPUExecutionProvider" in fields["providers"]
 
 
-def test_inspect_refused_model_exits_2_with_one_line(zoo_dir):
-    zm = REFUSED["mlp_head"]()
-    proc = camcore_cli("inspect", zm.save(zoo_dir))
+def test_inspect_unexplainable_model_exits_2_with_one_line(tmp_path):
+    path = tmp_path / "vector.onnx"
+    onnx.save(vector_classifier(), str(path))
+    proc = camcore_cli("inspect", path)
     assert proc.returncode == 2 and proc.stdout == ""
     assert error_lines(proc.stderr) == proc.stderr.strip().splitlines()
-    assert len(error_lines(proc.stderr)) == 1 and zm.refuse in proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert "no global average pooling" in line and "no 4-D feature map" in line
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_inspect_every_refused_model_in_process(name, zoo_dir, capsys):
+def test_inspect_cam_refused_models_show_reason_and_layers(name, zoo_dir, capsys):
     zm = REFUSED[name]()
-    assert cli.main(["inspect", str(zm.save(zoo_dir))]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    [line] = captured.err.strip().splitlines()
-    assert line.startswith("camcore: error: ") and zm.refuse in line
+    assert cli.main(["inspect", str(zm.save(zoo_dir)), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["cam"]["exact"] is False and zm.refuse in info["cam"]["reason"]
+    assert info["default_method"] == "gradcam"
+    names = [layer["name"] for layer in info["layers"]]
+    assert info["feature"]["name"] in names and all(len(layer["shape"]) == 4 for layer in info["layers"])
+    assert cli.main(["inspect", str(zoo_dir / f"{name}.onnx")]) == 0
+    fields = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines() if not line.startswith(" "))
+    assert fields["cam"] == f"no: {info['cam']['reason']}"
 
 
 def test_inspect_errors_exit_1(tmp_path):

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import camcore
 from camcore import Explainer, Head, InvalidInput, Preprocess, TensorSpec
 from camcore.preprocess import Geometry
+from tests.fakes import gap_linear_head
 
 
 class FakeBackend:
@@ -28,6 +29,9 @@ class FakeBackend:
         self.calls.append(len(x))
         pooled = x.mean(axis=(2, 3)) if self.head.layout == "NCHW" else x.mean(axis=(1, 2))
         return x, pooled @ self.head.weights.T + self.head.bias
+
+    def run_head(self, features, seeds=None):
+        return gap_linear_head(features, self.head.weights, self.head.bias, self.head.layout, seeds)
 
 
 def make(layout="NCHW", scoring="softmax", k=3, c=4, seed=0, **kwargs):

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["ZooModel", "CASES", "REFUSED", "NUM_CLASSES", "CHANNELS", "hot_spot_input"]
+__all__ = ["ZooModel", "CASES", "REFUSED", "NUM_CLASSES", "CHANNELS", "hot_spot_input", "vector_classifier"]
 
 NUM_CLASSES = 5
 CHANNELS = 8
@@ -501,6 +501,19 @@ CASES: dict[str, Callable[[], ZooModel]] = _cases(
                        head="matmul_add"),
 )
 
+def vector_classifier() -> onnx.ModelProto:
+    """A classifier of (N, 16) vectors: no feature map at all, so no method can explain it."""
+    rng = np.random.default_rng(0)
+    weights = numpy_helper.from_array(rng.standard_normal((NUM_CLASSES, 16)).astype(np.float32), "fc_w")
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "fc_w"], ["logits"], transB=1),
+         helper.make_node("Softmax", ["logits"], ["prob"], axis=1)],
+        "vector_classifier", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["N", NUM_CLASSES])], [weights])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+# CAM refuses these; the gradient methods explain them (the reason names what CAM lacks).
 REFUSED: dict[str, Callable[[], ZooModel]] = _cases(
     fc_only=dict(pooling="none", refuse="no global average pooling"),
     avgpool_partial=dict(pooling="avgpool_partial", refuse="no global average pooling"),

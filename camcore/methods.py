@@ -1,0 +1,263 @@
+"""Gradient-weighted class activation maps, on `features` and `gradients` arrays.
+
+Each function takes the target layer's activations ``features`` ``(N, K, h, w)`` and,
+for ``k`` classes per item, the gradients of each class's logit with respect to them,
+``gradients`` ``(N, k, K, h, w)`` (``gradients[n, j] = d logit[n, c_j] / d features[n]``),
+and returns maps ``(N, k, h, w)``.  With ``layout="NHWC"`` the channel axis is last in
+both arrays: ``(N, h, w, K)`` and ``(N, k, h, w, K)``.  The maps keep the dtype rule
+(float16 -> float32, float32 and float64 kept, integers -> float64) and are not
+normalized; each ends with the ReLU its paper applies.
+
+Where the head is global average pooling + affine (``logit_c = mean_xy(sum_k W[c, k] f_k)
++ b_c``), the gradient is ``W[c, k] / (h w)`` at every pixel, so Grad-CAM is exactly
+``relu(CAM) / (h w)``.
+
+`eigencam` needs no gradients: it takes ``features`` alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import check_choice, check_ndim, float_array
+from .errors import InvalidInput
+
+__all__ = ["gradcam", "gradcam_pp", "xgradcam", "hirescam", "layercam", "eigencam", "GRADIENT_METHODS", "METHODS"]
+
+_LAYOUTS = ("NCHW", "NHWC")
+
+
+def _channels_first(features, gradients, layout: str):
+    """Validate; return NCHW ``(N, K, h, w)`` features and ``(N, k, K, h, w)`` gradients in one dtype."""
+    check_choice(layout, _LAYOUTS, "layout")
+    f = float_array(features, "features")
+    g = float_array(gradients, "gradients")
+    nhwc = layout == "NHWC"
+    check_ndim(f, 4, "features", "(N, h, w, K)" if nhwc else "(N, K, h, w)")
+    check_ndim(g, 5, "gradients", "(N, k, h, w, K)" if nhwc else "(N, k, K, h, w)")
+    if g.shape[0] != f.shape[0] or g.shape[2:] != f.shape[1:]:
+        raise InvalidInput(f"gradients must be (N, k, *features.shape[1:]) = ({f.shape[0]}, k, "
+                           f"{', '.join(map(str, f.shape[1:]))}), got shape {g.shape}")
+    if nhwc:
+        f, g = f.transpose(0, 3, 1, 2), g.transpose(0, 1, 4, 2, 3)
+    dtype = np.result_type(f, g)
+    return f.astype(dtype, copy=False), g.astype(dtype, copy=False)
+
+
+def _weighted_sum(weights: np.ndarray, f: np.ndarray) -> np.ndarray:
+    """``relu(sum_k weights[n, j, k] * f[n, k])`` as ``(N, k, h, w)``, one batched GEMM."""
+    n, k_feat, h, w = f.shape
+    maps = np.matmul(weights, f.reshape(n, k_feat, h * w)).reshape(n, weights.shape[1], h, w)
+    return np.maximum(maps, 0, out=maps)
+
+
+def gradcam(features, gradients, *, layout="NCHW"):
+    """Grad-CAM (Selvaraju et al., ICCV 2017).
+
+    ``alpha[c, k] = mean_xy(dY_c / dA_k)`` and ``M_c = relu(sum_k alpha[c, k] A_k)``.
+
+    Parameters
+    ----------
+    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
+        Activations ``A`` of the target layer.
+    gradients : (N, k, K, h, w) ndarray, or (N, k, h, w, K) with ``layout="NHWC"``
+        ``dY_c / dA`` for the k classes of each item.
+    layout : {"NCHW", "NHWC"}, optional
+
+    Returns
+    -------
+    maps : (N, k, h, w) ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.arange(8, dtype=np.float32).reshape(1, 2, 2, 2)
+    >>> g = np.stack([np.full((2, 2, 2), 0.25), -np.full((2, 2, 2), 0.25)])[None]
+    >>> gradcam(f, g.astype(np.float32))[0, 0]
+    array([[1. , 1.5],
+           [2. , 2.5]], dtype=float32)
+    >>> float(gradcam(f, g.astype(np.float32))[0, 1].max())
+    0.0
+    """
+    f, g = _channels_first(features, gradients, layout)
+    return _weighted_sum(g.mean(axis=(-2, -1)), f)
+
+
+def gradcam_pp(features, gradients, *, layout="NCHW"):
+    """Grad-CAM++ (Chattopadhay et al., WACV 2018).
+
+    ``w[c, k] = sum_xy alpha[c, k, x, y] relu(dY_c / dA_kxy)`` with
+    ``alpha = g^2 / (2 g^2 + sum_ab A_kab g^3)`` where ``g = dY_c / dA_kxy``: the
+    paper's closed form for ``Y_c = exp(S_c)``, whose higher derivatives are powers of
+    the first (``alpha = 0`` where the denominator is 0).  ``M_c = relu(sum_k w[c, k] A_k)``.
+
+    Parameters
+    ----------
+    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
+    gradients : (N, k, K, h, w) ndarray, or (N, k, h, w, K) with ``layout="NHWC"``
+    layout : {"NCHW", "NHWC"}, optional
+
+    Returns
+    -------
+    maps : (N, k, h, w) ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.ones((1, 1, 2, 2))
+    >>> g = np.full((1, 1, 1, 2, 2), 0.5)
+    >>> gradcam_pp(f, g)[0, 0]  # alpha = 0.25 / (0.5 + 4 * 0.125) = 0.25; w = 4 * 0.25 * 0.5
+    array([[0.5, 0.5],
+           [0.5, 0.5]])
+    """
+    f, g = _channels_first(features, gradients, layout)
+    g2 = g * g
+    denominator = 2 * g2 + f.sum(axis=(-2, -1))[:, None, :, None, None] * g2 * g
+    alpha = np.divide(g2, denominator, out=np.zeros_like(g2), where=denominator != 0)
+    weights = (alpha * np.maximum(g, 0)).sum(axis=(-2, -1))
+    return _weighted_sum(weights, f)
+
+
+def xgradcam(features, gradients, *, layout="NCHW"):
+    """XGrad-CAM (Fu et al., BMVC 2020).
+
+    ``w[c, k] = sum_xy (A_kxy / sum_ab A_kab) dY_c / dA_kxy`` (0 for a channel whose
+    activations sum to 0) and ``M_c = relu(sum_k w[c, k] A_k)``.
+
+    Parameters
+    ----------
+    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
+    gradients : (N, k, K, h, w) ndarray, or (N, k, h, w, K) with ``layout="NHWC"``
+    layout : {"NCHW", "NHWC"}, optional
+
+    Returns
+    -------
+    maps : (N, k, h, w) ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.array([[[[1.0, 3.0]]]])          # (1, 1, 1, 2)
+    >>> g = np.array([[[[[2.0, 1.0]]]]])        # w = (1 * 2 + 3 * 1) / 4
+    >>> xgradcam(f, g)
+    array([[[[1.25, 3.75]]]])
+    """
+    f, g = _channels_first(features, gradients, layout)
+    total = f.sum(axis=(-2, -1))
+    weighted = (g * f[:, None]).sum(axis=(-2, -1))
+    weights = np.divide(weighted, total[:, None], out=np.zeros_like(weighted), where=total[:, None] != 0)
+    return _weighted_sum(weights, f)
+
+
+def hirescam(features, gradients, *, layout="NCHW"):
+    """HiResCAM (Draelos & Carin, 2020, arXiv:2011.08891).
+
+    ``M_c = relu(sum_k dY_c / dA_k * A_k)``: the gradient multiplies the activations
+    element-wise instead of being averaged first.
+
+    Parameters
+    ----------
+    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
+    gradients : (N, k, K, h, w) ndarray, or (N, k, h, w, K) with ``layout="NHWC"``
+    layout : {"NCHW", "NHWC"}, optional
+
+    Returns
+    -------
+    maps : (N, k, h, w) ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.array([[[[1.0, 2.0]], [[1.0, 1.0]]]])        # (1, 2, 1, 2)
+    >>> g = np.array([[[[[1.0, 1.0]], [[-3.0, 0.0]]]]])     # (1, 1, 2, 1, 2)
+    >>> hirescam(f, g)
+    array([[[[0., 2.]]]])
+    """
+    f, g = _channels_first(features, gradients, layout)
+    maps = (g * f[:, None]).sum(axis=2)
+    return np.maximum(maps, 0, out=maps)
+
+
+def layercam(features, gradients, *, layout="NCHW"):
+    """LayerCAM (Jiang et al., IEEE TIP 2021).
+
+    ``M_c = relu(sum_k relu(dY_c / dA_k) * A_k)``: positive gradients weight each
+    location of each channel.
+
+    Parameters
+    ----------
+    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
+    gradients : (N, k, K, h, w) ndarray, or (N, k, h, w, K) with ``layout="NHWC"``
+    layout : {"NCHW", "NHWC"}, optional
+
+    Returns
+    -------
+    maps : (N, k, h, w) ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> f = np.array([[[[1.0, 2.0]], [[1.0, 1.0]]]])        # (1, 2, 1, 2)
+    >>> g = np.array([[[[[1.0, 1.0]], [[-3.0, 0.5]]]]])     # (1, 1, 2, 1, 2)
+    >>> layercam(f, g)
+    array([[[[1. , 2.5]]]])
+    """
+    f, g = _channels_first(features, gradients, layout)
+    maps = (np.maximum(g, 0) * f[:, None]).sum(axis=2)
+    return np.maximum(maps, 0, out=maps)
+
+
+def eigencam(features, *, layout="NCHW"):
+    """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the first principal component of the activations.
+
+    For each item, the activations are read as ``h*w`` samples of ``K`` channels,
+    centred over the samples (``X = A - mean_xy(A)``, shape ``(h*w, K)``), and the map is
+    their projection on the first right singular vector ``v_1`` of ``X``:
+    ``M = X v_1``.  A singular vector's sign is arbitrary, so it is fixed to make ``M``
+    correlate positively with the activation sum ``sum_k A_k`` (ties keep the SVD's
+    sign).  The map is class-agnostic and may be negative: the paper applies no ReLU.
+
+    Parameters
+    ----------
+    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
+    layout : {"NCHW", "NHWC"}, optional
+
+    Returns
+    -------
+    maps : (N, h, w) ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> base = np.array([[0.0, 1.0], [2.0, 3.0]])
+    >>> f = np.stack([base, 2 * base])[None]     # two channels, one pattern
+    >>> np.round(eigencam(f)[0] / np.sqrt(5), 6)
+    array([[-1.5, -0.5],
+           [ 0.5,  1.5]])
+    """
+    check_choice(layout, _LAYOUTS, "layout")
+    f = float_array(features, "features")
+    check_ndim(f, 4, "features", "(N, h, w, K)" if layout == "NHWC" else "(N, K, h, w)")
+    if layout == "NCHW":
+        f = f.transpose(0, 2, 3, 1)
+    n, h, w, k = f.shape
+    samples = f.reshape(n, h * w, k)
+    centred = samples - samples.mean(axis=1, keepdims=True)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    maps = np.matmul(centred, vt[:, 0, :, None])[..., 0]
+    total = samples.sum(axis=2)
+    correlation = ((maps - maps.mean(1, keepdims=True)) * (total - total.mean(1, keepdims=True))).sum(1)
+    maps *= np.where(correlation < 0, -1, 1)[:, None].astype(maps.dtype)
+    return maps.reshape(n, h, w)
+
+
+# Method name -> weighting function, for `Explainer.explain(method=...)`.
+GRADIENT_METHODS = {
+    "gradcam": gradcam,
+    "gradcam++": gradcam_pp,
+    "xgradcam": xgradcam,
+    "hirescam": hirescam,
+    "layercam": layercam,
+}
+# Every value `method=` takes; "auto" is "cam" on GAP + affine heads, else "gradcam".
+METHODS = ("auto", "cam", *GRADIENT_METHODS, "eigencam")

@@ -1,0 +1,18 @@
+"""The head of a GAP + linear model in NumPy, shared by the tests' fake backends."""
+
+import numpy as np
+
+
+def gap_linear_head(features, weights, bias, layout="NCHW", seeds=None):
+    """``Backend.run_head`` of ``logits = mean_xy(features) @ weights.T + bias``.
+
+    The gradient of ``seeds . logits`` is ``seeds @ weights / (h * w)`` at every pixel.
+    """
+    axes = (2, 3) if layout == "NCHW" else (1, 2)
+    logits = features.mean(axis=axes) @ weights.T + bias
+    if seeds is None:
+        return logits
+    h, w = (features.shape[a] for a in axes)
+    per_channel = (seeds @ weights / (h * w)).astype(features.dtype)
+    expand = per_channel[:, :, None, None] if layout == "NCHW" else per_channel[:, None, None, :]
+    return logits, np.broadcast_to(expand, features.shape).copy()
