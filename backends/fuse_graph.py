@@ -26,8 +26,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from camcore._validate import check_size
-from camcore.errors import CamError, InvalidInput
+from camcore.errors import CamError, InvalidInput, NotCamCompatible
 from camcore.maps import resize_matrix
+from camcore.methods import GRADIENT_METHODS
 
 from . import onnx_graph
 from .ort_session import OrtBackend
@@ -43,7 +44,7 @@ _WHERE_OPSET = 9
 # Resize with coordinate_transformation_mode="half_pixel" (needed for dynamic spatial sizes only).
 _RESIZE_OPSET = 11
 # Opset from which a reduction takes `axes` as an input instead of an attribute.
-_AXES_INPUT_OPSET = {"ReduceSum": 13, "ReduceMin": 18, "ReduceMax": 18, "ReduceLogSumExp": 18}
+_AXES_INPUT_OPSET = {"ReduceSum": 13, "ReduceMean": 18, "ReduceMin": 18, "ReduceMax": 18, "ReduceLogSumExp": 18}
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -73,10 +74,10 @@ class _Builder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=name, **attrs))
         return outputs[0]
 
-    def reduce(self, op_type: str, x: str, axes, name: str) -> str:
+    def reduce(self, op_type: str, x: str, axes, name: str, keepdims: int = 1) -> str:
         if self.opset >= _AXES_INPUT_OPSET[op_type]:
-            return self.op(op_type, [x, self.const(f"{name}_axes", axes)], name, keepdims=1)
-        return self.op(op_type, [x], name, axes=list(axes), keepdims=1)
+            return self.op(op_type, [x, self.const(f"{name}_axes", axes)], name, keepdims=keepdims)
+        return self.op(op_type, [x], name, axes=list(axes), keepdims=keepdims)
 
     def clip01(self, x: str, name: str) -> str:
         if self.opset >= 11:
@@ -118,6 +119,18 @@ def _validate(top_k, size, normalize, num_classes: int, opset: int):
     return int(top_k), size, bool(normalize)
 
 
+def _resolve_method(method, head) -> str:
+    """"auto" -> "cam" or "gradcam"; refuse CAM on a head that is not GAP + affine."""
+    known = ("auto", "cam", *GRADIENT_METHODS)
+    if method not in known:
+        raise InvalidInput(f"method must be one of {', '.join(map(repr, known))} for a fused graph, got {method!r}")
+    if method == "auto":
+        return "cam" if head.affine else "gradcam"
+    if method == "cam" and not head.affine:
+        raise NotCamCompatible(head.cam_refusal)
+    return method
+
+
 def _input_spatial_axes(spec) -> list:
     """Axes of H and W in the image input, from its channel axis (1, 3 or 4 channels)."""
     shape = spec.shape
@@ -148,6 +161,101 @@ def _class_maps(b: _Builder, head, g) -> tuple[str, list]:
     hw = b.op("Gather", [b.op("Shape", [features], "feature_shape"), b.const("hw_axes", hw_axes)],
               "feature_hw", axis=0)
     shape = b.op("Concat", [b.const("keep_nk", [0, 0]), hw], "maps_shape", axis=0)
+    return b.op("Reshape", [maps, shape], "maps_raw"), [head.feature_shape[i] for i in hw_axes]
+
+
+def _repeat_items(b: _Builder, x: str, k: int, name: str) -> str:
+    """``(N, ...)`` -> ``(N * k, ...)``, each item repeated k times in a row (item-major)."""
+    if k == 1:
+        return x
+    unsqueezed = b.op("Unsqueeze", [x, b.const("axis1", [1])], f"{name}_unsq") if b.opset >= 13 else \
+        b.op("Unsqueeze", [x], f"{name}_unsq", axes=[1])
+    tail = b.op("Slice", [b.op("Shape", [x], f"{name}_shape"), b.const("start1", [1]), b.const("big", [1 << 62])],
+                f"{name}_tail")
+    expand = b.op("Concat", [b.const("start1", [1]), b.const("k", [k]), tail], f"{name}_expand_shape", axis=0)
+    flat = b.op("Concat", [b.const("minus_one", [-1]), tail], f"{name}_flat_shape", axis=0)
+    return b.op("Reshape", [b.op("Expand", [unsqueezed, expand], f"{name}_expanded"), flat], f"{name}_repeated")
+
+
+def _gradient_maps(b: _Builder, head, g, proto: onnx.ModelProto, method: str, top_k: int) -> tuple[str, list]:
+    """``(N, k, h, w)`` float32 maps of a gradient method for the classes in ``cam_classes``.
+
+    The head (feature tensor -> logits) and its backward pass (`backprop.gradient_model`)
+    are copied into the graph with a ``cam_grad_`` prefix and run on the features
+    repeated k times with one-hot seeds, so the backbone runs once.
+    """
+    from . import backprop
+
+    grad_model = backprop.gradient_model(onnx_graph.fold_constants(proto), head.feature, head.logits,
+                                         seed="cam_seed", grad="cam_grad")
+    prefix = "cam_grad_"
+    grad_model = onnx.compose.add_prefix(grad_model, prefix)
+    features = _repeat_items(b, head.feature, top_k, "features")
+    # Frontier tensors (read only through Shape) come from the forward pass, repeated alike.
+    for vi in grad_model.graph.input:
+        source = vi.name[len(prefix):]
+        if source == "cam_seed":
+            depth = b.const("depth", [head.num_classes])
+            onehot = b.op("OneHot", [b.op("Reshape", ["cam_classes", b.const("minus_one", [-1])], "classes_flat"),
+                                     depth, b.const("onehot_values", [0.0, 1.0], np.float32)], "onehot", axis=-1)
+            seed_shape = b.op("Concat", [b.const("minus_one", [-1]),
+                                         b.op("Slice", [b.op("Shape", [head.logits], "logits_shape"),
+                                                        b.const("start1", [1]), b.const("big", [1 << 62])],
+                                              "logits_tail")], "seed_shape", axis=0)
+            seed = b.op("Reshape", [onehot, seed_shape], "seed_float")
+            elem = vi.type.tensor_type.elem_type
+            b.op("Cast", [seed], "seed", outputs=[vi.name], to=elem) if elem != TensorProto.FLOAT else \
+                b.op("Identity", [seed], "seed", outputs=[vi.name])
+        elif source == head.feature:
+            b.op("Identity", [features], "features_in", outputs=[vi.name])
+        else:
+            b.op("Identity", [_repeat_items(b, source, top_k, f"frontier{len(b.nodes)}")], f"frontier_in{len(b.nodes)}",
+                 outputs=[vi.name])
+    b.nodes.extend(grad_model.graph.node)
+    b.initializers.extend(grad_model.graph.initializer)
+    grads = b.as_float(prefix + "cam_grad", g.elem_type(head.feature), "grads_float")
+    f = b.as_float(features, g.elem_type(head.feature), "features_rep_float")
+    channel, spatial = (1, [2, 3]) if head.layout == "NCHW" else (3, [1, 2])
+    zero = b.const("zero", 0.0, np.float32)
+
+    def channel_weighted(weights: str) -> str:  # relu(sum_k w_k A_k), weights keepdims over space
+        return b.op("Relu", [b.reduce("ReduceSum", b.op("Mul", [weights, f], "weighted"), [channel],
+                                      "map_sum", keepdims=0)], "map_relu")
+
+    if method == "gradcam":
+        maps = channel_weighted(b.reduce("ReduceMean", grads, spatial, "alpha"))
+    elif method == "hirescam":
+        maps = b.op("Relu", [b.reduce("ReduceSum", b.op("Mul", [grads, f], "gf"), [channel], "map_sum",
+                                      keepdims=0)], "map_relu")
+    elif method == "layercam":
+        positive = b.op("Relu", [grads], "grads_positive")
+        maps = b.op("Relu", [b.reduce("ReduceSum", b.op("Mul", [positive, f], "gf"), [channel], "map_sum",
+                                      keepdims=0)], "map_relu")
+    elif method == "xgradcam":
+        total = b.reduce("ReduceSum", f, spatial, "f_total")
+        weighted = b.reduce("ReduceSum", b.op("Mul", [grads, f], "gf"), spatial, "gf_total")
+        nonzero = b.op("Not", [b.op("Equal", [total, zero], "total_zero")], "total_nonzero")
+        safe = b.op("Where", [nonzero, total, b.const("one", 1.0, np.float32)], "total_safe")
+        weights = b.op("Where", [nonzero, b.op("Div", [weighted, safe], "xg_ratio"), zero], "xg_weights")
+        maps = channel_weighted(weights)
+    elif method == "gradcam++":
+        g2 = b.op("Mul", [grads, grads], "g2")
+        g3 = b.op("Mul", [g2, grads], "g3")
+        total = b.reduce("ReduceSum", f, spatial, "f_total")
+        denominator = b.op("Add", [b.op("Mul", [g2, b.const("two", 2.0, np.float32)], "two_g2"),
+                                   b.op("Mul", [total, g3], "total_g3")], "pp_denominator")
+        nonzero = b.op("Not", [b.op("Equal", [denominator, zero], "denominator_zero")], "denominator_nonzero")
+        safe = b.op("Where", [nonzero, denominator, b.const("one", 1.0, np.float32)], "denominator_safe")
+        alpha = b.op("Where", [nonzero, b.op("Div", [g2, safe], "pp_ratio"), zero], "pp_alpha")
+        weights = b.reduce("ReduceSum", b.op("Mul", [alpha, b.op("Relu", [grads], "grads_positive")], "pp_terms"),
+                           spatial, "pp_weights")
+        maps = channel_weighted(weights)
+    else:
+        raise AssertionError(method)  # validated by _resolve_method
+    hw_axes = [2, 3] if head.layout == "NCHW" else [1, 2]
+    hw = b.op("Gather", [b.op("Shape", [head.feature], "feature_shape"), b.const("hw_axes", hw_axes)],
+              "feature_hw", axis=0)
+    shape = b.op("Concat", [b.const("minus_one", [-1]), b.const("k", [top_k]), hw], "maps_shape", axis=0)
     return b.op("Reshape", [maps, shape], "maps_raw"), [head.feature_shape[i] for i in hw_axes]
 
 
@@ -227,16 +335,23 @@ def _resize_dynamic(b: _Builder, maps: str, image: str | None, target, opset: in
                 coordinate_transformation_mode="half_pixel")
 
 
-def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> onnx.ModelProto:
-    """Return a copy of a GAP classifier that also outputs its top-k classes, scores and CAMs.
+def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, method: str = "auto",
+         feature: str | None = None) -> onnx.ModelProto:
+    """Return a copy of a classifier that also outputs its top-k classes, scores and class maps.
 
     Op sequence added to the graph (all names start with ``cam_``)::
 
         logits -> [Cast] -> [Flatten] -> TopK ---------------> cam_classes
                                       \\-> ReduceLogSumExp -> Sub -> Exp
                                           (or Sigmoid) ------> cam_scores
-        cam_weights (C, K) -Gather(cam_classes)-> (N, k, K)
-        features -> [Cast] -> Reshape -> MatMul -> Reshape -> (N, k, h, w)
+        method="cam":
+          cam_weights (C, K) -Gather(cam_classes)-> (N, k, K)
+          features -> [Cast] -> Reshape -> MatMul -> Reshape -> (N, k, h, w)
+        gradient methods:
+          features -> Unsqueeze -> Expand -> Reshape (N * k, ...)  \
+          cam_classes -> OneHot -> seeds (N * k, C)                  -> head + its backward
+          pass (backprop.gradient_model, nodes prefixed cam_grad_) -> gradients (N * k, ...)
+          -> the method's weighting (ReduceMean, Mul, ReduceSum, Relu, ...) -> (N, k, h, w)
           [normalize: ReduceSum(x * 0) -> IsNaN -> Where: maps holding NaN/inf -> 0]
           no size:      [normalize: ReduceMin, ReduceMax -> (x - min) / (max - min)]
           static size:  [normalize: min, max from R_H[rows] @ x @ R_W[cols]^T, then scale x]
@@ -247,8 +362,8 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
     Parameters
     ----------
     model : path, onnx.ModelProto or None
-        A CAM-compatible classifier; None means the embedded default
-        (EfficientNet-Lite0).  It is not modified.
+        A classifier; None means the embedded default (EfficientNet-Lite0).  It is
+        not modified.
     top_k : int
         Number of classes per item, in ``[1, C]``.
     size : None, (H, W) or "input"
@@ -258,6 +373,11 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
     normalize : bool
         Scale each map to [0, 1] by min-max over its last two axes, as
         `camcore.normalize`; constant maps and maps holding NaN become zeros.
+    method : {"auto", "cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"}
+        As in `camcore.Explainer.explain`: "auto" is "cam" on GAP + affine heads,
+        else "gradcam", whose gradients are computed inside the fused graph.
+    feature : str, optional
+        The target layer (default: found as by `camcore.load`).
 
     Returns
     -------
@@ -269,7 +389,9 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
     Raises
     ------
     NotCamCompatible
-        The model is refused, exactly as `camcore.load` refuses it.
+        The model is refused, exactly as `camcore.load` refuses it; or "cam" was
+        asked of a head that is not GAP + affine; or the head has an op with no
+        gradient rule.
     InvalidInput
         A bad `top_k`, `size` or `normalize`.
     CamError
@@ -294,9 +416,10 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
         model = default_model.path()
     # The same loading, head discovery and refusals as camcore.load; the backend also makes
     # the feature shape concrete where shape inference left it symbolic.
-    backend = OrtBackend(model, providers=["CPUExecutionProvider"])
+    backend = OrtBackend(model, providers=["CPUExecutionProvider"], feature=feature)
     proto, head = backend.model, backend.head
     opset = _opset(proto)
+    method = _resolve_method(method, head)
     top_k, size, normalize = _validate(top_k, size, normalize, head.num_classes, opset)
     g = onnx_graph._Graph.build(proto)
     b = _Builder(opset)
@@ -319,7 +442,10 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True) -> on
         lse = b.reduce("ReduceLogSumExp", logits, [1], "logsumexp")
         b.op("Exp", [b.op("Sub", [values, lse], "log_scores")], "scores")
 
-    maps, out_hw = _class_maps(b, head, g)
+    if method == "cam":
+        maps, out_hw = _class_maps(b, head, g)
+    else:
+        maps, out_hw = _gradient_maps(b, head, g, proto, method, top_k)
     if normalize:
         maps = _zero_non_finite(b, maps)
     if size is None:

@@ -29,6 +29,7 @@ __all__ = [
     "find_head",
     "find_target",
     "candidate_layers",
+    "fold_constants",
     "expose_outputs",
     "graph_inputs",
     "np_dtype",
@@ -774,6 +775,36 @@ def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
             raise CamError(f"cannot run the classifier head on its own: {str(exc).splitlines()[0]}") from None
 
     return run
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy where every non-Constant node computed from constants alone is an initializer.
+
+    Shape arithmetic of constants (tf2onnx's ``Cast(int32 axes)``, Paddle's computed
+    shapes) then reads as plain initializers, which shape inference and the gradient
+    rules need.  Values come from `onnx.reference` (`_Graph.constant`).
+    """
+    g = _Graph.build(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    known = set(g.constants)
+    kept, folded = [], []
+    for node in out.graph.node:
+        if node.op_type != "Constant" and node.input and all(i in known or not i for i in node.input):
+            values = [g.constant(o) for o in node.output]
+            if all(v is not None for v in values):
+                folded.extend(onnx.numpy_helper.from_array(v, o) for v, o in zip(values, node.output))
+                known.update(node.output)
+                continue
+        if node.op_type == "Constant" and g.constant(node.output[0]) is not None:
+            known.add(node.output[0])
+        kept.append(node)
+    if not folded:
+        return out
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    out.graph.initializer.extend(folded)
+    return out
 
 
 # --------------------------------------------------------------------------- editing

@@ -168,7 +168,8 @@ class OrtBackend:
         if gradients not in self._head_sessions:
             from . import backprop
 
-            head, frontier = backprop.cut_head(self.model, self.head.feature, self.head.logits)
+            head, frontier = backprop.cut_head(onnx_graph.fold_constants(self.model), self.head.feature,
+                                               self.head.logits)
             if gradients:
                 head = backprop.add_backward(head, self.head.feature, self.head.logits, seed=_SEED, grad=_GRAD)
             session = make_session(head, self._providers)

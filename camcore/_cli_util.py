@@ -329,3 +329,15 @@ def title_strip(text: str, width: int, *, background=(32, 32, 32), foreground=(2
         x = left + i * advance
         strip[top:top + mask.shape[0], x:x + mask.shape[1]][mask] = foreground
     return strip
+
+
+def add_method_arguments(parser) -> None:
+    """--method and --feature, shared by explain, eval and fuse."""
+    from .methods import METHODS
+
+    parser.add_argument("--method", choices=METHODS, default="auto",
+                        help="cam (exact, GAP + affine heads), a gradient method, or eigencam; "
+                             "auto: cam where it applies, else gradcam (default)")
+    parser.add_argument("--feature", metavar="NAME",
+                        help="target layer: a 4-D tensor name (default: the one feeding the last global "
+                             "pooling; camcore inspect lists them)")

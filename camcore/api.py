@@ -60,12 +60,15 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
                      source=source)
 
 
-def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True):
-    """Build a model that computes its own CAMs: see `backends.fuse_graph.fuse`.
+def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, method: str = "auto", feature=None):
+    """Build a model that computes its own class maps: see `backends.fuse_graph.fuse`.
 
     Returns an ``onnx.ModelProto`` that keeps every original output and adds
     ``cam_classes (N, k)`` int64, ``cam_scores (N, k)`` float32 and ``cam_maps``
-    ``(N, k, h, w)`` float32 (``(N, k, H, W)`` when `size` is given).
+    ``(N, k, h, w)`` float32 (``(N, k, H, W)`` when `size` is given).  With a
+    gradient `method` ("gradcam", ...; "auto" picks it for heads CAM cannot
+    explain) the gradients are computed inside the graph: the model runs on plain
+    onnxruntime or Triton, without camcore.
     """
     fuse_graph = importlib.import_module("backends.fuse_graph")
-    return fuse_graph.fuse(model, top_k=top_k, size=size, normalize=normalize)
+    return fuse_graph.fuse(model, top_k=top_k, size=size, normalize=normalize, method=method, feature=feature)

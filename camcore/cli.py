@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_preprocess_arguments, atomic_write_bytes,
+from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_method_arguments, add_preprocess_arguments,
+                        atomic_write_bytes,
                         encode_png, fail, fraction, one_line, positive_int, preprocess_from_args, provider_list,
                         run_command, title_strip, write_json)
 from .errors import CamError
-from .methods import METHODS
 
 __all__ = ["main", "build_parser"]
 
@@ -259,7 +259,7 @@ def cmd_inspect(args) -> int:
     print(f"classes      {head.num_classes}")
     print(f"channels     {head.channels}")
     print(f"cam          {'exact (global average pooling + affine head)' if head.affine else 'no: ' + head.cam_refusal}")
-    print(f"method       {info['default_method']} by default; --method takes {', '.join(METHODS[1:])}")
+    print(f"method       {info['default_method']} by default (camcore explain --method)")
     print(f"layers       {len(layers)} candidate target layers (--feature NAME), last first:")
     for name, shape, layout in reversed(layers):
         print(f"  {name} {shape_text(_dims(shape))} {layout}")
@@ -283,7 +283,8 @@ def cmd_fuse(args) -> int:
             size = ()
         if len(size) != 2 or min(size) < 1:
             raise CamError(f"--size takes H W (positive ints) or 'input', got {' '.join(args.size)}")
-    fused = fuse(args.model, top_k=args.top_k, size=size, normalize=not args.no_normalize)
+    fused = fuse(args.model, top_k=args.top_k, size=size, normalize=not args.no_normalize, method=args.method,
+                 feature=args.feature)
     atomic_write_bytes(args.output, fused.SerializeToString())
     print(f"wrote {args.output}: outputs {', '.join(o.name for o in fused.graph.output)}")
     return EXIT_OK
@@ -304,16 +305,6 @@ def _plugin_module(name: str):
         missing = getattr(exc, "name", None) in (module_name, module_name.rsplit(".", 1)[0])
         reason = f"{module_name} is not installed" if missing else one_line(exc)
         raise CamError(f"the '{name}' command is not available: {reason}") from None
-
-
-def add_method_arguments(parser) -> None:
-    """--method and --feature, shared by explain, eval and fuse."""
-    parser.add_argument("--method", choices=METHODS, default="auto",
-                        help="cam (exact, GAP + affine heads), a gradient method, or eigencam; "
-                             "auto: cam where it applies, else gradcam (default)")
-    parser.add_argument("--feature", metavar="NAME",
-                        help="target layer: a 4-D tensor name (default: the one feeding the last global "
-                             "pooling; camcore inspect lists them)")
 
 
 def build_parser(argv=()) -> argparse.ArgumentParser:
@@ -358,14 +349,16 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     p.add_argument("--providers", metavar="LIST", help=providers_help)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("fuse", help="write a model that computes its own CAMs",
-                       description="Adds outputs cam_classes, cam_scores and cam_maps to the model.")
+    p = sub.add_parser("fuse", help="write a model that computes its own class maps (CAM or Grad-CAM)",
+                       description="Adds outputs cam_classes, cam_scores and cam_maps to the model; gradient "
+                                   "methods are computed inside the graph.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("--top-k", type=positive_int, default=1, metavar="K")
     p.add_argument("--size", nargs="+", metavar="H W|input",
                    help="resize the maps to H W, or to the model input size ('input')")
     p.add_argument("--no-normalize", action="store_true", help="keep raw CAM values (no per-map min-max)")
+    add_method_arguments(p)
     p.set_defaults(func=cmd_fuse)
 
     chosen = _chosen_command(argv)

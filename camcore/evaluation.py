@@ -77,7 +77,7 @@ import numpy as np
 
 from .errors import CamError, InvalidInput
 from .localize import boxes as heuristic_boxes
-from .maps import cam, normalize, upsample
+from .maps import normalize, upsample
 from .metrics import box_accuracies, localization_accuracy, pxap_counts
 from .preprocess import Geometry, Preprocess, read_image
 from .wsol import Dataset, read_dataset
@@ -187,8 +187,9 @@ def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
 
 def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | None = None,
              thresholds=np.arange(0, 1, 0.01), top_k: int = 5, threshold: float = 0.2,
-             batch_size: int | None = None, mask_root=None, save_maps=None, progress=None) -> dict:
-    """Evaluate an explainer's CAMs on a localization dataset (see the module docstring).
+             batch_size: int | None = None, mask_root=None, save_maps=None, progress=None,
+             method: str = "auto") -> dict:
+    """Evaluate an explainer's class maps on a localization dataset (see the module docstring).
 
     Parameters
     ----------
@@ -213,6 +214,9 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         Folder receiving ``<image_id>.npy`` score maps.
     progress : callable, optional
         Called with the number of images done after each batch.
+    method : str
+        The map method, as in `Explainer.explain` ("auto": CAM where the head is GAP +
+        affine, else Grad-CAM).
 
     Returns
     -------
@@ -223,6 +227,7 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         (100 - figure), optimal thresholds, counts and settings.
     """
     head = explainer.head
+    method = explainer.resolve_method(method)
     if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k <= head.num_classes:
         raise InvalidInput(f"top_k must be an int in [1, {head.num_classes}], got {top_k!r}")
     if not 0 <= float(threshold) <= 1:
@@ -297,9 +302,10 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
                                    f"{head.num_classes} classes")
             x, geometries = preprocess.batch([read_image(images / s.image_id) for s in batch],
                                              layout=layout, dtype=dtype)
-            features, logits = explainer.forward({head.input.name: x})
+            feed = {head.input.name: x}
+            features, logits = explainer.forward(feed)
             labels = np.array([s.label for s in batch], dtype=np.int64)
-            maps = cam(features, head.weights, labels[:, None], layout=head.layout)[:, 0]
+            maps = explainer.maps(features, labels[:, None], method=method, inputs=feed)[:, 0]
             scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
             future = pool.submit(score, batch, geometries, labels, _top_classes(logits, top_k), scoremaps)
             if pending is not None:
@@ -336,6 +342,7 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         "thresholds": [round(float(t), 10) for t in thresholds],
         "box_threshold": float(threshold),
         "top_k": int(top_k),
+        "method": method,
         "grid": GRID,
         "model": _model_info(explainer),
         "preprocess": {"size": list(preprocess.size), "resize": preprocess.resize, "mean": list(preprocess.mean),
@@ -366,7 +373,7 @@ def _thresholds(text: str) -> np.ndarray:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `camcore eval` arguments (the CLI calls this when `eval` is chosen)."""
-    from ._cli_util import add_preprocess_arguments, fraction, positive_int
+    from ._cli_util import add_method_arguments, add_preprocess_arguments, fraction, positive_int
 
     parser.description = ("Localization accuracy of a model's CAMs on a wsolevaluation metadata folder or "
                           "Pascal-VOC XML annotations, following wsolevaluation's protocol (224x224 maps).")
@@ -391,6 +398,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", metavar="LIST",
                         help="onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    add_method_arguments(parser)
     add_preprocess_arguments(parser)
 
 
@@ -410,13 +418,15 @@ def main(args) -> int:
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
               f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, providers=provider_list(args.providers))
+    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature)
     preprocess = preprocess_from_args(args, explainer)
+    method = explainer.resolve_method(args.method)
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
     try:
         results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
                            top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
-                           mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update)
+                           mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
+                           method=method)
     finally:
         bar.close()
     results["dataset"].update(metadata=str(args.metadata), images=str(args.images))

@@ -278,18 +278,18 @@ class Explainer:
             raise InvalidInput("inputs must hold at least one item")
         return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)), method=method)
 
-    def gradients(self, inputs, *, classes=None, top_k: int = 1) -> Gradients:
+    def gradients(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None) -> Gradients:
         """The target layer's activations and the gradients of class logits with respect to them.
 
-        One forward pass of the model, then the head alone, forward and backward, for
-        each class (the backbone is not run again).  The raw material of every gradient
-        method in `camcore.methods`, for writing one's own.
+        One forward pass of the model per chunk, then the head alone, forward and
+        backward, for each class (the backbone is not run again).  The raw material of
+        every gradient method in `camcore.methods`, for writing one's own.
 
         Parameters
         ----------
         inputs : ndarray or dict of ndarray
-            One batch, in the model's own dtype and layout.
-        classes, top_k
+            In the model's own dtype and layout, batch first.
+        classes, top_k, batch_size
             As in `explain`.
 
         Returns
@@ -298,9 +298,15 @@ class Explainer:
         """
         feed, n = self._feed(inputs)
         sel = self._selection(classes, top_k, n)
-        features, logits = self.forward(feed)
-        sel = _top_k(logits, top_k) if sel is None else sel
-        return Gradients(features, logits, sel, self._class_gradients(features, sel), self.head.layout)
+        if n == 0:
+            raise InvalidInput("inputs must hold at least one item")
+        chunk = self._chunk_size(batch_size)
+        parts = []
+        for start in range(0, n, chunk):
+            features, logits = self.forward({name: value[start:start + chunk] for name, value in feed.items()})
+            rows = _top_k(logits, top_k) if sel is None else sel[start:start + chunk]
+            parts.append((features, logits, rows, self._class_gradients(features, rows)))
+        return Gradients(*(np.concatenate(arrays) for arrays in zip(*parts)), layout=self.head.layout)
 
     @property
     def fixed_batch(self) -> int | None:
@@ -342,6 +348,29 @@ class Explainer:
         _, gradients = self.backend.run_head(repeated, seeds)
         return np.asarray(gradients).reshape(n, k, *features.shape[1:])
 
+    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None) -> np.ndarray:
+        """Class maps from a forward pass already made (`forward`): ``(n, k, h, w)`` float32.
+
+        Parameters
+        ----------
+        features : ndarray
+            The target layer's activations for n items, as `forward` returns them.
+        classes : (n, k) int ndarray
+        method : str
+            As in `explain`.
+        inputs : dict of ndarray, optional
+            The model inputs that gave `features` (needed by methods that re-run the model).
+        """
+        method = self.resolve_method(method)
+        if method == "cam":
+            maps = cam(features, self.head.weights, classes, layout=self.head.layout)
+        elif method == "eigencam":
+            maps = np.repeat(eigencam(features, layout=self.head.layout)[:, None], classes.shape[1], axis=1)
+        else:
+            gradients = self._class_gradients(features, classes)
+            maps = GRADIENT_METHODS[method](features, gradients, layout=self.head.layout)
+        return maps.astype(np.float32, copy=False)
+
     def _explain_chunk(self, feed, sel, top_k, method):
         head = self.head
         features, logits = self.forward(feed)
@@ -349,14 +378,7 @@ class Explainer:
             sel = _top_k(logits, top_k)
         probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
         scores = np.take_along_axis(probabilities, sel, axis=1).astype(np.float32)
-        if method == "cam":
-            maps = cam(features, head.weights, sel, layout=head.layout)
-        elif method == "eigencam":
-            maps = np.repeat(eigencam(features, layout=head.layout)[:, None], sel.shape[1], axis=1)
-        else:
-            gradients = self._class_gradients(features, sel)
-            maps = GRADIENT_METHODS[method](features, gradients, layout=head.layout)
-        return logits, sel, scores, maps.astype(np.float32, copy=False)
+        return logits, sel, scores, self.maps(features, sel, method=method, inputs=feed)
 
     # ------------------------------------------------------------------ images
 

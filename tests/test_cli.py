@@ -385,8 +385,15 @@ def test_fuse_writes_a_runnable_model(tmp_path):
 def test_fuse_refused_and_bad_size(tmp_path):
     zm = REFUSED["global_max_pool"]()
     out = tmp_path / "fused.onnx"
-    proc = camcore_cli("fuse", zm.save(tmp_path), "-o", out)
+    proc = camcore_cli("fuse", zm.save(tmp_path), "-o", out, "--method", "cam")
     assert proc.returncode == 2 and zm.refuse in proc.stderr
+    assert not out.exists() and no_temp_files(tmp_path)
+    proc = camcore_cli("fuse", zm.save(tmp_path), "-o", out, "--method", "gradcam", "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    fused = onnx.load(str(out))
+    assert [o.name for o in fused.graph.output][-3:] == ["cam_classes", "cam_scores", "cam_maps"]
+    assert any(n.name.startswith("cam_grad_") for n in fused.graph.node)
+    out.unlink()
     proc = camcore_cli("fuse", CASES["gap_gemm"]().save(tmp_path), "-o", out, "--size", "16")
     assert proc.returncode == 1 and "--size" in proc.stderr
     assert not out.exists() and no_temp_files(tmp_path)
