@@ -462,8 +462,13 @@ def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.Model
     return sub
 
 
-def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: np.dtype, label: str):
-    """Read W (C, K) and b (C,) back from `run(pooled_batch) -> logits`, then verify."""
+def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: np.dtype, label: str,
+                    fixed_batch: int = 1):
+    """Read W (C, K) and b (C,) back from `run(pooled_batch) -> logits`, then verify.
+
+    A head whose batch size is baked in (a Reshape to ``[B, K]``, as exporters write for
+    a model traced at batch B) is probed B vectors at a time, the last group padded.
+    """
 
     def evaluate(vectors: np.ndarray) -> np.ndarray:
         shape = [1] * len(pooled_shape)
@@ -475,8 +480,10 @@ def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: 
             try:
                 result = run(np.ascontiguousarray(batch.reshape(shape), dtype=dtype))
             except CamError:
-                # A head with a fixed batch size (e.g. Reshape to [1, K]): one probe at a time.
-                result = np.concatenate([run(np.ascontiguousarray(b[None], dtype=dtype)) for b in batch])
+                b = fixed_batch
+                padded = np.concatenate([batch, np.repeat(batch[-1:], -len(batch) % b, axis=0)])
+                result = np.concatenate([run(np.ascontiguousarray(padded[i:i + b], dtype=dtype))
+                                         for i in range(0, len(padded), b)])[:len(batch)]
             out.append(np.asarray(result, dtype=np.float64).reshape(len(chunk), -1))
         return np.concatenate(out)
 
@@ -571,8 +578,9 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
     pooled_type = helper.make_tensor_type_proto(elem, ["probe_batch", *pooled_shape[1:]])
     probe = _probe_model(g, pooled, logits, pooled_type)
     run = _probe_runner(probe, pooled, g)
+    batch = next((s.shape[0] for s in graph_inputs(model) if s.shape and isinstance(s.shape[0], int)), 1)
     weights, bias = _recover_affine(run, pooled_shape, channel_axis, k, np_dtype(elem),
-                                    _product_label(g, head_nodes, pooled))
+                                    _product_label(g, head_nodes, pooled), fixed_batch=batch or 1)
     # The probe reads logits from the pooled tensor; CAM needs them from mean_xy(features).
     weights = (weights * _pool_scale(g, pooling.node)).astype(np.float32)
 

@@ -320,6 +320,10 @@ def _head(g: _Graph, x: str, rank: int, k: int, kind: str, out: str = "logits"):
     if kind == "reshape_const":
         y = g.op("Reshape", [x, g.const("flat_shape", [-1, k], np.int64)])
         return _gemm(g, y, k, out)
+    if kind == "reshape_batch2":
+        # torch's dynamo exporter at a static batch of 2: `view(2, -1)`.
+        y = g.op("Reshape", [x, g.const("flat_shape", [2, k], np.int64)])
+        return _gemm(g, y, k, out)
     if kind == "reshape_shape":
         # PaddlePaddle / torch `x.view(x.size(0), -1)`: the target shape is computed in-graph.
         n = g.op("Gather", [g.op("Shape", [x]), g.const("batch_index", 0, np.int64)], axis=0)
@@ -472,6 +476,7 @@ CASES: dict[str, Callable[[], ZooModel]] = _cases(
     cast_fp16_head=dict(head="cast_fp16"),
     reshape_const=dict(head="reshape_const"),
     reshape_computed_shape=dict(head="reshape_shape"),
+    reshape_static_batch2=dict(head="reshape_batch2"),
     constant_node_weights=dict(head="constant_nodes"),
     constantofshape_weights=dict(head="constantofshape"),
     squeeze_axes_attr_opset11=dict(head="squeeze", opset=11),
