@@ -20,6 +20,10 @@ model's own opset: whatever runs the model runs its gradient, on any execution p
   head pass, not k backbone passes.  Frontier inputs read only through ``Shape`` take a
   dummy of the right batch size.
 
+Tensors that do not depend on ``wrt`` are held constant (a partial derivative), so a
+frontier tensor contributes nothing.  Grad-CAM: Selvaraju et al., "Grad-CAM: Visual
+Explanations from Deep Networks via Gradient-based Localization", ICCV 2017.
+
 A node without a rule, or an attribute combination a rule does not handle, raises
 `NotCamCompatible` naming the op and the node: never a wrong gradient.  Nondifferentiable
 points follow torch (ReLU'(0) = 0, MaxPool routes to the first maximum, ReduceMax and
@@ -34,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-from camcore.errors import NotCamCompatible
+from camcore.errors import InvalidInput, NotCamCompatible
 
 __all__ = ["cut_head", "add_backward", "gradient_model", "RULES", "MIN_OPSET"]
 
@@ -59,6 +63,8 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 def _check_opset(model: onnx.ModelProto) -> int:
+    if not isinstance(model, onnx.ModelProto):
+        raise InvalidInput(f"model must be an onnx.ModelProto, got {type(model).__name__}")
     opset = _opset(model)
     if opset < MIN_OPSET:
         raise NotCamCompatible(f"gradients need ONNX opset >= {MIN_OPSET}; the model has opset {opset}")
@@ -161,8 +167,9 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
         Inputs ``target`` then the frontier; one output, ``logits``.
     frontier : list of str
         Non-constant tensors the head reads that do not depend on `target`, in graph order
-        (graph inputs first).  One read only through ``Shape``/``Size`` gets free dims
-        (feed any tensor of the right rank and batch size).
+        (graph inputs first).  One read only through ``Shape``/``Size`` gets free dims:
+        its values are never read, only its shape (e.g. feed zeros of the shape the
+        backbone saw, with the head's batch size).
 
     Raises
     ------
@@ -878,7 +885,10 @@ def _conv(c):
         c.refuse("the weights depend on the differentiated tensor")
     if c.active(2):
         out[2] = e.reduce("ReduceSum", g, [0, *range(2, len(x_dims))], keepdims=0)
-    if c.active(0):
+    if not c.active(0):
+        return out
+    group = _attr(c.node, "group", 1)
+    if all(isinstance(v, int) for v in x_dims[2:]):
         k, s, d, pads, spatial, size = _window(c, x_dims)
         n = len(k)
         begin, end, output_padding = pads[:n], [0] * n, [0] * n
@@ -889,9 +899,31 @@ def _conv(c):
             else:
                 output_padding[i] = spatial[i] - covered
         out[0] = e.typed(e.op("ConvTranspose", [g, c.x(1)], kernel_shape=k, strides=s, dilations=d,
-                              pads=begin + end, output_padding=output_padding,
-                              group=_attr(c.node, "group", 1)), x)
+                              pads=begin + end, output_padding=output_padding, group=group), x)
+    else:
+        out[0] = _conv_dynamic(c, x_dims, group)
     return out
+
+
+def _conv_dynamic(c, x_dims, group):
+    """Spatial sizes known only at run time: ConvTranspose without end padding, then crop
+    its end to the input size, or zero-pad the end positions no window reached."""
+    e, x, node = c.e, c.x(), c.node
+    rank, n = len(x_dims), len(x_dims) - 2
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad not in ("NOTSET", "VALID"):
+        c.refuse(f"auto_pad={auto_pad!r} needs static spatial sizes, got {x_dims}")
+    begin = list(_attr(node, "pads", [0] * 2 * n))[:n] if auto_pad == "NOTSET" else [0] * n
+    attrs = {"kernel_shape": list(_attr(node, "kernel_shape"))} if _attr(node, "kernel_shape") else {}
+    full = e.op("ConvTranspose", [c.g(), c.x(1)], strides=list(_attr(node, "strides", [1] * n)),
+                dilations=list(_attr(node, "dilations", [1] * n)), pads=begin + [0] * n, group=group, **attrs)
+    spatial_axes = e.ints(range(2, rank))
+    size = e.op("Slice", [e.shape(x), e.ints([2]), e.ints([rank])])
+    cropped = e.op("Slice", [full, e.ints([0] * n), size, spatial_axes])
+    missing = e.op("Sub", [size, e.op("Slice", [e.op("Shape", [cropped]), e.ints([2]), e.ints([rank])])])
+    pads = e.op("Concat", [e.ints([0] * (rank + 2)), missing], axis=0)
+    return e.typed(e.op("Pad", [cropped, pads]), x)
 
 
 def _average_pool_matrix(k, s, d, pb, pe, size_in, size_out, include_pad, dtype):
@@ -1044,6 +1076,30 @@ def _layer_norm(c):
     return {0: e.mul(inv, inner)}
 
 
+def _einsum(c):
+    """d A = einsum(out, others -> A): each operand's letters must be distinct and appear
+    in the output or another operand (no ellipsis)."""
+    equation = _attr(c.node, "equation")
+    equation = (equation.decode() if isinstance(equation, bytes) else equation).replace(" ", "")
+    if "." in equation:
+        c.refuse("ellipsis is not handled")
+    terms, _, result = equation.partition("->")
+    terms = terms.split(",")
+    if "->" not in equation:  # implicit output: the letters used once, sorted
+        letters = "".join(terms)
+        result = "".join(sorted(ch for ch in set(letters) if letters.count(ch) == 1))
+    out = {}
+    for i, term in enumerate(terms):
+        if not c.active(i):
+            continue
+        others = [t for j, t in enumerate(terms) if j != i]
+        if len(set(term)) != len(term) or not set(term) <= set(result + "".join(others)):
+            c.refuse(f"operand {i} ({term!r}) has a repeated letter or one summed over it alone")
+        inputs = [c.g(), *(x for j, x in enumerate(c.node.input) if j != i)]
+        out[i] = c.e.typed(c.e.op("Einsum", inputs, equation=f"{','.join([result, *others])}->{term}"), c.x(i))
+    return out
+
+
 RULES = {
     "Identity": _identity, "Cast": _cast, "Dropout": _dropout,
     "Flatten": _pass_through, "Reshape": _pass_through, "Squeeze": _pass_through, "Unsqueeze": _pass_through,
@@ -1057,7 +1113,7 @@ RULES = {
     "Softplus": _unary(_softplus), "Softsign": _unary(_softsign), "Mish": _unary(_mish),
     "Exp": _unary(_exp), "Log": _unary(_log), "Sqrt": _unary(_sqrt), "Reciprocal": _unary(_reciprocal),
     "Abs": _unary(_abs),
-    "Gemm": _gemm, "MatMul": _matmul, "Conv": _conv,
+    "Gemm": _gemm, "MatMul": _matmul, "Einsum": _einsum, "Conv": _conv,
     "BatchNormalization": _batch_norm, "LayerNormalization": _layer_norm,
     "GlobalAveragePool": _global_average_pool, "GlobalMaxPool": _global_max_pool,
     "AveragePool": _average_pool, "MaxPool": _max_pool,
