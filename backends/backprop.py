@@ -554,20 +554,31 @@ def _expand(c):
 
 
 def _pad(c):
+    """Crop the padding off the gradient; zero-pad where Pad cropped (negative pads)."""
     e = c.e
     if _attr(c.node, "mode", b"constant") not in (b"constant", "constant"):
         c.refuse("only mode='constant' is handled")
     rank = c.rank(c.x())
-    pads = np.asarray(c.const_input(1, "pads"), dtype=np.int64).reshape(-1)
     axes = c.const_input(3, "axes") if len(c.node.input) > 3 else None
     # pads follow the order of `axes` (not sorted)
     axes = [int(a) % rank for a in np.asarray(axes).reshape(-1)] if axes is not None else list(range(rank))
-    begin, end = np.zeros(rank, np.int64), np.zeros(rank, np.int64)
-    begin[axes], end[axes] = pads[:len(axes)], pads[len(axes):]
-    if (begin < 0).any() or (end < 0).any():
-        c.refuse("negative pads (cropping) are not handled")
-    ends = [-int(p) if p > 0 else _INT64_MAX for p in end]
-    return {0: e.typed(e.op("Slice", [c.g(), e.ints(begin), e.ints(ends), e.ints(range(rank))]), c.g())}
+    pads = e.ix.constant(c.x(1))
+    if pads is not None and (np.asarray(pads) >= 0).all():
+        pads = np.asarray(pads, dtype=np.int64).reshape(-1)
+        begin, end = np.zeros(rank, np.int64), np.zeros(rank, np.int64)
+        begin[axes], end[axes] = pads[:len(axes)], pads[len(axes):]
+        ends = [-int(p) if p > 0 else _INT64_MAX for p in end]
+        return {0: e.typed(e.op("Slice", [c.g(), e.ints(begin), e.ints(ends), e.ints(range(rank))]), c.g())}
+    # Pads of unknown sign, known at run time: spread them over all axes (a zero for the others).
+    n, padded = len(axes), e.op("Concat", [c.x(1), e.ints([0])], axis=0)
+    begin = e.op("Gather", [padded, e.ints([axes.index(a) if a in axes else 2 * n for a in range(rank)])], axis=0)
+    end = e.op("Gather", [padded, e.ints([axes.index(a) + n if a in axes else 2 * n for a in range(rank)])], axis=0)
+    zero = e.ints(0)
+    grown_begin = e.op("Where", [e.op("Less", [begin, zero]), zero, begin])
+    grown_end = e.op("Where", [e.op("Less", [end, zero]), zero, end])
+    cropped = e.op("Slice", [c.g(), grown_begin, e.op("Sub", [e.shape(c.y()), grown_end]), e.ints(range(rank))])
+    cut = e.op("Concat", [e.op("Sub", [grown_begin, begin]), e.op("Sub", [grown_end, end])], axis=0)
+    return {0: e.typed(e.op("Pad", [cropped, cut]), c.g())}
 
 
 # elementwise arithmetic with broadcasting

@@ -158,10 +158,10 @@ def check(build, feeds, wrt="x", *, of="y", use_ort=False, eps=1e-6, rtol=1e-6, 
     return grad
 
 
-def check_pool(build, x, *, float64=True):
-    """Pools against finite differences of onnxruntime's float32 forward (onnx.reference's
-    pooling is wrong with pads and ceil_mode).  Pools are piecewise linear: away from ties
-    the differences are exact up to float32 rounding."""
+def check_ort_forward(build, x, *, float64=True):
+    """Against finite differences of onnxruntime's float32 forward, for piecewise-linear
+    ops that onnx.reference gets wrong (pooling with pads or ceil_mode, negative pads):
+    away from ties the differences are exact up to float32 rounding."""
     back = add_backward(build(F), "x", "y")
     onnx.checker.check_model(back, full_check=True)
     forward = ort.InferenceSession(build(F).SerializeToString(), providers=["CPUExecutionProvider"])
@@ -410,11 +410,33 @@ def test_pad(opset, pads, axes):
           {"x": normal((2, 3, 4))}, use_ort=True)
 
 
-@pytest.mark.parametrize("mode, pads, message", [("reflect", [0, 1, 0, 1], "constant"),
-                                                 ("constant", [0, -1, 0, 1], "negative")])
-def test_unhandled_pad_is_refused(mode, pads, message):
-    model = make([node("Pad", ["x", "pads"], mode=mode)], {"x": [2, 3]}, inits={"pads": np.array(pads, dtype=np.int64)})
-    with pytest.raises(NotCamCompatible, match=f"Pad at node 'n_pad_y'.*{message}"):
+@pytest.mark.parametrize("opset, pads, axes", [(11, [1, -1, 0, -1, 2, 1], None), (18, [-1, 2, 1, -2], [2, 1])])
+def test_pad_with_negative_pads(opset, pads, axes):
+    """Negative pads crop (onnx.reference cannot run them)."""
+    inits = {"pads": np.array(pads, dtype=np.int64)}
+    if axes:
+        inits["axes"] = np.array(axes, dtype=np.int64)
+    inputs = ["x", "pads", *(["", "axes"] if axes else [])]
+    check_ort_forward(lambda dt: make([node("Pad", inputs)], {"x": [2, 3, 4]}, inits=inits, opset=opset, dtype=dt),
+                      normal((2, 3, 4)), float64=False)
+
+
+def test_pad_with_pads_computed_at_run_time():
+    """As tf2onnx's static padding: pads derived from the input's shape."""
+    nodes = [node("Shape", ["x"], ["shape"]), node("Slice", ["shape", "two", "four"], ["hw"]),
+             node("Sub", ["eight", "hw"], ["missing"]), node("Concat", ["zeros", "missing", "zeros", "ones"], ["pads"],
+                                                            axis=0),
+             node("Pad", ["x", "pads"])]
+    inits = {"two": np.array([2]), "four": np.array([4]), "eight": np.array([8, 8]), "zeros": np.array([0, 0]),
+             "ones": np.array([1, 1])}
+    check(lambda dt: make(nodes, {"x": [1, 2, 5, 6]}, inits=inits, opset=13, dtype=dt), {"x": normal((1, 2, 5, 6))},
+          use_ort=True)
+
+
+def test_reflect_pad_is_refused():
+    model = make([node("Pad", ["x", "pads"], mode="reflect")], {"x": [2, 3]},
+                 inits={"pads": np.array([0, 1, 0, 1], dtype=np.int64)})
+    with pytest.raises(NotCamCompatible, match="Pad at node 'n_pad_y'.*constant"):
         add_backward(model, "x", "y")
 
 
@@ -556,7 +578,7 @@ def test_average_pool(case):
     attrs = dict(kernel_shape=case["k"], strides=case["s"], pads=case["pads"], ceil_mode=case["ceil_mode"],
                  count_include_pad=case["include_pad"])
     shape = [2, 2, *case["spatial"]]
-    check_pool(lambda dt: make([node("AveragePool", ["x"], **attrs)], {"x": shape}, opset=case["opset"], dtype=dt),
+    check_ort_forward(lambda dt: make([node("AveragePool", ["x"], **attrs)], {"x": shape}, opset=case["opset"], dtype=dt),
                normal(shape))
 
 
@@ -571,7 +593,7 @@ def test_max_pool(case, dilation):
     shape = [2, 2, *[sp + (kk - 1) * (dilation - 1) for sp, kk in zip(case["spatial"], k)]]
     # Values 0.1 apart: the finite differences (step 0.01) never swap two maxima.
     x = np.random.default_rng(0).permutation(np.prod(shape)).reshape(shape) * 0.1
-    check_pool(lambda dt: make([node("MaxPool", ["x"], **attrs)], {"x": shape}, opset=opset, dtype=dt), x,
+    check_ort_forward(lambda dt: make([node("MaxPool", ["x"], **attrs)], {"x": shape}, opset=opset, dtype=dt), x,
                float64=False)
 
 
@@ -790,3 +812,70 @@ def test_top_k_classes_in_one_batched_run():
     for i, j in np.ndindex(classes.shape):
         single = run.run(None, {"feat": feats[[i]], "cam_seed": np.eye(3)[[classes[i, j]]]})[1]
         np.testing.assert_allclose(grads[[i * 2 + j]], single, rtol=1e-12, atol=1e-14)
+
+
+# ------------------------------------------------------------------ real exports
+
+def to_double(model):
+    """A float32/float16 model recomputed in float64 (initializers, Constants, Casts, types)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    floats = (F, TensorProto.FLOAT16)
+    for i, t in enumerate(out.graph.initializer):
+        if t.data_type in floats:
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for vi in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
+        if vi.type.tensor_type.elem_type in floats:
+            vi.type.tensor_type.elem_type = D
+    for n in out.graph.node:
+        for a in n.attribute:
+            if a.name == "to" and a.i in floats:
+                a.i = D
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type in floats:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float64), a.t.name))
+    return out
+
+
+# Targets six nodes before the feature map: the torchscript export pads the depthwise Conv's
+# input with pads computed in the graph and reshapes by the image's batch size (Shape).
+REAL_TARGETS = {"torchscript": "/_blocks.15/_swish/Clip_output_0", "dynamo": "hardtanh_30"}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TARGETS))
+def test_real_exports(name):
+    """EfficientNet-Lite0 from both torch exporters: head from a block-15 tensor to the logits,
+    onnxruntime float32 against the float64 gradient and its directional derivatives."""
+    from pathlib import Path
+
+    from backends.onnx_graph import expose_outputs, find_head
+    from camcore import default_model
+
+    path = {"torchscript": default_model.path(),
+            "dynamo": Path(__file__).parent / "models" / "efficientnet_lite0_dynamo.onnx"}[name]
+    model = onnx.load(path)
+    target, logits = REAL_TARGETS[name], find_head(model).logits
+    image = dict(np.load(Path(__file__).parent / "models" / "lite0_reference.npz"))["inputs"][:1]
+    backbone = ort.InferenceSession(expose_outputs(model, [target]).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    feature, full_logits = backbone.run([target, logits], {backbone.get_inputs()[0].name: image})
+    head_model, frontier = cut_head(model, target, logits)
+    assert frontier == (["input"] if name == "torchscript" else [])
+    grad_model = gradient_model(model, target, logits)
+    onnx.checker.check_model(grad_model, full_check=True)
+    feeds = {target: feature, **{f: np.zeros((1, 1, 1, 1), np.float32) for f in frontier}}
+    session = ort.InferenceSession(grad_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    top = session.run(None, {**feeds, "cam_seed": np.zeros((1, 1000), np.float32)})[0].argmax()
+    seed = np.eye(1000)[[top]]
+    grad32 = session.run(["cam_grad"], {**feeds, "cam_seed": seed.astype(np.float32)})[0]
+
+    double = evaluator(to_double(grad_model))
+    feeds64 = {k: v.astype(np.float64) for k, v in feeds.items()}
+    logit, grad = double.run(None, {**feeds64, "cam_seed": seed})
+    np.testing.assert_allclose(grad32, grad, rtol=1e-3, atol=1e-4 * np.abs(grad).max())
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        v, eps = rng.standard_normal(feature.shape), 1e-6
+        plus = double.run(None, {**feeds64, target: feeds64[target] + eps * v, "cam_seed": seed})[0][0, top]
+        minus = double.run(None, {**feeds64, target: feeds64[target] - eps * v, "cam_seed": seed})[0][0, top]
+        np.testing.assert_allclose((plus - minus) / (2 * eps), np.sum(grad * v), rtol=1e-5)
+    np.testing.assert_allclose(logit, full_logits, atol=1e-3)  # the head reproduces the model
