@@ -583,9 +583,10 @@ def _pad(c):
 
 # elementwise arithmetic with broadcasting
 
-def _binary(c, grad_a, grad_b):
+def _binary(c, grad_a, grad_b, positions=(0, 1)):
+    """Gradients of two broadcast operands (at `positions`), summed back to their shapes."""
     out, y_dims = {}, c.dims(c.y())
-    for i, fn in ((0, grad_a), (1, grad_b)):
+    for i, fn in zip(positions, (grad_a, grad_b)):
         if c.active(i):
             out[i] = c.unbroadcast(fn(), y_dims, c.x(i))
     return out
@@ -646,15 +647,7 @@ def _max_min(c):
 
 def _where(c):
     e, g, zero = c.e, c.g(), c.e.scalar(0, c.y())
-    return _binary_where(c, lambda: e.where(c.x(0), g, zero, g), lambda: e.where(c.x(0), zero, g, g))
-
-
-def _binary_where(c, grad_a, grad_b):
-    out, y_dims = {}, c.dims(c.y())
-    for i, fn in ((1, grad_a), (2, grad_b)):
-        if c.active(i):
-            out[i] = c.unbroadcast(fn(), y_dims, c.x(i))
-    return out
+    return _binary(c, lambda: e.where(c.x(0), g, zero, g), lambda: e.where(c.x(0), zero, g, g), positions=(1, 2))
 
 
 # elementwise unary
@@ -1083,7 +1076,8 @@ def _layer_norm(c):
     inv = e.unary("Reciprocal", e.unary("Sqrt", e.add(var, e.scalar(_attr(c.node, "epsilon", 1e-5), x))))
     xhat = e.mul(centered, inv)
     gh = e.mul(c.g(), c.x(1))
-    inner = e.sub(e.sub(gh, e.reduce("ReduceMean", gh, axes)), e.mul(xhat, e.reduce("ReduceMean", e.mul(gh, xhat), axes)))
+    inner = e.sub(e.sub(gh, e.reduce("ReduceMean", gh, axes)),
+                  e.mul(xhat, e.reduce("ReduceMean", e.mul(gh, xhat), axes)))
     return {0: e.mul(inv, inner)}
 
 

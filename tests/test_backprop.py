@@ -4,8 +4,10 @@ The float64 evaluator is `onnx.reference` (onnxruntime lacks double kernels for 
 ops), with ops replaced where it is not exact or wrong: its Erf/Gelu use a float
 approximation (1e-8 off, too coarse for finite differences), its grouped ConvTranspose
 fails, its (Log)Softmax before opset 13 ignores the 2-D coercion and its
-BatchNormalization before opset 14 differs from onnxruntime.  The common ops also run under onnxruntime in float32 and are compared with the
-float64 gradient.
+BatchNormalization before opset 14 differs from onnxruntime.  Its pooling is wrong with
+pads and ceil_mode, and it cannot run negative pads: those are checked against
+onnxruntime's forward (`check_ort_forward`).  The common ops also run under onnxruntime
+in float32 and are compared with the float64 gradient.
 """
 
 from __future__ import annotations
@@ -375,7 +377,8 @@ def test_slice(data):
 
 
 @pytest.mark.parametrize("opset, indices, axis", [
-    (13, np.array([2, 0]), 1), (13, np.array(-1), 0), (16, np.array([[1, 1], [0, 1]]), 1), (16, np.array([0, 0, 2]), 0)])
+    (13, np.array([2, 0]), 1), (13, np.array(-1), 0), (16, np.array([[1, 1], [0, 1]]), 1),
+    (16, np.array([0, 0, 2]), 0)])
 def test_gather(opset, indices, axis):
     check(lambda dt: make([node("Gather", ["x", "i"], axis=axis)], {"x": [3, 3]}, inits={"i": indices},
                           opset=opset, dtype=dt), {"x": normal((3, 3))}, use_ort=True)
@@ -578,7 +581,8 @@ def test_average_pool(case):
     attrs = dict(kernel_shape=case["k"], strides=case["s"], pads=case["pads"], ceil_mode=case["ceil_mode"],
                  count_include_pad=case["include_pad"])
     shape = [2, 2, *case["spatial"]]
-    check_ort_forward(lambda dt: make([node("AveragePool", ["x"], **attrs)], {"x": shape}, opset=case["opset"], dtype=dt),
+    check_ort_forward(lambda dt: make([node("AveragePool", ["x"], **attrs)], {"x": shape}, opset=case["opset"],
+                                      dtype=dt),
                normal(shape))
 
 
@@ -601,7 +605,8 @@ def test_max_pool_routes_ties_to_the_first_maximum():
     """As torch: each window's gradient goes to its first maximum; overlapping windows add up."""
     x = np.array([[[[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]], dtype=np.float32)
     model = make([node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[1, 1])], {"x": [1, 1, 3, 3]}, opset=16, dtype=F)
-    session = ort.InferenceSession(add_backward(model, "x", "y").SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(add_backward(model, "x", "y").SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
     grad = session.run(["cam_grad"], {"x": x, "cam_seed": np.ones((1, 1, 2, 2), np.float32)})[0]
     np.testing.assert_array_equal(grad[0, 0], [[1, 1, 0], [0, 2, 0], [0, 0, 0]])
 
@@ -617,7 +622,8 @@ REDUCTIONS = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceL1", "
 
 
 @FAST
-@given(op=st.sampled_from(REDUCTIONS), axes=st.lists(st.sampled_from([0, 1, 2, -1]), max_size=2, unique_by=lambda a: a % 3),
+@given(op=st.sampled_from(REDUCTIONS),
+       axes=st.lists(st.sampled_from([0, 1, 2, -1]), max_size=2, unique_by=lambda a: a % 3),
        keepdims=st.integers(0, 1), opset=st.sampled_from([11, 13, 18]))
 def test_reductions(op, axes, keepdims, opset):
     limit = 13 if op == "ReduceSum" else 18
@@ -632,7 +638,8 @@ def test_max_reductions_split_ties_evenly(op):
     attrs = {"axes": [2, 3], "keepdims": 1} if op == "ReduceMax" else {}
     model = make([node(op, ["x"], **attrs)], {"x": [1, 1, 2, 2]}, opset=13)
     x = np.array([[[[3.0, 1.0], [3.0, 3.0]]]])
-    grad = evaluator(add_backward(model, "x", "y")).run(["cam_grad"], {"x": x, "cam_seed": np.full((1, 1, 1, 1), 6.0)})[0]
+    feeds = {"x": x, "cam_seed": np.full((1, 1, 1, 1), 6.0)}
+    grad = evaluator(add_backward(model, "x", "y")).run(["cam_grad"], feeds)[0]
     np.testing.assert_allclose(grad[0, 0], [[2, 0], [2, 2]])
 
 
@@ -823,7 +830,8 @@ def to_double(model):
     floats = (F, TensorProto.FLOAT16)
     for i, t in enumerate(out.graph.initializer):
         if t.data_type in floats:
-            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+            value = numpy_helper.to_array(t).astype(np.float64)
+            out.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, t.name))
     for vi in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
         if vi.type.tensor_type.elem_type in floats:
             vi.type.tensor_type.elem_type = D
