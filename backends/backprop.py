@@ -213,11 +213,11 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
     frontier -= {target}
     shape_only = {n for n in shape_read if not _read_as_data(ix, n, seen)}
 
-    order = {name: i for i, name in enumerate(ix.inputs)}
+    order = {name: (i, 0) for i, name in enumerate(ix.inputs)}
     for i, node in enumerate(nodes):
-        for out in node.output:
-            order.setdefault(out, len(ix.inputs) + i)
-    frontier_list = sorted(frontier, key=lambda n: order.get(n, -1))
+        for j, out in enumerate(node.output):
+            order.setdefault(out, (len(ix.inputs) + i, j))
+    frontier_list = sorted(frontier, key=lambda n: order.get(n, (-1, 0)))
 
     work = onnx.ModelProto()
     work.CopyFrom(ix.model)

@@ -731,7 +731,9 @@ def _backbone_with_skip(dtype=D):
 
 def test_cut_head_frontier():
     model = _backbone_with_skip()
+    before = model.SerializeToString()
     head, frontier = cut_head(model, "feat", "logits")
+    assert model.SerializeToString() == before
     onnx.checker.check_model(head, full_check=True)
     assert frontier == ["image", "skip"]
     assert [i.name for i in head.graph.input] == ["feat", "image", "skip"]
