@@ -71,7 +71,19 @@ def _check_opset(model: onnx.ModelProto) -> int:
     return opset
 
 
+def _unknown_nonpositive_dims(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose declared dims <= 0 (paddle2onnx's -1 for dynamic axes) are unknown."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for vi in [*out.graph.input, *out.graph.output, *out.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value <= 0:
+                dim.Clear()
+    return out
+
+
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+    model = _unknown_nonpositive_dims(model)
     try:
         return shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # a graph inference rejects keeps the types it declares
@@ -120,6 +132,27 @@ class _Index:
             self.types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
         self.producer = {out: node for node in g.node for out in node.output if out}
         self.inputs = [vi.name for vi in g.input if vi.name not in self.initializers]
+        self._complete_shapes()
+
+    def _complete_shapes(self):
+        """Dims onnx inference leaves unknown where the ops still tell them, e.g. after a
+        Reshape to ``Concat(Shape(x)[0], -1)``.  An unknown dim becomes a symbol of its
+        own, which ops that keep it (broadcasting with 1, MatMul) pass on."""
+        for node in self.model.graph.node:
+            out = node.output[0] if node.output else ""
+            known = self.dims(out) if out else ()
+            if not out or (known is not None and None not in known):
+                continue
+            guess = _guess_dims(node, [self.dims(i) if i else None for i in node.input])
+            if known is None and guess is None:
+                continue
+            if guess is not None and known is not None and len(guess) == len(known):
+                guess = tuple(k if k is not None else d for k, d in zip(known, guess))
+            dims = known if guess is None or (known is not None and len(guess) != len(known)) else guess
+            elem = self.elem_type(out) or (_attr(node, "to") if node.op_type == "Cast" else
+                                           self.elem_type(node.input[1 if node.op_type == "Where" else 0]))
+            self.types[out] = helper.make_tensor_type_proto(
+                elem or 0, [d if d is not None else f"cam_{out}_{i}" for i, d in enumerate(dims)])
 
     def elem_type(self, name: str) -> int | None:
         t = self.types.get(name)
@@ -143,6 +176,35 @@ class _Index:
 
     def exists(self, name: str) -> bool:
         return name in self.producer or name in self.types or name in self.initializers
+
+
+_SAME_SHAPE = {"Identity", "Cast", "Dropout", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Relu", "LeakyRelu", "Elu",
+               "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Erf", "Gelu", "Softplus", "Softsign", "Mish",
+               "Abs", "Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization"}
+_BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"}
+
+
+def _guess_dims(node, in_dims: list) -> tuple | None:
+    """Output dims of a node from its inputs' dims (None where unknown); None if unsure."""
+    op = node.op_type
+    if op in _SAME_SHAPE:
+        return in_dims[0]
+    if op in _BROADCASTING and all(d is not None for d in in_dims):
+        out = ()
+        for d in in_dims:
+            out = _broadcast_dims(out, d)
+        return out
+    if op == "Reshape" and in_dims[1] is not None and len(in_dims[1]) == 1 and isinstance(in_dims[1][0], int):
+        return (None,) * in_dims[1][0]
+    if op == "Gemm" and all(d is not None and len(d) == 2 for d in in_dims[:2]):
+        a, b = in_dims[0], in_dims[1]
+        return (a[1] if _attr(node, "transA", 0) else a[0], b[0] if _attr(node, "transB", 0) else b[1])
+    if op == "MatMul" and all(d is not None and len(d) >= 2 for d in in_dims[:2]):
+        a, b = in_dims
+        return (*_broadcast_dims(a[:-2], b[:-2]), a[-2], b[-1])
+    if op == "Flatten" and in_dims[0] is not None:
+        return None, None
+    return None
 
 
 # --------------------------------------------------------------------------- cut_head
@@ -1219,7 +1281,8 @@ def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, seed: str = "cam_
     g = out.graph
     # The model's own declaration of `of` if any (onnx shape inference miscounts some
     # ceil_mode pools), else the inferred type.
-    declared = {vi.name: vi.type for vi in [*model.graph.value_info, *model.graph.input, *model.graph.output]}
+    clean = _unknown_nonpositive_dims(model).graph
+    declared = {vi.name: vi.type for vi in [*clean.value_info, *clean.input, *clean.output]}
     seed_type = onnx.TypeProto()
     seed_type.CopyFrom(declared.get(of) or ix.types[of])
     g.input.append(helper.make_value_info(seed, seed_type))

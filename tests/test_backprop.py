@@ -105,7 +105,7 @@ def evaluator(model):
     return ReferenceEvaluator(model, new_ops=fixes)
 
 
-def make(nodes, inputs, *, inits=None, opset=17, dtype=D, out="y"):
+def make(nodes, inputs, *, inits=None, opset=17, dtype=D, out="y", out_rank=None):
     """A one-output model; `inputs` maps names to shapes (float inputs of `dtype`)."""
     npd = helper.tensor_dtype_to_np_dtype(dtype)
     initializers = [numpy_helper.from_array(np.asarray(v, npd) if np.asarray(v).dtype.kind == "f" else np.asarray(v), k)
@@ -114,8 +114,9 @@ def make(nodes, inputs, *, inits=None, opset=17, dtype=D, out="y"):
                               [helper.make_tensor_value_info(out, dtype, None)], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     # Declare the output's rank only: onnx shape inference miscounts some ceil_mode pools.
-    rank = onnx.shape_inference.infer_shapes(model).graph.output[0].type.tensor_type.shape.dim
-    model.graph.output[0].type.CopyFrom(helper.make_tensor_type_proto(dtype, [None] * len(rank)))
+    if out_rank is None:
+        out_rank = len(onnx.shape_inference.infer_shapes(model).graph.output[0].type.tensor_type.shape.dim)
+    model.graph.output[0].type.CopyFrom(helper.make_tensor_type_proto(dtype, [None] * out_rank))
     return model
 
 
@@ -711,6 +712,20 @@ def test_constant_and_shape_subgraphs_need_no_rules():
              node("Add", ["x", "ones"], ["xo"]), node("Reshape", ["xo", "target_shape"])]
     inits = {"zero": np.array([0], dtype=np.int64), "minus_one": np.array([-1], dtype=np.int64)}
     check(lambda dt: make(nodes, {"x": [2, 3, 2]}, inits=inits, dtype=dt), {"x": normal((2, 3, 2))})
+
+
+@pytest.mark.parametrize("opset", [11, 13])
+def test_paddle_style_head_with_unknown_dims(opset):
+    """paddle2onnx: -1 dims, Reshape to Concat(Shape(x)[0], -1), MatMul + Add.  onnx shape
+    inference loses the ranks after the Reshape; they are recovered from the ops."""
+    un_in, un_attr, un_init = _axes("un", [0], opset, 13)
+    nodes = [node("GlobalAveragePool", ["x"], ["p"]), node("Shape", ["p"], ["shape"]),
+             node("Gather", ["shape", "zero"], ["n"], axis=0), node("Unsqueeze", ["n", *un_in], ["n1"], **un_attr),
+             node("Concat", ["n1", "minus_one"], ["flat_shape"], axis=0), node("Reshape", ["p", "flat_shape"], ["f"]),
+             node("MatMul", ["f", "w"], ["m"]), node("Add", ["m", "b"])]
+    inits = {"zero": np.array(0), "minus_one": np.array([-1]), "w": normal((3, 4), 1), "b": normal(4, 2), **un_init}
+    check(lambda dt: make(nodes, {"x": [-1, 3, -1, -1]}, inits=inits, opset=opset, dtype=dt, out_rank=2),
+          {"x": normal((2, 3, 2, 3))}, use_ort=True)
 
 
 # ------------------------------------------------------------------ cut_head and realistic heads
