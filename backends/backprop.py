@@ -28,6 +28,34 @@ A node without a rule, or an attribute combination a rule does not handle, raise
 `NotCamCompatible` naming the op and the node: never a wrong gradient.  Nondifferentiable
 points follow torch (ReLU'(0) = 0, MaxPool routes to the first maximum, ReduceMax and
 GlobalMaxPool split the gradient evenly among ties).
+
+Rules (gradients for the data inputs; inputs that do not depend on ``wrt`` get none):
+
+* shape: Identity, Cast, Dropout (inference), Flatten, Reshape, Squeeze, Unsqueeze
+  (``Reshape(g, Shape(x))``), Transpose, Concat, Split, Slice (any steps), Gather and
+  GatherElements (repeated indices need opset 16), Expand, Pad (mode constant; pads
+  constant or computed, negative pads crop);
+* arithmetic with numpy broadcasting: Add, Sub, Mul, Div, Pow, Neg, Sum, Mean, Max, Min
+  (ties share), Where, PRelu (slope too); the axes to sum are found from static dims, or
+  at run time from opset 13 when dims are symbolic;
+* activations: Relu, LeakyRelu, Elu, Sigmoid, HardSigmoid, HardSwish, Tanh, Clip, Erf,
+  Gelu (both approximations), Softplus, Softsign, Mish, Abs, Exp, Log, Sqrt, Reciprocal,
+  Softmax and LogSoftmax (2-D coercion before opset 13);
+* linear: Gemm (alpha, beta, transA, transB, broadcast C), MatMul (batched, 1-D),
+  Einsum (no ellipsis; each operand's letters distinct and shared), Conv (any kernel,
+  strides, pads, dilations, groups, auto_pad; bias; ConvTranspose with output_padding, or
+  crop/pad at run time when spatial sizes are dynamic and auto_pad is NOTSET/VALID);
+* normalization: BatchNormalization (inference form), LayerNormalization (any axis);
+* pooling and reductions: GlobalAveragePool, GlobalMaxPool, AveragePool (pads, strides,
+  dilations, ceil_mode, count_include_pad; static spatial sizes), MaxPool (via its
+  Indices; overlapping windows need opset 16), ReduceMean, ReduceSum, ReduceMax,
+  ReduceMin, ReduceL1, ReduceL2, ReduceSumSquare, ReduceLogSumExp (axes constant).
+
+Refused: opsets below 11; ops not listed, with subgraphs or outside the default domain;
+parameters (Conv weights, normalization scales and statistics) that depend on ``wrt``;
+training-mode Dropout and BatchNormalization; Pad modes other than constant; reduction
+axes given as computed tensors; symbolic broadcasting before opset 13; Conv with SAME
+auto_pad, and AveragePool, on dynamic spatial sizes.
 """
 
 from __future__ import annotations
@@ -67,7 +95,8 @@ def _check_opset(model: onnx.ModelProto) -> int:
         raise InvalidInput(f"model must be an onnx.ModelProto, got {type(model).__name__}")
     opset = _opset(model)
     if opset < MIN_OPSET:
-        raise NotCamCompatible(f"gradients need ONNX opset >= {MIN_OPSET}; the model has opset {opset}")
+        raise NotCamCompatible(f"gradients need ONNX opset >= {MIN_OPSET}; the model has opset {opset} "
+                               f"(onnx.version_converter.convert_version can upgrade it)")
     return opset
 
 
