@@ -120,6 +120,11 @@ def make(nodes, inputs, *, inits=None, opset=17, dtype=D, out="y", out_rank=None
     return model
 
 
+def checked(model):
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def finite_differences(run, feeds, wrt, seed, eps=1e-6):
     x = feeds[wrt]
     out = np.zeros_like(x)
@@ -282,7 +287,7 @@ def test_variadic(op, shapes):
 
 def test_max_ties_share_the_gradient():
     model = make([node("Max", ["a", "b"])], {"a": [3], "b": [3]})
-    grad = evaluator(add_backward(model, "a", "y")).run(
+    grad = evaluator(checked(add_backward(model, "a", "y"))).run(
         ["cam_grad"], {"a": np.array([1.0, 2.0, 3.0]), "b": np.array([1.0, 3.0, 2.0]), "cam_seed": np.ones(3)})[0]
     np.testing.assert_array_equal(grad, [0.5, 0.0, 1.0])
 
@@ -306,11 +311,13 @@ def test_prelu(slope_shape):
 
 
 @pytest.mark.parametrize("opset", [13, 17])
-def test_broadcasting_decided_at_run_time(opset):
+@pytest.mark.parametrize("b_shape, b_dims", [((1, 3), ["m", 3]), ((1,), ["m"]), ((2, 1), ["m", "k"])])
+def test_broadcasting_decided_at_run_time(opset, b_shape, b_dims):
     """Symbolic dims hide which side broadcasts: the axes to sum are computed in the graph."""
-    feeds = {"a": normal((2, 3)), "b": normal((1, 3), 1)}
-    check(lambda dt: make([node("Mul", ["a", "b"])], {"a": ["n", 3], "b": ["m", 3]}, opset=opset, dtype=dt),
-          feeds, "b", use_ort=True)
+    feeds = {"a": normal((2, 3)), "b": normal(b_shape, 1)}
+    for wrt in ("a", "b"):
+        check(lambda dt: make([node("Mul", ["a", "b"])], {"a": ["n", "j"], "b": b_dims}, opset=opset, dtype=dt),
+              feeds, wrt, use_ort=True)
 
 
 def test_symbolic_broadcasting_before_opset_13_is_refused():
@@ -603,11 +610,24 @@ def test_max_pool(case, dilation):
                float64=False)
 
 
-def test_max_pool_routes_ties_to_the_first_maximum():
-    """As torch: each window's gradient goes to its first maximum; overlapping windows add up."""
+def test_three_dimensional_conv_and_average_pool():
+    w = normal((2, 2, 2, 1, 3), 1)
+    check(lambda dt: make([node("Conv", ["x", "w"], strides=[1, 2, 1], pads=[1, 0, 1, 0, 1, 1], dilations=[1, 1, 2])],
+                          {"x": [1, 2, 3, 4, 5]}, inits={"w": w}, dtype=dt), {"x": normal((1, 2, 3, 4, 5))},
+          use_ort=True)
+    attrs = dict(kernel_shape=[2, 2, 3], strides=[1, 2, 2], pads=[1, 0, 1, 0, 1, 1], count_include_pad=0)
+    check_ort_forward(lambda dt: make([node("AveragePool", ["x"], **attrs)], {"x": [1, 2, 3, 4, 5]}, dtype=dt),
+                      normal((1, 2, 3, 4, 5)))
+
+
+@pytest.mark.parametrize("outputs", [("y",), ("y", "indices")])
+def test_max_pool_routes_ties_to_the_first_maximum(outputs):
+    """As torch: each window's gradient goes to its first maximum; overlapping windows add up.
+    A MaxPool that already outputs its Indices lends them."""
     x = np.array([[[[1.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]], dtype=np.float32)
-    model = make([node("MaxPool", ["x"], kernel_shape=[2, 2], strides=[1, 1])], {"x": [1, 1, 3, 3]}, opset=16, dtype=F)
-    session = ort.InferenceSession(add_backward(model, "x", "y").SerializeToString(),
+    model = make([node("MaxPool", ["x"], outputs, kernel_shape=[2, 2], strides=[1, 1])], {"x": [1, 1, 3, 3]},
+                 opset=16, dtype=F)
+    session = ort.InferenceSession(checked(add_backward(model, "x", "y")).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     grad = session.run(["cam_grad"], {"x": x, "cam_seed": np.ones((1, 1, 2, 2), np.float32)})[0]
     np.testing.assert_array_equal(grad[0, 0], [[1, 1, 0], [0, 2, 0], [0, 0, 0]])
@@ -641,7 +661,7 @@ def test_max_reductions_split_ties_evenly(op):
     model = make([node(op, ["x"], **attrs)], {"x": [1, 1, 2, 2]}, opset=13)
     x = np.array([[[[3.0, 1.0], [3.0, 3.0]]]])
     feeds = {"x": x, "cam_seed": np.full((1, 1, 1, 1), 6.0)}
-    grad = evaluator(add_backward(model, "x", "y")).run(["cam_grad"], feeds)[0]
+    grad = evaluator(checked(add_backward(model, "x", "y"))).run(["cam_grad"], feeds)[0]
     np.testing.assert_allclose(grad[0, 0], [[2, 0], [2, 2]])
 
 
@@ -828,7 +848,7 @@ def test_realistic_heads_one_class_at_a_time(build):
 
 def test_top_k_classes_in_one_batched_run():
     """Features repeated k times with one-hot seeds give each class's gradient in one head run."""
-    grad_model = gradient_model(_mobilenet_v3_head(D), "feat", "logits")
+    grad_model = checked(gradient_model(_mobilenet_v3_head(D), "feat", "logits"))
     run = evaluator(grad_model)
     feats, classes = normal((2, 4, 3, 3), 12), np.array([[2, 0], [1, 2]])  # (N, k)
     batch = np.repeat(feats, 2, axis=0)
