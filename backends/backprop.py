@@ -336,7 +336,45 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
     inferred = _Index(head).types.get(logits)
     if inferred is not None and inferred.tensor_type.HasField("shape"):
         head.graph.output[0].type.CopyFrom(inferred)
-    return head, frontier_list
+    return _pooled_convs_as_gemm(head), frontier_list
+
+
+def _pooled_convs_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Write each pointwise Conv on a 1x1 map (a head's conv after global pooling) as Flatten + Gemm.
+
+    The same function, several times faster: onnxruntime's CPU Conv reorders such a
+    batch into its blocked layout and runs one small product per image, where one Gemm
+    serves the whole batch (MobileNetV3's head conv: 26 ms against about 4 ms at 80
+    rows).  Gradients then flow through the Flatten, Gemm and Reshape rules.
+    """
+    ix = _Index(model)
+    nodes, initializers, changed = [], [], False
+    for node in model.graph.node:
+        dims = ix.dims(node.input[0]) if node.op_type == "Conv" else None
+        weight = ix.initializers.get(node.input[1]) if dims else None
+        if (weight is None or len(dims) != 4 or list(dims[2:]) != [1, 1] or list(weight.dims[2:]) != [1, 1]
+                or _attr(node, "group", 1) != 1 or any(_attr(node, "pads", [0] * 4))
+                or list(_attr(node, "strides", [1, 1])) != [1, 1]):
+            nodes.append(node)
+            continue
+        changed = True
+        name = node.name or node.output[0]
+        w2d = numpy_helper.from_array(numpy_helper.to_array(weight).reshape(weight.dims[0], -1), f"cam_{name}_w2d")
+        initializers.append(w2d)
+        shape = numpy_helper.from_array(np.array([-1, weight.dims[0], 1, 1], np.int64), f"cam_{name}_shape")
+        initializers.append(shape)
+        flat, product = f"cam_{name}_flat", f"cam_{name}_gemm"
+        nodes += [helper.make_node("Flatten", [node.input[0]], [flat], name=flat, axis=1),
+                  helper.make_node("Gemm", [flat, w2d.name, *node.input[2:3]], [product], name=product, transB=1),
+                  helper.make_node("Reshape", [product, shape.name], list(node.output[:1]), name=f"cam_{name}_4d")]
+    if not changed:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    out.graph.initializer.extend(initializers)
+    return out
 
 
 def _static_tensors(ix: _Index) -> set:
@@ -983,7 +1021,9 @@ def _conv(c):
     if not c.active(0):
         return out
     group = _attr(c.node, "group", 1)
-    if all(isinstance(v, int) for v in x_dims[2:]):
+    if _pointwise(c, x_dims, group):
+        out[0] = _pointwise_conv_input_grad(c, x_dims)
+    elif all(isinstance(v, int) for v in x_dims[2:]):
         k, s, d, pads, spatial, size = _window(c, x_dims)
         n = len(k)
         begin, end, output_padding = pads[:n], [0] * n, [0] * n
@@ -998,6 +1038,35 @@ def _conv(c):
     else:
         out[0] = _conv_dynamic(c, x_dims, group)
     return out
+
+
+def _pointwise(c, x_dims, group) -> bool:
+    """A 1x1 Conv with stride 1, no padding, one group and a known input channel count."""
+    node, n = c.node, len(x_dims) - 2
+    kernel = _attr(node, "kernel_shape") or c.dims(c.x(1))[2:]
+    auto_pad = _attr(node, "auto_pad", b"NOTSET")
+    return (group == 1 and isinstance(x_dims[1], int) and kernel is not None and list(kernel) == [1] * n
+            and list(_attr(node, "strides", [1] * n)) == [1] * n
+            and not any(_attr(node, "pads", [0] * 2 * n))
+            and (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) in ("NOTSET", "VALID"))
+
+
+def _pointwise_conv_input_grad(c, x_dims):
+    """The input gradient of a pointwise Conv is one MatMul over channels, ``g W``.
+
+    onnxruntime's CPU ConvTranspose runs one small GEMM per image; a MatMul over all
+    the batch's pixels at once is several times faster (MobileNetV3's head conv: its
+    input gradient at 80 rows took 46 ms as ConvTranspose).
+    """
+    e, x, g = c.e, c.x(), c.g()
+    rank = len(x_dims)
+    weights = e.op("Reshape", [c.x(1), e.ints([-1, x_dims[1]])])  # (C_out, C_in)
+    if all(d == 1 for d in x_dims[2:]):  # after global pooling: (N, C_out, 1, 1)
+        flat = e.op("Reshape", [g, e.ints([0, -1])])
+        return e.typed(e.op("Reshape", [e.op("MatMul", [flat, weights]), e.shape(x)]), x)
+    last = e.op("Transpose", [g], perm=[0, *range(2, rank), 1])
+    moved = e.op("MatMul", [last, weights])
+    return e.typed(e.op("Transpose", [moved], perm=[0, rank - 1, *range(1, rank - 1)]), x)
 
 
 def _conv_dynamic(c, x_dims, group):

@@ -178,7 +178,7 @@ class OrtBackend:
                                               specs.get(_SEED))
         return self._head_sessions[gradients]
 
-    def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None):
+    def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
         """Run the head alone on any batch of feature maps; see `camcore.Backend.run_head`.
 
         Frontier inputs of the head are read only through ``Shape`` (a batch size for a
@@ -186,9 +186,10 @@ class OrtBackend:
         batch size runs in chunks of that size, the last one padded.
         """
         session, frontier, seed_spec = self._head_session(seeds is not None)
+        fetch = [_GRAD] if seeds is not None else [self.head.logits]
         fixed = self.head.input.shape[0] if self.head.input.shape else None
         step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(features), 1)
-        logits_out, grads_out = [], []
+        parts = []
         for start in range(0, len(features), step):
             part = features[start:start + step]
             n = len(part)
@@ -207,14 +208,11 @@ class OrtBackend:
                 feed[_SEED] = seed.astype(_ORT_DTYPES.get(seed_spec.type, np.float32)).reshape(
                     len(seed), -1, *[1] * (rank - 2))
             try:
-                outputs = session.run(None, feed)
+                (out,) = session.run(fetch, feed)
             except Exception as exc:
                 raise CamError(f"onnxruntime failed on the head: {str(exc).splitlines()[0]}") from None
-            logits_out.append(outputs[0].reshape(len(part), -1)[:n])
-            if seeds is not None:
-                grads_out.append(outputs[-1][:n])
-        logits = np.concatenate(logits_out)
-        return logits if seeds is None else (logits, np.concatenate(grads_out))
+            parts.append(out[:n] if seeds is not None else out.reshape(len(part), -1)[:n])
+        return np.concatenate(parts)
 
 
 _SEED, _GRAD = "cam_seed", "cam_grad"

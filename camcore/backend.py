@@ -108,14 +108,14 @@ class Backend(Protocol):
         """
         ...
 
-    def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None):
+    def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
         """Run only the part of the model from the feature tensor to the logits.
 
         `features` is any batch ``(M, ...)`` in the feature tensor's shape (features of
         several images, or edited copies of one image's features).  Returns logits
-        ``(M, C)``; with `seeds` ``(M, C)``, returns ``(logits, gradients)`` where
-        ``gradients[m] = d (seeds[m] . logits[m]) / d features[m]``, shaped like `features`.
-        The backbone is not run again.
+        ``(M, C)``; with `seeds` ``(M, C)``, returns instead the gradients, shaped like
+        `features`: ``gradients[m] = d (seeds[m] . logits[m]) / d features[m]``.  The
+        backbone is not run again.
         """
         ...
 

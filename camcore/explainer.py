@@ -342,10 +342,10 @@ class Explainer:
     def _class_gradients(self, features: np.ndarray, sel: np.ndarray) -> np.ndarray:
         """``(n, k, *features.shape[1:])``: d logits[i, sel[i, j]] / d features[i], from the head alone."""
         n, k = sel.shape
-        repeated = np.repeat(features, k, axis=0)  # item-major: row i*k + j is (item i, class j)
+        repeated = features if k == 1 else np.repeat(features, k, axis=0)  # row i*k + j: item i, class j
         seeds = np.zeros((n * k, self.head.num_classes), np.float32)
         seeds[np.arange(n * k), sel.ravel()] = 1
-        _, gradients = self.backend.run_head(repeated, seeds)
+        gradients = self.backend.run_head(repeated, seeds)
         return np.asarray(gradients).reshape(n, k, *features.shape[1:])
 
     def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None) -> np.ndarray:

@@ -9,10 +9,9 @@ def gap_linear_head(features, weights, bias, layout="NCHW", seeds=None):
     The gradient of ``seeds . logits`` is ``seeds @ weights / (h * w)`` at every pixel.
     """
     axes = (2, 3) if layout == "NCHW" else (1, 2)
-    logits = features.mean(axis=axes) @ weights.T + bias
     if seeds is None:
-        return logits
+        return features.mean(axis=axes) @ weights.T + bias
     h, w = (features.shape[a] for a in axes)
     per_channel = (seeds @ weights / (h * w)).astype(features.dtype)
     expand = per_channel[:, :, None, None] if layout == "NCHW" else per_channel[:, None, None, :]
-    return logits, np.broadcast_to(expand, features.shape).copy()
+    return np.broadcast_to(expand, features.shape).copy()

@@ -525,6 +525,21 @@ def test_conv(case, dynamic):
         check(build, feeds, wrt, use_ort=True)
 
 
+@pytest.mark.parametrize("spatial", [(1, 1), (3, 2), (4,)])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_pointwise_conv_is_one_matmul(spatial, dynamic):
+    """A 1x1 Conv's input gradient is a MatMul over channels, not a per-image ConvTranspose."""
+    x_shape = [3, 4, *spatial]
+    w = normal([5, 4, *[1] * len(spatial)], 1)
+    inputs = {"x": x_shape[:2] + [f"s{i}" for i in range(len(spatial))] if dynamic else x_shape}
+
+    def build(dt):
+        return make([node("Conv", ["x", "w"], kernel_shape=[1] * len(spatial))], inputs, inits={"w": w}, dtype=dt)
+    check(build, {"x": normal(x_shape)}, "x", use_ort=True)
+    ops = {n.op_type for n in add_backward(build(F), "x", "y").graph.node}
+    assert "MatMul" in ops and "ConvTranspose" not in ops
+
+
 EINSUM = [("ij,jk->ik", [(2, 3), (3, 4)]), ("bij,bjk->bik", [(2, 2, 3), (2, 3, 2)]), ("ij,kj", [(2, 3), (4, 3)]),
           ("ik,k->i", [(3, 2), (2,)]), ("ij->ji", [(2, 3)]), ("ij,jk,kl->il", [(2, 2), (2, 3), (3, 2)]),
           ("nchw,kc->nkhw", [(1, 2, 2, 2), (3, 2)])]
@@ -844,6 +859,22 @@ def test_realistic_heads_one_class_at_a_time(build):
         np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-7 * max(1, np.abs(expected).max()))
         grad32 = session.run(["cam_grad"], {"feat": feat.astype(np.float32), "cam_seed": seed.astype(np.float32)})[0]
         np.testing.assert_allclose(grad32, grad, rtol=1e-3, atol=1e-4 * max(1, np.abs(grad).max()))
+
+
+def test_cut_head_writes_pooled_pointwise_convs_as_gemm():
+    """The conv after the pooling (1x1 map) becomes Flatten + Gemm; the one before it stays a Conv."""
+    model = _mobilenet_v3_head(F)
+    head, _ = cut_head(model, "feat", "logits")
+    ops = [n.op_type for n in head.graph.node]
+    assert ops.count("Conv") == 1 and ops.count("Gemm") == 2
+    assert all(n.name.startswith("cam_") for n in head.graph.node if n.op_type in ("Gemm", "Reshape") and
+               n.output[0] != "logits")
+    feat = normal((3, 4, 3, 3), 13).astype(np.float32)
+    original = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    cut = ort.InferenceSession(head.SerializeToString(), providers=["CPUExecutionProvider"])
+    for row in feat:  # the model was declared at batch 1
+        np.testing.assert_allclose(cut.run(None, {"feat": row[None]})[0], original.run(None, {"feat": row[None]})[0],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_top_k_classes_in_one_batched_run():
