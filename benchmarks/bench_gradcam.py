@@ -102,14 +102,14 @@ def torch_steps(model, name: str, x: np.ndarray) -> tuple[dict, dict]:
             return model(tensor)
 
     return {(f"{name}: torch plain", len(x)): plain,
-            (f"{name}: pytorch-grad-cam top-1", len(x)): lambda: gradcam(input_tensor=tensor)}, {"gradcam": gradcam}
+            (f"{name}: pytorch-grad-cam top-1", len(x)): lambda: gradcam(input_tensor=tensor, targets=None)}, {"gradcam": gradcam}
 
 
 def agreement(explainer, gradcam, x: np.ndarray) -> dict:
     """pytorch-grad-cam's 224x224 maps against camcore's (Pearson correlation, per image)."""
     import torch
 
-    theirs = gradcam(input_tensor=torch.from_numpy(x))
+    theirs = gradcam(input_tensor=torch.from_numpy(x), targets=None)
     ours = camcore.normalize(camcore.upsample(explainer.explain(x, top_k=1, method="gradcam").maps[:, 0], SIZE))
     corr = [float(np.corrcoef(a.ravel(), b.ravel())[0, 1]) for a, b in zip(ours, theirs)]
     return {"min_correlation": min(corr), "max_abs_diff": float(np.abs(ours - theirs).max())}
