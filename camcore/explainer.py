@@ -12,6 +12,7 @@ from .errors import CamError, InvalidInput, NotCamCompatible
 from .localize import boxes as find_boxes
 from .maps import cam, normalize, upsample
 from .methods import GRADIENT_METHODS, METHODS, eigencam
+from .perturbation import FORWARD_METHODS, ablationcam, reciprocam, scorecam
 from .preprocess import Geometry, Preprocess, read_image
 
 __all__ = ["Explainer", "Explanation", "Gradients", "ImageExplanation", "softmax", "sigmoid"]
@@ -178,10 +179,17 @@ class Explainer:
     class_names : sequence of str, optional
     batch_size : int
         Inputs are run in chunks of this many items, so memory stays bounded.
+    method_options : dict, optional
+        Options of the forward-only methods (`camcore.perturbation`), also settable
+        later through the attribute of that name: ``"batch_size"`` (perturbed rows per
+        run; default 256 for the head, `batch_size` for the whole model), ``"max_channels"``
+        (scorecam: keep the channels of highest variance; default all) and ``"scoring"``
+        (reciprocam: ``"softmax"``, ``"sigmoid"`` or ``"logits"``; default the model's).
     """
 
     def __init__(self, backend: Backend, *, preprocess: Preprocess | None = None,
-                 class_names: Sequence[str] | None = None, batch_size: int = 32, source=None):
+                 class_names: Sequence[str] | None = None, batch_size: int = 32, source=None,
+                 method_options: Mapping | None = None):
         if not isinstance(backend, Backend):
             raise InvalidInput(f"backend must implement camcore.Backend, got {type(backend).__name__}")
         if int(batch_size) < 1:
@@ -191,6 +199,7 @@ class Explainer:
         self.class_names = list(class_names) if class_names is not None else None
         self.batch_size = int(batch_size)
         self.source = source
+        self.method_options = dict(method_options or {})
 
     @property
     def head(self) -> Head:
@@ -255,7 +264,9 @@ class Explainer:
         method : str
             ``"cam"`` (Zhou et al. 2016; exact, GAP + affine heads only), a gradient method
             (``"gradcam"``, ``"gradcam++"``, ``"xgradcam"``, ``"hirescam"``, ``"layercam"``;
-            see `camcore.methods`), ``"eigencam"``, or ``"auto"``: ``"cam"`` where the
+            see `camcore.methods`), ``"eigencam"``, a forward-only method re-running the
+            head or the model (``"ablationcam"``, ``"reciprocam"``, ``"scorecam"``; see
+            `camcore.perturbation` and `method_options`), or ``"auto"``: ``"cam"`` where the
             head is affine, else ``"gradcam"``.  Gradient methods run the backbone once
             per batch and the head (forward and backward) once per class.
 
@@ -366,10 +377,37 @@ class Explainer:
             maps = cam(features, self.head.weights, classes, layout=self.head.layout)
         elif method == "eigencam":
             maps = np.repeat(eigencam(features, layout=self.head.layout)[:, None], classes.shape[1], axis=1)
+        elif method in FORWARD_METHODS:
+            maps = self._forward_only_maps(method, inputs, features, classes)
         else:
             gradients = self._class_gradients(features, classes)
             maps = GRADIENT_METHODS[method](features, gradients, layout=self.head.layout)
         return maps.astype(np.float32, copy=False)
+
+    def _forward_only_maps(self, method, feed, features, sel):
+        """Maps of a `camcore.perturbation` method, with `method_options` applied."""
+        options = dict(self.method_options)
+        unknown = set(options) - {"batch_size", "max_channels", "scoring"}
+        if unknown:
+            raise InvalidInput(f"method_options takes 'batch_size', 'max_channels', 'scoring', got {sorted(unknown)}")
+        layout = self.head.layout
+        if method == "scorecam":
+            if feed is None:
+                raise InvalidInput("scorecam re-runs the model: maps() needs the `inputs` that gave `features`")
+            feed, _ = self._feed(feed)
+            name = self.head.input.name
+            rows = self.fixed_batch or options.get("batch_size", self.batch_size)
+
+            def run_model(masked, items):
+                return self.forward({k: masked if k == name else v[items] for k, v in feed.items()})[1]
+
+            return scorecam(feed[name], features, sel, run_model, layout=layout, input_layout=self.input_layout,
+                            max_channels=options.get("max_channels"), batch_size=rows)
+        rows = options.get("batch_size", 256)
+        if method == "ablationcam":
+            return ablationcam(features, sel, self.backend.run_head, layout=layout, batch_size=rows)
+        return reciprocam(features, sel, self.backend.run_head, layout=layout, batch_size=rows,
+                          scoring=options.get("scoring", self.head.scoring))
 
     def _explain_chunk(self, feed, sel, top_k, method):
         head = self.head

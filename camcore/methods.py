@@ -12,7 +12,8 @@ Where the head is global average pooling + affine (``logit_c = mean_xy(sum_k W[c
 + b_c``), the gradient is ``W[c, k] / (h w)`` at every pixel, so Grad-CAM is exactly
 ``relu(CAM) / (h w)``.
 
-`eigencam` needs no gradients: it takes ``features`` alone.
+`eigencam` needs no gradients: it takes ``features`` alone.  The other forward-only
+methods re-run the model or its head: see `camcore.perturbation`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from ._validate import check_choice, check_ndim, float_array
 from .errors import InvalidInput
+from .perturbation import FORWARD_METHODS
 
 __all__ = ["gradcam", "gradcam_pp", "xgradcam", "hirescam", "layercam", "eigencam", "GRADIENT_METHODS", "METHODS"]
 
@@ -260,4 +262,5 @@ GRADIENT_METHODS = {
     "layercam": layercam,
 }
 # Every value `method=` takes; "auto" is "cam" on GAP + affine heads, else "gradcam".
-METHODS = ("auto", "cam", *GRADIENT_METHODS, "eigencam")
+# The forward-only methods (`camcore.perturbation`) need no gradient.
+METHODS = ("auto", "cam", *GRADIENT_METHODS, "eigencam", *FORWARD_METHODS)
