@@ -76,13 +76,17 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CamError, InvalidInput
+from .faithfulness import (auc, average_drop, confidence_scores, deletion_insertion,  # noqa: F401 (re-exported)
+                           increase_in_confidence)
 from .localize import boxes as heuristic_boxes
 from .maps import normalize, upsample
-from .metrics import box_accuracies, localization_accuracy, pxap_counts
+from .metrics import box_accuracies, localization_accuracy, pointing_game, pxap_counts
 from .preprocess import Geometry, Preprocess, read_image
 from .wsol import Dataset, read_dataset
 
-__all__ = ["GRID", "IOU_THRESHOLDS", "evaluate", "grid_boxes", "grid_mask", "add_arguments", "main"]
+__all__ = ["GRID", "IOU_THRESHOLDS", "evaluate", "grid_boxes", "grid_mask", "add_arguments", "main",
+           "average_drop", "increase_in_confidence", "confidence_scores", "deletion_insertion", "auc",
+           "pointing_game"]
 
 GRID = 224  # wsolevaluation's _RESIZE_LENGTH
 IOU_THRESHOLDS = (0.3, 0.5, 0.7)

@@ -93,6 +93,7 @@ __all__ = [
     "iou",
     "localization_accuracy",
     "max_box_acc",
+    "pointing_game",
     "protocol_boxes",
     "PxapResult",
     "pxap",
@@ -926,3 +927,52 @@ def pxap_counts(scoremaps, masks, *, ignore=None, thresholds=np.arange(0, 1, 0.0
     pos_hist = np.histogram(maps[truth & keep], bins=edges)[0]
     neg_hist = np.histogram(maps[~truth & keep], bins=edges)[0]
     return PxapResult(pos_hist, neg_hist, thresholds)
+
+
+def pointing_game(maps, boxes, *, tolerance=0.0):
+    """The pointing game (Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016).
+
+    A hit when the map's maximum (the first in row-major order, on ties) lies within
+    `tolerance` pixels of a ground-truth box: the Euclidean distance from the maximum's
+    pixel to the box's nearest pixel is at most `tolerance` (the paper uses 15).
+    Accuracy is the fraction of hits: higher is better.
+
+    Parameters
+    ----------
+    maps : (N, H, W) ndarray
+        Saliency maps on the grid of the boxes (e.g. ``ImageExplanation.maps[j]``).
+    boxes : sequence of N (m, 4) array_like
+        Ground-truth boxes of each map, half-open ``(x0, y0, x1, y1)`` pixels.
+    tolerance : float, optional
+        In pixels, >= 0.
+
+    Returns
+    -------
+    hits : (N,) bool ndarray
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> m = np.zeros((2, 4, 4)); m[0, 1, 1] = 1; m[1, 3, 3] = 1
+    >>> pointing_game(m, [[[0, 0, 2, 2]], [[0, 0, 2, 2]]]).tolist()
+    [True, False]
+    >>> pointing_game(m, [[[0, 0, 2, 2]], [[0, 0, 2, 2]]], tolerance=3).tolist()  # 2 sqrt(2) from (1, 1)
+    [True, True]
+    """
+    m = float_array(maps, "maps")
+    check_ndim(m, 3, "maps", "(N, H, W)")
+    if len(boxes) != len(m):
+        raise InvalidInput(f"boxes must hold one (m, 4) array per map ({len(m)}), got {len(boxes)}")
+    if not isinstance(tolerance, numbers.Real) or not tolerance >= 0:
+        raise InvalidInput(f"tolerance must be a number >= 0, got {tolerance!r}")
+    flat = np.argmax(m.reshape(len(m), -1), axis=1)
+    ys, xs = np.divmod(flat, m.shape[2])
+    hits = np.zeros(len(m), dtype=bool)
+    for i, b in enumerate(boxes):
+        if np.size(b) == 0:
+            continue
+        b = _box_array(b, f"boxes[{i}]")
+        dx = np.maximum(np.maximum(b[:, 0] - xs[i], xs[i] - (b[:, 2] - 1)), 0)
+        dy = np.maximum(np.maximum(b[:, 1] - ys[i], ys[i] - (b[:, 3] - 1)), 0)
+        hits[i] = bool((np.hypot(dx, dy) <= tolerance).any())
+    return hits
