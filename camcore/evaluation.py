@@ -192,7 +192,7 @@ def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
 def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | None = None,
              thresholds=np.arange(0, 1, 0.01), top_k: int = 5, threshold: float = 0.2,
              batch_size: int | None = None, mask_root=None, save_maps=None, progress=None,
-             method: str = "auto") -> dict:
+             method: str = "auto", faithfulness: bool = False, steps: int = 16, tolerance: float = 15.0) -> dict:
     """Evaluate an explainer's class maps on a localization dataset (see the module docstring).
 
     Parameters
@@ -221,6 +221,12 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
     method : str
         The map method, as in `Explainer.explain` ("auto": CAM where the head is GAP +
         affine, else Grad-CAM).
+    faithfulness : bool, optional
+        Also report the faithfulness of the ground-truth class's map (bilinear to the
+        model input, see `camcore.faithfulness`): Average Drop, Increase in Confidence,
+        deletion/insertion AUC in `steps` steps, and, on box datasets, the pointing game
+        on the 224 grid with a `tolerance` in grid pixels.  ``2 (steps + 2)`` more model
+        runs per image.
 
     Returns
     -------
@@ -228,7 +234,8 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         Figures in percent (``top1_loc``, ``top5_loc``, ``gt_known_loc``,
         ``max_box_acc_v1``, ``max_box_acc_v2``, ``pxap``, ``top1_cls``,
         ``top5_cls``; None where they do not apply), their ``errors``
-        (100 - figure), optimal thresholds, counts and settings.
+        (100 - figure), optimal thresholds, counts and settings; ``faithfulness``
+        (None unless asked) holds the means over the images.
     """
     head = explainer.head
     method = explainer.resolve_method(method)
@@ -250,6 +257,8 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
     boxed = dataset.kind == "boxes"
     hits = dict.fromkeys(("top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc"), 0)
     totals = {"box_acc": None, "pixel": None}
+    faithful = dict.fromkeys(("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
+                              "pointing_game"), 0.0)
 
     def score(batch, geometries, labels, top, scoremaps):
         """Every figure of one batch, as counts that add up."""
@@ -311,6 +320,10 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
             labels = np.array([s.label for s in batch], dtype=np.int64)
             maps = explainer.maps(features, labels[:, None], method=method, inputs=feed)[:, 0]
             scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
+            if faithfulness:
+                _add_faithfulness(faithful, explainer, x, maps, labels, scoremaps,
+                                  [grid_boxes(s.boxes, g) + [0, 0, 1, 1] for s, g in zip(batch, geometries)]
+                                  if boxed else None, steps=steps, tolerance=tolerance, batch_size=chunk)
             future = pool.submit(score, batch, geometries, labels, _top_classes(logits, top_k), scoremaps)
             if pending is not None:
                 collect(pending)
@@ -339,6 +352,14 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
             "top5_cls")
     out = {key: figures[key] for key in keys}
     out["errors"] = {key: None if figures[key] is None else 100.0 - figures[key] for key in keys}
+    out["faithfulness"] = None
+    if faithfulness:
+        out["faithfulness"] = {key: value / n for key, value in faithful.items()}
+        out["faithfulness"].update(average_drop=100.0 * faithful["average_drop"] / n,
+                                   increase_in_confidence=100.0 * faithful["increase_in_confidence"] / n,
+                                   pointing_game=100.0 * faithful["pointing_game"] / n if boxed else None,
+                                   steps=int(steps), deletion_baseline="zeros", insertion_baseline="blur",
+                                   pointing_tolerance=float(tolerance))
     out.update({
         "max_box_acc_v2_per_iou": per_iou,
         "optimal_thresholds": optimal,
@@ -360,6 +381,21 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         "images_per_second": n / seconds if seconds > 0 else None,
     })
     return out
+
+
+def _add_faithfulness(sums: dict, explainer, x, maps, labels, scoremaps, boxes, *, steps, tolerance, batch_size):
+    """Add one batch's faithfulness figures to `sums` (per-image values summed; drop and IC as fractions)."""
+    layout = explainer.input_layout
+    size = x.shape[2:] if layout == "NCHW" else x.shape[1:3]
+    on_input = upsample(maps.astype(np.float64), tuple(size), method="bilinear")
+    original, masked = confidence_scores(explainer, x, on_input, labels, batch_size=batch_size)
+    sums["average_drop"] += average_drop(original, masked) * len(x) / 100.0
+    sums["increase_in_confidence"] += increase_in_confidence(original, masked) * len(x) / 100.0
+    curves = deletion_insertion(explainer, x, on_input, labels, steps=steps, batch_size=batch_size)
+    sums["deletion_auc"] += float(curves["deletion_auc"].sum())
+    sums["insertion_auc"] += float(curves["insertion_auc"].sum())
+    if boxes is not None:
+        sums["pointing_game"] += int(pointing_game(scoremaps, boxes, tolerance=tolerance).sum())
 
 
 # ----------------------------------------------------------------- command line
@@ -401,6 +437,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per model run")
     parser.add_argument("--providers", metavar="LIST",
                         help="onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names")
+    parser.add_argument("--faithfulness", action="store_true",
+                        help="also report Average Drop, Increase in Confidence, deletion/insertion AUC and the "
+                             "pointing game of the CAMs (2 * (steps + 2) more model runs per image)")
+    parser.add_argument("--steps", type=positive_int, default=16, metavar="S",
+                        help="deletion/insertion steps (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     add_method_arguments(parser)
     add_preprocess_arguments(parser)
@@ -430,7 +471,7 @@ def main(args) -> int:
         results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
                            top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
                            mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
-                           method=method)
+                           method=method, faithfulness=args.faithfulness, steps=args.steps)
     finally:
         bar.close()
     results["dataset"].update(metadata=str(args.metadata), images=str(args.images))
@@ -442,6 +483,13 @@ def main(args) -> int:
                 ("top1_cls", "top-1 cls"), ("top5_cls", "top-5 cls")]
         for key, name in rows:
             print(f"{name:<14}{_format(results[key]):>8}")
+        if results["faithfulness"] is not None:
+            for key, name in (("average_drop", "Average Drop"), ("increase_in_confidence", "Incr. in Conf."),
+                              ("deletion_auc", "deletion AUC"), ("insertion_auc", "insertion AUC"),
+                              ("pointing_game", "pointing game")):
+                value = results["faithfulness"][key]
+                text = "-" if value is None else f"{value:.4f}" if key.endswith("auc") else f"{value:.2f}"
+                print(f"{name:<14}{text:>8}")
         counts = results["counts"]
         print(f"{counts['evaluated']} images in {results['seconds']:.1f} s"
               + (f", {counts['unannotated']} without annotations" if counts["unannotated"] else ""))

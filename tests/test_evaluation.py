@@ -340,3 +340,40 @@ def test_cli_eval_with_an_onnx_model(tmp_path, capsys):
     assert result["top5_loc"] is None and result["top5_cls"] is None
     assert result["preprocess"]["size"] == [9, 7] and result["preprocess"]["resize"] == "crop"
     assert all(0 <= result[k] <= 100 for k in ("top1_loc", "gt_known_loc", "max_box_acc_v2", "top1_cls"))
+
+
+def test_faithfulness_figures_by_hand(tmp_path):
+    """Exact maps (1 on the object, 0 elsewhere) of a black image: masking by them changes nothing."""
+    meta = write_dataset(tmp_path, hand_items()[:2])
+    result = evaluate(explainer(), read_dataset(meta), tmp_path / "images", faithfulness=True, steps=16,
+                      batch_size=7)
+    faithful = result["faithfulness"]
+    assert faithful["average_drop"] == pytest.approx(0, abs=1e-9)
+    assert faithful["increase_in_confidence"] == 0.0  # equal scores are no increase
+    assert faithful["pointing_game"] == 100.0
+
+    def p(m):  # class c reads mean m of its channel: logits m, 0, 0, -m, -m, -m
+        return np.exp(m) / (np.exp(m) + 2 + 3 * np.exp(-m))
+
+    pixels, step = GRID * GRID, GRID * GRID // 16
+    # a: 60 x 50 red pixels, all removed at step 1; b: 60 x 100 green pixels, removed in two steps
+    curve_a = [p(3000 / pixels)] + [1 / 6] * 16
+    curve_b = [p(6000 / pixels), p((6000 - step) / pixels)] + [1 / 6] * 15
+    auc = [(sum(c) - (c[0] + c[-1]) / 2) / 16 for c in (curve_a, curve_b)]
+    assert faithful["deletion_auc"] == pytest.approx(np.mean(auc), rel=1e-5)
+    assert 1 / 6 - 1e-6 <= faithful["insertion_auc"] <= max(curve_a + curve_b)
+    assert faithful["steps"] == 16 and faithful["insertion_baseline"] == "blur"
+    assert evaluate(explainer(), read_dataset(meta), tmp_path / "images")["faithfulness"] is None
+
+
+def test_cli_eval_faithfulness(tmp_path, capsys):
+    meta = write_dataset(tmp_path, hand_items()[:1])
+    out = tmp_path / "out.json"
+    code = cli_main(["eval", "--metadata", str(meta), "--images", str(tmp_path / "images"), "--json", str(out),
+                     "--faithfulness", "--steps", "2"])
+    assert code == 0
+    assert "deletion AUC" in capsys.readouterr().out
+    faithful = json.loads(out.read_text())["faithfulness"]
+    assert set(faithful) >= {"average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
+                             "pointing_game"} and faithful["steps"] == 2
+    assert 0 <= faithful["deletion_auc"] <= 1 and 0 <= faithful["average_drop"] <= 100
