@@ -336,7 +336,8 @@ def add_method_arguments(parser) -> None:
     from .methods import METHODS
 
     parser.add_argument("--method", choices=METHODS, default="auto",
-                        help="cam (exact, GAP + affine heads), a gradient method, or eigencam; "
+                        help="cam (exact, GAP + affine heads), a gradient method, or a forward-only one "
+                             "(eigencam, ablationcam, reciprocam, scorecam); "
                              "auto: cam where it applies, else gradcam (default)")
     parser.add_argument("--feature", metavar="NAME",
                         help="target layer: a 4-D tensor name (default: the one feeding the last global "

@@ -1,4 +1,4 @@
-"""The `camcore` command: demo, explain, inspect, fuse (and bench, eval from their own modules).
+"""The `camcore` command: demo, explain, inspect, fuse (and bench, eval, compare from their own modules).
 
 Exit statuses: 0 success; 1 an error (including any image that could not be
 explained); 2 a usage error or a model CAM cannot explain; 130 interrupted.
@@ -32,6 +32,7 @@ DEMO_IMAGES = ("chelsea", "coffee", "rocket")
 PLUGINS = {
     "bench": ("backends.bench", "benchmark plain inference, explain and the fused graph per runtime"),
     "eval": ("camcore.evaluation", "localization accuracy on a wsolevaluation-style dataset"),
+    "compare": ("camcore.compare", "every method side by side: grids, time per image, faithfulness"),
 }
 
 
