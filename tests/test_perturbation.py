@@ -245,3 +245,17 @@ def test_eigencam_of_rank_one_features_is_the_centred_pattern(k, h, w, seed):
     f = (u[:, None, None] * pattern)[None]
     expected = (pattern - pattern.mean()) * np.linalg.norm(u)
     np.testing.assert_allclose(eigencam(f)[0], expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 4, 5), (2, 5, 6, 6), (1, 40, 3, 3)])
+def test_eigencam_equals_the_svd_projection(shape):
+    """Both Gram branches (h*w <= K and h*w > K) give X v_1 of the SVD, sign fixed the same way."""
+    f = np.random.default_rng(sum(shape)).standard_normal(shape)
+    maps = eigencam(f)
+    for i in range(len(f)):
+        x = f[i].reshape(shape[1], -1).T
+        x = x - x.mean(0)
+        m = x @ np.linalg.svd(x, full_matrices=False)[2][0]
+        m *= np.sign(((m - m.mean()) * (f[i].sum(0).ravel() - f[i].sum())).sum())
+        np.testing.assert_allclose(maps[i].ravel(), m, atol=1e-9)
+    assert eigencam(f.astype(np.float32)).dtype == np.float32
