@@ -89,6 +89,9 @@ def test_camcore_commands_run(workdir, capsys):
     assert (workdir / "camcore-demo" / "chelsea.cam.png").is_file()
     assert (workdir / "cams" / "results.json").is_file()
     assert (workdir / "model_cam.onnx").is_file()
+    compared = json.loads((workdir / "compare" / "compare.json").read_text())
+    assert compared["methods"] == ["cam", "eigencam", "ablationcam", "reciprocam"]
+    assert (workdir / "compare" / "photo.compare.png").is_file()
     bench = json.loads((workdir / "bench.json").read_text())
     cpu = bench["providers"][0]
     assert (cpu["name"], cpu["status"]) == ("cpu", "ok") and [r["batch"] for r in cpu["runs"]] == [1, 16]
@@ -107,6 +110,7 @@ def test_python_blocks_run(workdir, capsys):
     assert out.splitlines()[0].startswith("Egyptian cat ")
     assert "{'top_k_loc': 1.0, 'gt_known_loc': 1.0}" in out
     assert "(1, 3) (1, 3) (1, 3, 224, 224)" in out
+    assert "(1, 1, 7, 7) True (1, 17)" in out
     assert namespace["picture"].shape == (300, 451, 3)
 
 
