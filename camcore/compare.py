@@ -42,7 +42,7 @@ def _method_list(explainer, methods) -> list:
 
 
 def compare(explainer, images, *, methods=None, preprocess=None, top_k: int = 1, faithfulness: bool = False,
-            steps: int = 16, threshold: float = 0.2) -> dict:
+            steps: int = 16, threshold: float = 0.2, progress=None) -> dict:
     """Explain `images` with each method; return the maps, timings and faithfulness figures.
 
     Parameters
@@ -61,6 +61,8 @@ def compare(explainer, images, *, methods=None, preprocess=None, top_k: int = 1,
         Deletion/insertion steps.
     threshold : float
         Box threshold, fraction of the map's maximum.
+    progress : callable, optional
+        Called with 1 after each method.
 
     Returns
     -------
@@ -100,6 +102,8 @@ def compare(explainer, images, *, methods=None, preprocess=None, top_k: int = 1,
                 "deletion_auc": float(curves["deletion_auc"].mean()),
                 "insertion_auc": float(curves["insertion_auc"].mean()),
                 "steps": int(steps)}
+        if progress is not None:
+            progress(1)
     return result
 
 
@@ -168,13 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", metavar="NAME", help="target layer (default: found)")
     parser.add_argument("--providers", metavar="LIST",
                         help="onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names")
-    parser.add_argument("--quiet", action="store_true", help="no table")
+    parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     add_preprocess_arguments(parser)
 
 
 def main(args) -> int:
     """Run `camcore compare` with parsed `args`; returns the exit status."""
-    from ._cli_util import EXIT_OK, atomic_write_bytes, encode_png, preprocess_from_args, provider_list, write_json
+    from ._cli_util import (EXIT_OK, Progress, atomic_write_bytes, encode_png, preprocess_from_args, provider_list,
+                            write_json)
     from .api import load
     from .cli import _collect_images
     from .preprocess import read_image
@@ -189,8 +194,14 @@ def main(args) -> int:
         explainer.method_options["max_channels"] = args.max_channels
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     images = [read_image(p) for p in files]
-    result = compare(explainer, images, methods=methods, preprocess=preprocess_from_args(args, explainer),
-                     top_k=args.top_k, faithfulness=args.faithfulness, steps=args.steps, threshold=args.threshold)
+    methods = _method_list(explainer, methods)
+    bar = Progress(len(methods), "compare", quiet=args.quiet, min_items=1)
+    try:
+        result = compare(explainer, images, methods=methods, preprocess=preprocess_from_args(args, explainer),
+                         top_k=args.top_k, faithfulness=args.faithfulness, steps=args.steps,
+                         threshold=args.threshold, progress=bar.update)
+    finally:
+        bar.close()
     out = Path(args.out)
     records, taken = [], set()
     for i, (path, image) in enumerate(zip(files, images)):

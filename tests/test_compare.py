@@ -79,3 +79,11 @@ def test_cli_compare_errors_leave_no_files(tmp_path, zoo_files, capsys):
     assert not out.exists()
     assert cli_main(["compare", model, "--out", str(out)]) == 1
     assert "no images given" in capsys.readouterr().err
+
+
+def test_progress_is_called_once_per_method():
+    ex, rng = make(preprocess=Preprocess(8, mean=0, std=1))
+    calls = []
+    compare(ex, [rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)], methods=["cam", "eigencam", "reciprocam"],
+            progress=calls.append)
+    assert calls == [1, 1, 1]
