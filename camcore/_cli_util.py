@@ -136,33 +136,27 @@ def encode_png(image: np.ndarray) -> bytes:
 # ----------------------------------------------------------------- progress and errors
 
 class Progress:
-    """A one-line progress bar on stderr.
+    """A tqdm progress bar on stderr.
 
-    Shown only when there are more than `min_items` items, stderr is a terminal
-    and `quiet` is false; otherwise every call is a no-op.
+    Shown only when there are more than `min_items` items, the stream is a terminal
+    and `quiet` is false; otherwise every call is a no-op (and tqdm is not imported).
     """
 
     def __init__(self, total: int, label: str, *, quiet: bool = False, min_items: int = 8, stream=None):
-        self.stream = stream or sys.stderr
-        self.total, self.label, self.done = total, label, 0
-        self.enabled = not quiet and total > min_items and self.stream.isatty()
-        self._last = 0.0
+        stream = stream or sys.stderr
+        self.bar = None
+        if not quiet and total > min_items and stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=label, file=stream, unit="img", dynamic_ncols=True)
 
     def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
-            self._last = now
-            width = 30
-            filled = width * self.done // max(self.total, 1)
-            self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] "
-                              f"{self.done}/{self.total}")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.update(n)
 
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def fail(message: str) -> None:
