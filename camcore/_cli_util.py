@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import tempfile
-import time
 from functools import lru_cache
 from pathlib import Path
 
