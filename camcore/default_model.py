@@ -26,11 +26,16 @@ def metadata() -> dict:
 
 
 def preprocess() -> Preprocess:
-    """The preprocessing the embedded model expects."""
+    """The preprocessing the embedded model expects.
+
+    The export recorded scikit-image's anti-aliased bilinear resize; camcore resizes
+    with Pillow's anti-aliased bilinear filter instead (`Preprocess`), which gives the
+    same top-1 class on the sample photos (tests/test_real_model.py).
+    """
     p = metadata()["preprocessing"]
     return Preprocess(tuple(p["size"]), resize=p["resize"], mean=tuple(p["mean"]), std=tuple(p["std"]),
                       scale=p["scale"], channel_order=p["channel_order"],
-                      crop_fraction=p.get("crop_fraction", 0.875))
+                      crop_fraction=p.get("crop_fraction", 0.875), interpolation="bilinear")
 
 
 @lru_cache(maxsize=1)

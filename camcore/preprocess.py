@@ -7,7 +7,6 @@ can be put back onto the original image (`Geometry.unmap`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,29 +20,43 @@ __all__ = ["Preprocess", "Geometry", "read_image", "as_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def read_image(path) -> np.ndarray:
-    """Read an image file into an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array.
+    """Read an image file with Pillow into an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array.
+
+    8-bit images come back as uint8, 16-bit gray as uint16, 32-bit float as float32.
+    Palette images become RGB, or RGBA when they have transparency; CMYK and YCbCr
+    become RGB; only the first frame of an animation is read; EXIF orientation is
+    not applied (as in scikit-image's ``imread``).
 
     Raises `CamError` (with the path) when the file is missing or not a readable image.
     """
-    from skimage import io
+    from PIL import Image
 
     path = Path(path)
     if not path.is_file():
         raise CamError(f"image not found: {path}")
     try:
-        with warnings.catch_warnings():
-            # imageio tries every plugin on an unknown file; some warn that they are deprecated
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = io.imread(path)
+        with Image.open(path) as img:
+            return _pil_array(img)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CamError(f"cannot read image {path}: {reason}") from None
-    if image.ndim == 3 and image.shape[0] in (1, 3, 4) and image.shape[-1] not in (1, 3, 4):
-        raise CamError(f"cannot read image {path}: unexpected shape {image.shape}")
-    return image
+
+
+# Pillow modes that NumPy reads directly (the rest are converted to RGB or RGBA).
+_DIRECT_MODES = frozenset({"L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F"})
+
+
+def _pil_array(img) -> np.ndarray:
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode not in _DIRECT_MODES:
+        alpha = "A" in img.mode or "transparency" in img.info
+        img = img.convert("RGBA" if alpha else "RGB")
+    return np.asarray(img)
 
 
 def as_rgb(image, *, name: str = "image") -> np.ndarray:
@@ -142,6 +155,25 @@ class Preprocess:
     channel_order : {"RGB", "BGR"}
     crop_fraction : float in (0, 1]
         Only for ``resize="crop"``.
+    interpolation : {"bilinear", "bicubic", "nearest"}
+        Pillow's resampling filter (``Image.resize``), with half-pixel centers.
+        ``"bilinear"`` and ``"bicubic"`` (Keys, ``a = -0.5``) are anti-aliased:
+        when shrinking, the filter is widened by the scale factor, so every
+        source pixel counts.  This is what torchvision's ``Resize`` does on PIL
+        images (its default, ``InterpolationMode.BILINEAR``; on tensors with
+        ``antialias=True`` the same filter in float) and what Keras's
+        ``load_img(target_size=..., interpolation=...)`` does; Keras's
+        ``tf.image.resize`` path does not anti-alias by default.  uint8 images
+        are resized in uint8, as Pillow and torchvision do; other dtypes per
+        channel in float32.
+
+    Notes
+    -----
+    The presets: `imagenet` uses ``"bilinear"`` (torchvision's ``Resize(256)``,
+    ``CenterCrop(224)``, except that the crop window is cut from the original
+    image and resized once, so that `Geometry` maps it back exactly); the
+    embedded EfficientNet-Lite0 (`camcore.default_model`) uses ``"bilinear"``
+    on the whole image (``resize="stretch"``).
 
     Examples
     --------
@@ -158,12 +190,14 @@ class Preprocess:
     scale: float = 1 / 255
     channel_order: str = "RGB"
     crop_fraction: float = 0.875
+    interpolation: str = "bilinear"
 
     def __post_init__(self):
         size = (self.size, self.size) if np.isscalar(self.size) else tuple(self.size)
         object.__setattr__(self, "size", check_size(size, "size"))
         check_choice(self.resize, ("stretch", "crop"), "resize")
         check_choice(self.channel_order, ("RGB", "BGR"), "channel_order")
+        check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
         for field_name in ("mean", "std"):
             value = tuple(float(v) for v in np.ravel(getattr(self, field_name)))
             if len(value) == 1:
@@ -208,28 +242,50 @@ class Preprocess:
         Returns
         -------
         x : (H, W, 3) float32 ndarray
-            Channels-last; `batch` arranges the layout.
+            Channels-last, a new array; `batch` arranges the layout.
         geometry : Geometry
         """
-        from skimage.transform import resize
-
         rgb = as_rgb(image)
-        integer = rgb.dtype.kind in "ui"
         geometry = self.geometry(rgb.shape[:2])
-        x0, y0, x1, y1 = geometry.crop
-        window = float_array(rgb[y0:y1, x0:x1], "image").astype(np.float32, copy=False)
-        if not np.all(np.isfinite(window)):
-            raise InvalidInput("image must be finite, got NaN or inf values")
-        if integer:
-            window = window * np.float32(self.scale)
-        if window.shape[:2] != self.size:
-            downscale = window.shape[0] > self.size[0] or window.shape[1] > self.size[1]
-            window = resize(window, self.size, order=1, mode="edge", anti_aliasing=downscale,
-                            preserve_range=True).astype(np.float32, copy=False)
+        if rgb.dtype == np.uint8:
+            window = self._resize_uint8(rgb, geometry)
+            x = window.astype(np.float32) * np.float32(self.scale)
+        else:
+            x0, y0, x1, y1 = geometry.crop
+            x = float_array(rgb[y0:y1, x0:x1], "image").astype(np.float32)
+            if not np.all(np.isfinite(x)):
+                raise InvalidInput("image must be finite, got NaN or inf values")
+            if rgb.dtype.kind in "ui":
+                x *= np.float32(self.scale)
+            x = self._resize_float(x)
         if self.channel_order == "BGR":
-            window = window[..., ::-1]
-        x = (window - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return x.astype(np.float32, copy=False), geometry
+            x = x[..., ::-1]
+        x -= np.asarray(self.mean, np.float32)
+        x /= np.asarray(self.std, np.float32)
+        return x, geometry
+
+    def _resize_uint8(self, rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
+        """The crop window of an (H0, W0, 3) uint8 image resized to `size` by Pillow, in uint8."""
+        from PIL import Image
+
+        x0, y0, x1, y1 = geometry.crop
+        if geometry.window_size == self.size:
+            return rgb[y0:y1, x0:x1]
+        picture = Image.fromarray(np.ascontiguousarray(rgb))
+        h, w = self.size
+        return np.asarray(picture.resize((w, h), _pillow_filter(self.interpolation), box=(x0, y0, x1, y1)))
+
+    def _resize_float(self, window: np.ndarray) -> np.ndarray:
+        """An (h, w, 3) float32 window resized to `size` by Pillow, channel by channel (mode "F")."""
+        if window.shape[:2] == self.size:
+            return window
+        from PIL import Image
+
+        h, w = self.size
+        resample = _pillow_filter(self.interpolation)
+        planes = [np.asarray(Image.fromarray(np.ascontiguousarray(window[..., c])).resize((w, h), resample))
+                  for c in range(3)]
+        return np.stack(planes, axis=-1)
 
     def batch(self, images, *, layout: str = "NCHW", dtype=np.float32):
         """Preprocess several images into one model-ready batch.
@@ -251,3 +307,10 @@ class Preprocess:
         if layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x, dtype=dtype), geometries
+
+
+def _pillow_filter(name: str):
+    from PIL import Image
+
+    return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "nearest": Image.Resampling.NEAREST}[name]
