@@ -1,6 +1,6 @@
 """camcore: Class Activation Mapping (Zhou et al., CVPR 2016) for any exported model.
 
-The package is a pure NumPy/SciPy/scikit-image core: CAM math, upsampling,
+The package is a pure NumPy/SciPy core: CAM math, upsampling,
 normalization, boxes, overlays and localization metrics, on arrays.  Running a
 model is a backend's job (`backends`, imported lazily by `load`).
 
@@ -13,17 +13,39 @@ Conventions used everywhere
   integers -> float64.
 """
 
-from . import metrics
-from .api import fuse, load
-from .backend import Backend, Head, TensorSpec, register_backend
-from .errors import CamError, InvalidInput, MissingDependency, NotCamCompatible
-from .explainer import Explainer, Explanation, ImageExplanation
-from .localize import boxes
-from .maps import cam, normalize, upsample
-from .preprocess import Preprocess
-from .render import overlay
+import importlib
 
 __version__ = "0.1.0"
+
+# Where each public name lives. They are imported on first use (PEP 562), so that
+# `import camcore` and `camcore --help` load neither NumPy's dependents nor SciPy.
+_EXPORTS = {
+    "metrics": None,
+    "fuse": "api", "load": "api",
+    "Backend": "backend", "Head": "backend", "TensorSpec": "backend", "register_backend": "backend",
+    "CamError": "errors", "InvalidInput": "errors", "MissingDependency": "errors", "NotCamCompatible": "errors",
+    "Explainer": "explainer", "Explanation": "explainer", "ImageExplanation": "explainer",
+    "boxes": "localize",
+    "cam": "maps", "normalize": "maps", "upsample": "maps",
+    "Preprocess": "preprocess",
+    "overlay": "render",
+}
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'camcore' has no attribute {name!r}")
+    module = _EXPORTS[name]
+    value = importlib.import_module(f".{module or name}", __name__)
+    if module is not None:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "Backend",

@@ -13,12 +13,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from . import __version__
-from ._cli_util import (EXIT_ERROR, EXIT_OK, Progress, add_method_arguments, add_preprocess_arguments,
-                        atomic_write_bytes,
-                        encode_png, fail, fraction, one_line, positive_int, preprocess_from_args, provider_list,
+from ._cli_util import (EXIT_ERROR, EXIT_OK, IMAGE_FORMATS, Progress, add_method_arguments,
+                        add_preprocess_arguments, atomic_write_bytes, encode_image, fail, fraction,
+                        nonnegative_int, one_line, positive_int, preprocess_from_args, provider_list,
                         run_command, title_strip, write_json)
 from .errors import CamError
 
@@ -44,8 +42,11 @@ def _load(model, providers, feature=None):
     return load(model, providers=providers, feature=feature)
 
 
-def _display(image) -> np.ndarray:
+# NumPy and the rest of camcore are imported inside the commands: `camcore --help` stays fast.
+
+def _display(image):
     """An image as uint8 RGB for drawing (uint16 and float images rescaled)."""
+    import numpy as np
     from skimage.util import img_as_ubyte
 
     from .preprocess import as_rgb
@@ -58,15 +59,18 @@ def _display(image) -> np.ndarray:
     return img_as_ubyte(rgb)
 
 
-def render(image, result, explainer) -> np.ndarray:
+def render(image, result, explainer, maps=None):
     """One overlay per explained class, side by side, each under a title strip.
 
+    `maps` are the result's ``(k, H, W)`` maps when already at hand (else recomputed).
     Returns an ``(title_height(W) + H, k * W, 3)`` uint8 image for an ``(H, W)`` image.
     """
+    import numpy as np
+
     from .render import overlay
 
     rgb = _display(image)
-    maps = result.maps  # recomputed on each access
+    maps = result.maps if maps is None else maps
     tiles = []
     for j, (index, score) in enumerate(zip(result.classes, result.scores)):
         tile = overlay(rgb, maps[j], boxes=result.box(j))
@@ -100,49 +104,63 @@ def _table(records) -> str:
                      for row in rows)
 
 
-def _unique_name(stem: str, taken: set) -> str:
-    name, n = f"{stem}.cam.png", 1
+def _unique_name(stem: str, taken: set, extension: str = "png") -> str:
+    name, n = f"{stem}.cam.{extension}", 1
     while name in taken:
         n += 1
-        name = f"{stem}-{n}.cam.png"
+        name = f"{stem}-{n}.cam.{extension}"
     taken.add(name)
     return name
 
 
+def _draw_and_write(path: Path, image_format: str, pixels, result, explainer, maps) -> None:
+    """Render one overlay, encode it and write it atomically (runs in a writer thread)."""
+    atomic_write_bytes(path, encode_image(render(pixels, result, explainer, maps), image_format))
+
+
 def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label,
-                       method="auto"):
-    """Explain ``(name, stem, path or array)`` items, write ``<stem>.cam.png`` each; return the records.
+                       method="auto", image_format="png", workers=None):
+    """Explain ``(name, stem, path or array)`` items, write ``<stem>.cam.<format>`` each; return the records.
 
-    Images are read once: the generator handed to `iter_explain_images` keeps
-    the pixels of the images in flight (at most one chunk) for rendering.
+    Images are read once, in `workers` threads ahead of inference (see
+    `Explainer.iter_explain_images`); the decoded pixels and full-size maps of the
+    images in flight travel with their results to as many writer threads, which
+    render, encode and write the overlays while the next chunk runs.  At most
+    ``2 * writers`` overlays wait to be written.
     """
-    from .preprocess import read_image
+    from concurrent.futures import ThreadPoolExecutor
 
-    pending = collections.deque()
-
-    def images():
-        for name, stem, item in items:
-            try:
-                pixels = read_image(item) if not isinstance(item, np.ndarray) else item
-            except CamError:
-                pixels = None  # iter_explain_images reads it again and reports why it failed
-            pending.append((name, stem, pixels))
-            yield item if pixels is None else pixels
+    from .explainer import _default_workers
 
     records, taken = [], set()
+    writers = _default_workers() if workers is None else max(1, workers)
+    pending = collections.deque()
     progress = Progress(len(items), label, quiet=quiet)
+    stream = explainer._explain_image_stream(
+        (item for _, _, item in items), preprocess=preprocess, top_k=top_k, threshold=threshold,
+        upsample="bilinear", classes=None, batch_size=None, errors="report", method=method, workers=workers,
+        keep_pixels=True)
+    pool = ThreadPoolExecutor(writers, thread_name_prefix="camcore-write")
     try:
-        for result in explainer.iter_explain_images(images(), preprocess=preprocess, top_k=top_k,
-                                                    threshold=threshold, errors="report", method=method):
-            name, stem, pixels = pending.popleft()
+        for (name, stem, _), (result, kept) in zip(items, stream):
             record = _record(name, result, explainer)
             if result.error is None:
-                filename = _unique_name(stem, taken)
-                atomic_write_bytes(out / filename, encode_png(render(pixels, result, explainer)))
+                filename = _unique_name(stem, taken, image_format)
+                pending.append(pool.submit(_draw_and_write, out / filename, image_format, kept[0], result,
+                                           explainer, kept[1]))
                 record["overlay"] = filename
+                while len(pending) > 2 * writers:
+                    pending.popleft().result()
+                    progress.update()
+            else:
+                progress.update()
             records.append(record)
+        while pending:
+            pending.popleft().result()
             progress.update()
     finally:
+        stream.close()
+        pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
     return records
 
@@ -161,7 +179,7 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     items = [(f"skimage.data.{name}", name, getattr(data, name)()) for name in DEMO_IMAGES]
     records = _explain_and_write(explainer, items, out, preprocess=None, top_k=1, threshold=0.2,
-                                 quiet=True, label="demo")
+                                 quiet=True, label="demo", workers=args.workers)
     write_json(out / "results.json", _results(None, 0.2, records))
     print(_table(records))
     print(f"\nwrote {len(records)} overlays and results.json to {out}/")
@@ -198,7 +216,8 @@ def cmd_explain(args) -> int:
     out = Path(args.out)
     items = [(str(p), p.stem, str(p)) for p in images]
     records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
-                                 threshold=args.threshold, quiet=args.quiet, label="explain", method=method)
+                                 threshold=args.threshold, quiet=args.quiet, label="explain", method=method,
+                                 image_format=args.format, workers=args.workers)
     results = _results(model, args.threshold, records, method)
     write_json(out / "results.json", results)
     if args.json:
@@ -229,7 +248,7 @@ def cmd_inspect(args) -> int:
     layers = candidate_layers(explainer.backend.model, logits=head.logits, output=head.output)
     info = {
         "input": {"name": head.input.name, "shape": _dims(head.input.shape), "layout": explainer.input_layout,
-                  "dtype": str(np.dtype(head.input.dtype))},
+                  "dtype": str(head.input.dtype)},
         "feature": {"name": head.feature, "shape": _dims(head.feature_shape), "layout": head.layout},
         "pooling": head.pooling,
         "pooling_node": head.pooling_node,
@@ -318,16 +337,19 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"camcore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     providers_help = "onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names"
+    workers_help = ("threads that read images ahead of the model, and as many that draw and write "
+                    "overlays (default: CPU cores, at most 4; 0 reads in the main thread)")
 
     p = sub.add_parser("demo", help="explain three sample photos with the embedded model",
                        description="Explain scikit-image's chelsea, coffee and rocket photos with the "
                                    "embedded EfficientNet-Lite0: overlays, results.json and a table.")
     p.add_argument("--out", default="camcore-demo", metavar="DIR", help="output folder (default: %(default)s)")
     p.add_argument("--providers", metavar="LIST", help=providers_help)
+    p.add_argument("--workers", type=nonnegative_int, metavar="N", help=workers_help)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("explain", help="explain images with a model (default: the embedded one)",
-                       description="Write <stem>.cam.png per image and one results.json. "
+                       description="Write <stem>.cam.png (or --format) per image and one results.json. "
                                    "A first argument ending in .onnx is the model.")
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="optional MODEL.onnx, then image files or folders")
     p.add_argument("--out", default="camcore-out", metavar="DIR", help="output folder (default: %(default)s)")
@@ -336,8 +358,11 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
                    help="box threshold as a fraction of the map's max (default: 0.2)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    p.add_argument("--format", choices=IMAGE_FORMATS, default="png",
+                   help="overlay file format (default: %(default)s; jpg and webp are smaller and faster to write)")
     p.add_argument("--providers", metavar="LIST", help=providers_help)
     add_method_arguments(p)
+    p.add_argument("--workers", type=nonnegative_int, metavar="N", help=workers_help)
     add_preprocess_arguments(p)
     p.set_defaults(func=cmd_explain)
 

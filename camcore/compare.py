@@ -178,7 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     """Run `camcore compare` with parsed `args`; returns the exit status."""
-    from ._cli_util import (EXIT_OK, Progress, atomic_write_bytes, encode_png, preprocess_from_args, provider_list,
+    from ._cli_util import (EXIT_OK, Progress, atomic_write_bytes, encode_image, preprocess_from_args, provider_list,
                             write_json)
     from .api import load
     from .cli import _collect_images
@@ -211,7 +211,7 @@ def main(args) -> int:
             n += 1
             name = f"{path.stem}-{n}.compare.png"
         taken.add(name)
-        atomic_write_bytes(out / name, encode_png(grid(image, cells, explainer, width=args.width)))
+        atomic_write_bytes(out / name, encode_image(grid(image, cells, explainer, width=args.width)))
         first = cells[0][1]
         records.append({"path": str(path), "grid": name, "classes": [
             {"index": int(c), "name": explainer.class_name(int(c))} for c in first.classes],

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -10,7 +13,7 @@ import numpy as np
 from .backend import Backend, Head
 from .errors import CamError, InvalidInput, NotCamCompatible
 from .localize import boxes as find_boxes
-from .maps import cam, normalize, upsample
+from .maps import cam, upsample
 from .methods import GRADIENT_METHODS, METHODS, eigencam
 from .perturbation import FORWARD_METHODS, ablationcam, reciprocam, scorecam
 from .preprocess import Geometry, Preprocess, read_image
@@ -129,8 +132,35 @@ class ImageExplanation:
 
 
 def _image_maps(cams: np.ndarray, geometry: Geometry, method: str) -> np.ndarray:
-    window = normalize(upsample(cams, geometry.window_size, method=method))
-    return geometry.place(window.astype(np.float32, copy=False))
+    """``(k, H0, W0)`` float32 maps in [0, 1]: `upsample` at float32, then min-max in place.
+
+    The same values as ``normalize(upsample(cams, ...))``, without its temporaries:
+    at photo sizes, allocating (and page-faulting) full-size arrays costs more than
+    the interpolation itself.
+    """
+    window = upsample(cams.astype(np.float32, copy=False), geometry.window_size, method=method)
+    lo = window.min(axis=(-2, -1), keepdims=True)
+    span = window.max(axis=(-2, -1), keepdims=True) - lo
+    flat = span <= 0  # a constant map becomes 0, as `normalize` does
+    window -= lo
+    window /= np.where(flat, 1, span)
+    window[np.broadcast_to(flat, window.shape)] = 0
+    return geometry.place(window)
+
+
+def _default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def _prepare_image(image, preprocess: Preprocess, keep_pixels: bool):
+    """Read and preprocess one image (runs in a worker thread): ``(source, x, geometry, pixels, error)``."""
+    source = str(image) if not isinstance(image, np.ndarray) else None
+    try:
+        pixels = read_image(image) if source is not None else image
+        x, geometry = preprocess(pixels)
+    except CamError as exc:
+        return source, None, None, None, exc
+    return source, x, geometry, pixels if keep_pixels else None, None
 
 
 def _class_selection(classes, n: int, num_classes: int):
@@ -474,12 +504,28 @@ class Explainer:
     def iter_explain_images(self, images: Iterable, *, preprocess: Preprocess | None = None, top_k: int = 1,
                             threshold: float = 0.2, upsample: str = "bilinear", classes=None,
                             batch_size: int | None = None, errors: str = "raise",
-                            method: str = "auto") -> Iterator[ImageExplanation]:
-        """Like `explain_images`, one result at a time, reading images chunk by chunk.
+                            method: str = "auto", workers: int | None = None) -> Iterator[ImageExplanation]:
+        """Like `explain_images`, one result at a time, in input order.
+
+        Reading and preprocessing run in a pool of `workers` threads, up to two
+        chunks ahead of inference (Pillow, NumPy and onnxruntime release the GIL),
+        so at most three chunks of images are held at any time.  ``workers=0``
+        does everything in the calling thread.  The default is the number of CPU
+        cores, at most 4.
 
         With ``errors="report"``, an image that cannot be read or preprocessed gives an
         `ImageExplanation` whose `error` holds the one-line reason, and the others go on.
         """
+        for result, _ in self._explain_image_stream(images, preprocess=preprocess, top_k=top_k,
+                                                    threshold=threshold, upsample=upsample, classes=classes,
+                                                    batch_size=batch_size, errors=errors, method=method,
+                                                    workers=workers):
+            yield result
+
+    def _explain_image_stream(self, images, *, preprocess, top_k, threshold, upsample, classes, batch_size,
+                              errors, method, workers, keep_pixels=False):
+        """`iter_explain_images` yielding ``(result, pixels)``: the decoded image and its
+        ``(k, H0, W0)`` maps when `keep_pixels` (the CLI draws them), else None."""
         if errors not in ("raise", "report"):
             raise InvalidInput(f"errors must be 'raise' or 'report', got {errors!r}")
         if not 0 <= float(threshold) <= 1:
@@ -487,51 +533,80 @@ class Explainer:
         if upsample not in ("nearest", "bilinear", "bicubic"):
             raise InvalidInput(f"upsample must be one of 'nearest', 'bilinear', 'bicubic', got {upsample!r}")
         method = self.resolve_method(method)
+        workers = _default_workers() if workers is None else workers
+        if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 0:
+            raise InvalidInput(f"workers must be an int >= 0, got {workers!r}")
         preprocess = preprocess or self.default_preprocess()
         chunk = self._chunk_size(batch_size)
         layout, dtype = self.input_layout, self.head.input.dtype
         class_rows = None if classes is None else np.asarray(classes)
-        index = 0
+        options = (layout, dtype, top_k, threshold, upsample, class_rows, errors, method)
+        if workers == 0:
+            prepared = (_prepare_image(image, preprocess, keep_pixels) for image in images)
+            yield from self._run_chunks(prepared, chunk, options)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="camcore-read")
+        try:
+            yield from self._run_chunks(_prefetch(pool, images, preprocess, keep_pixels, 2 * chunk), chunk, options)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _run_chunks(self, prepared, chunk, options):
         batch = []
-        for image in images:
-            batch.append((index, image))
-            index += 1
+        for index, item in enumerate(prepared):
+            batch.append((index, item))
             if len(batch) == chunk:
-                yield from self._image_chunk(batch, preprocess, layout, dtype, top_k, threshold, upsample,
-                                             class_rows, errors, method)
+                yield from self._image_chunk(batch, *options)
                 batch = []
         if batch:
-            yield from self._image_chunk(batch, preprocess, layout, dtype, top_k, threshold, upsample,
-                                         class_rows, errors, method)
+            yield from self._image_chunk(batch, *options)
 
-    def _image_chunk(self, batch, preprocess, layout, dtype, top_k, threshold, resize, class_rows, errors,
-                     method):
-        prepared, results = [], {}
-        for index, image in batch:
-            source = str(image) if not isinstance(image, np.ndarray) else None
-            try:
-                array = read_image(image) if source is not None else image
-                x, geometry = preprocess(array)
-                prepared.append((index, source, x, geometry))
-            except CamError as exc:
-                if errors == "raise":
-                    raise
-                results[index] = ImageExplanation(source, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                                                  [], np.zeros((0, 0, 0), np.float32), None, resize, str(exc),
-                                                  method)
-        if prepared:
-            x = np.stack([p[2] for p in prepared])
+    def _image_chunk(self, batch, layout, dtype, top_k, threshold, resize, class_rows, errors, method):
+        ready, results = [], {}
+        for index, (source, x, geometry, pixels, error) in batch:
+            if error is None:
+                ready.append((index, source, x, geometry, pixels))
+            elif errors == "raise":
+                raise error
+            else:
+                results[index] = (ImageExplanation(source, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                                                   [], np.zeros((0, 0, 0), np.float32), None, resize,
+                                                   str(error), method), None)
+        if ready:
+            x = np.stack([r[2] for r in ready])
             if layout == "NCHW":
                 x = x.transpose(0, 3, 1, 2)
             x = np.ascontiguousarray(x, dtype=dtype)
             sel = None
             if class_rows is not None:
-                sel = class_rows if class_rows.ndim == 1 else class_rows[[p[0] for p in prepared]]
+                sel = class_rows if class_rows.ndim == 1 else class_rows[[r[0] for r in ready]]
             out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x), method=method)
-            for j, (index, source, _, geometry) in enumerate(prepared):
+            for j, (index, source, _, geometry, pixels) in enumerate(ready):
                 full = _image_maps(out.maps[j], geometry, resize)
                 found = [find_boxes(m, threshold=threshold) for m in full]
-                results[index] = ImageExplanation(source, geometry.original_size, out.classes[j], out.scores[j],
-                                                  found, out.maps[j], geometry, resize, method=method)
+                result = ImageExplanation(source, geometry.original_size, out.classes[j], out.scores[j],
+                                          found, out.maps[j], geometry, resize, method=method)
+                results[index] = (result, None if pixels is None else (pixels, full))
         for index, _ in batch:
-            yield results[index]
+            yield results.pop(index)
+
+
+def _prefetch(pool, images, preprocess, keep_pixels, ahead):
+    """`_prepare_image` over `images` in `pool`, results in input order, at most `ahead` in flight.
+
+    `images` is iterated in the calling thread only (it may be a generator).
+    """
+    pending = deque()
+    source = iter(images)
+    while True:
+        while len(pending) < ahead:
+            image = next(source, _END)
+            if image is _END:
+                break
+            pending.append(pool.submit(_prepare_image, image, preprocess, keep_pixels))
+        if not pending:
+            return
+        yield pending.popleft().result()
+
+
+_END = object()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
-from scipy import ndimage
 
 from ._validate import check_choice, check_ndim, float_array
 from .errors import InvalidInput
@@ -103,6 +102,8 @@ def boxes(map2d, *, threshold=0.2, mode="largest"):
     cols = band.any(axis=0)
     x0, x1 = _first(cols), _end(cols)
     crop = band[:, x0:x1]
+    from scipy import ndimage  # only here: importing it costs more than most calls
+
     labels = np.empty(crop.shape, dtype=np.intp)  # intp: bincount needs no conversion
     count = ndimage.label(crop, structure=_EIGHT_CONNECTED, output=labels)
     if count == 1:
