@@ -169,6 +169,9 @@ class Preprocess:
 
     Notes
     -----
+    The crop window is resized in one pass from the original image (Pillow's
+    ``box``), so the filter at its edges reaches the pixels just outside it, as
+    when the whole image is resized, then cropped.
     The presets: `imagenet` uses ``"bilinear"`` (torchvision's ``Resize(256)``,
     ``CenterCrop(224)``, except that the crop window is cut from the original
     image and resized once, so that `Geometry` maps it back exactly); the
