@@ -210,6 +210,34 @@ def test_explain_matches_the_python_api(explained, photos, default_explainer):
     assert [tuple(c["box"]) for c in record["classes"]] == [expected.box(0), expected.box(1)]
 
 
+@pytest.mark.parametrize("image_format, workers", [("jpg", "0"), ("webp", "1"), ("png", "3")])
+def test_explain_formats_and_workers(tmp_path, photos, explained, image_format, workers, capsys):
+    """Any format and thread count: the same results.json as the default run, overlays in that format
+    that decode to the overlay drawn from the Python API's maps (exactly for PNG)."""
+    from PIL import Image
+
+    out = tmp_path / "o"
+    status = cli.main(["explain", str(photos), "--out", str(out), "--top-k", "2", "--json", "--providers", "cpu",
+                       "--format", image_format, "--workers", workers])
+    assert status == 1  # the broken PNG
+    results = json.loads(capsys.readouterr().out)
+    default = json.loads(explained[0].stdout)
+    for record in default["images"]:
+        if "overlay" in record:
+            record["overlay"] = record["overlay"].replace(".png", f".{image_format}")
+    assert results == default
+    explainer = camcore.load(providers=["cpu"])
+    record = results["images"][1]
+    [result] = explainer.explain_images([record["path"]], top_k=2)
+    drawn = cli.render(data.chelsea(), result, explainer)
+    written = np.asarray(Image.open(out / record["overlay"]).convert("RGB"))
+    assert Image.open(out / record["overlay"]).format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[image_format]
+    error = np.abs(written.astype(int) - drawn)
+    assert error.max() == 0 if image_format == "png" else error.mean() < 8
+    assert sorted(p.suffix for p in out.iterdir()) == sorted([f".{image_format}"] * 3 + [".json"])
+    assert no_temp_files(out)
+
+
 def test_explain_missing_file_and_bad_arguments(tmp_path, photos):
     proc = camcore_cli("explain", tmp_path / "nope.jpg", photos / "gray.png", "--out", tmp_path / "o", "--quiet")
     assert proc.returncode == 1 and proc.stdout == ""

@@ -188,3 +188,106 @@ def test_geometry_unmap_places_window():
     out = g.unmap(np.ones((1, 2, 2), np.float32))
     assert out.shape == (1, 6, 8)
     assert out[0, 1:5, 2:6].min() == 1 and out.sum() == 16
+
+
+# ----------------------------------------------------------------- the reading pipeline
+
+def _mixed_images(tmp_path, rng, n=11):
+    """Arrays and PNG paths of different sizes, one unreadable file among them."""
+    from PIL import Image
+
+    images = []
+    for i in range(n):
+        array = rng.integers(0, 256, (10 + 3 * i, 14 + i, 3), dtype=np.uint8)
+        if i % 2:
+            path = tmp_path / f"{i}.png"
+            Image.fromarray(array).save(path)
+            images.append(path)
+        else:
+            images.append(array)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    images.insert(5, bad)
+    return images
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_pipeline_keeps_input_order_and_results(tmp_path, workers, batch_size):
+    ex, rng = make(preprocess=Preprocess(8))
+    images = _mixed_images(tmp_path, rng)
+    got = list(ex.iter_explain_images(images, top_k=2, errors="report", workers=workers, batch_size=batch_size))
+    want = list(ex.iter_explain_images(images, top_k=2, errors="report", workers=0, batch_size=len(images)))
+    assert [r.source for r in got] == [None if isinstance(i, np.ndarray) else str(i) for i in images]
+    assert [r.error is None for r in got] == [i != 5 for i in range(len(images))]
+    for a, b in zip(got, want):
+        assert a.size == b.size
+        np.testing.assert_array_equal(a.classes, b.classes)
+        np.testing.assert_allclose(a.cams, b.cams, atol=1e-6)
+        assert [x.tolist() for x in a.boxes] == [x.tolist() for x in b.boxes]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_pipeline_raises_at_the_bad_image(tmp_path, workers):
+    ex, rng = make(preprocess=Preprocess(8))
+    images = _mixed_images(tmp_path, rng)
+    seen = []
+    with pytest.raises(camcore.CamError, match="bad.png"):
+        for result in ex.iter_explain_images(images, workers=workers, batch_size=2):
+            seen.append(result)
+    assert len(seen) == 4  # the chunk holding the bad image (images 4 and 5) fails as a whole
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_pipeline_reads_at_most_two_chunks_ahead(workers):
+    ex, rng = make(preprocess=Preprocess(8))
+    pulled = []
+
+    def images():
+        for i in range(40):
+            pulled.append(i)
+            yield rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+
+    ahead = []
+    for done, _ in enumerate(ex.iter_explain_images(images(), workers=workers, batch_size=3), start=1):
+        ahead.append(len(pulled) - done)
+    assert len(ahead) == 40
+    assert max(ahead) <= 3 * 3  # the chunk being yielded and two chunks in the pool
+    assert max(ahead) >= 6  # and it does read ahead
+
+
+def test_pipeline_closes_its_threads():
+    import threading
+
+    ex, rng = make(preprocess=Preprocess(8))
+    images = (rng.integers(0, 256, (12, 12, 3), dtype=np.uint8) for _ in range(50))
+    stream = ex.iter_explain_images(images, workers=3, batch_size=2)
+    next(stream)
+    assert any(t.name.startswith("camcore-read") for t in threading.enumerate())
+    stream.close()
+    assert not any(t.name.startswith("camcore-read") for t in threading.enumerate())
+
+
+def test_pipeline_validation():
+    ex, _ = make(preprocess=Preprocess(8))
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InvalidInput, match="workers must be an int >= 0"):
+            list(ex.iter_explain_images([np.zeros((8, 8, 3), np.uint8)], workers=bad))
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), h0=st.integers(1, 60),
+       w0=st.integers(1, 60), constant=st.booleans(), seed=st.integers(0, 2**16))
+def test_image_maps_equal_normalize_of_upsample(k, h, w, h0, w0, constant, seed):
+    from camcore.explainer import _image_maps
+
+    rng = np.random.default_rng(seed)
+    cams = rng.standard_normal((k, h, w)).astype(np.float32)
+    if constant:
+        cams[0] = 0.0  # stays exactly constant through the interpolation
+    g = Geometry((h0 + 3, w0 + 2), (1, 2, w0 + 1, h0 + 2), (8, 8))
+    got = _image_maps(cams, g, "bilinear")
+    want = g.place(camcore.normalize(camcore.upsample(cams, (h0, w0))))
+    assert got.dtype == np.float32 and got.shape == (k, h0 + 3, w0 + 2)
+    np.testing.assert_array_equal(got, want)
+    assert not constant or not got[0].any()
