@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from camcore import InvalidInput, cam, normalize, upsample
+from camcore import maps as maps_module
+from camcore.maps import resize_matrix
 
 # ---------------------------------------------------------------- cam
 
@@ -228,6 +230,22 @@ def test_upsample_matches_reference_loops(h, w, out_h, out_w, method, seed):
         np.testing.assert_allclose(
             out[i], ref_resize(maps[i], (out_h, out_w), method), rtol=1e-10, atol=1e-10
         )
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (2, 3)])
+@pytest.mark.parametrize("shape, size", [((7, 7), (600, 800)), ((7, 5), (37, 3)), ((3, 9), (5, 700))])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_upsample_in_one_thread_blocks_equals_one_product(lead, shape, size, dtype, monkeypatch):
+    """Photo-sized outputs are computed in row blocks (one thread per GEMM): same values as
+    one product, whichever axis goes first, for one block, many, or a ragged last block."""
+    maps = np.random.default_rng(3).standard_normal(lead + shape).astype(dtype)
+    want = np.einsum("ij,...jk,lk->...il", resize_matrix(size[0], shape[0], "bilinear", "<f8"), maps,
+                     resize_matrix(size[1], shape[1], "bilinear", "<f8"))
+    for threshold in (1 << 18, 50, 1):
+        monkeypatch.setattr(maps_module, "_ONE_THREAD_GEMM", threshold)
+        out = upsample(maps, size)
+        assert out.shape == lead + size and out.dtype == dtype and out.flags.c_contiguous
+        np.testing.assert_allclose(out, want, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)
 
 
 def test_upsample_bilinear_ramp_is_exact():
