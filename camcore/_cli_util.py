@@ -125,10 +125,11 @@ def write_json(path, obj) -> Path:
 
 
 IMAGE_FORMATS = ("png", "jpg", "webp")
-# Chosen for speed: zlib level 1 writes a photo-sized overlay about 10x faster than
-# Pillow's default level 6, for files about a third larger.
+# Chosen for speed. PNG: zlib level 1 with the run-length strategy (3, Z_RLE) writes a
+# photo-sized overlay 4-5x faster than Pillow's default (level 6), and the file is about
+# as small (measured on a 650x600 overlay: 30 ms and 511 kB against 155 ms and 521 kB).
 _ENCODER_OPTIONS = {
-    "png": dict(format="PNG", compress_level=1),
+    "png": dict(format="PNG", compress_level=1, compress_type=3),
     "jpg": dict(format="JPEG", quality=90),
     "webp": dict(format="WEBP", quality=85, method=0),
 }

@@ -144,7 +144,8 @@ def _image_maps(cams: np.ndarray, geometry: Geometry, method: str) -> np.ndarray
     flat = span <= 0  # a constant map becomes 0, as `normalize` does
     window -= lo
     window /= np.where(flat, 1, span)
-    window[np.broadcast_to(flat, window.shape)] = 0
+    if flat.any():
+        window[flat[:, 0, 0]] = 0
     return geometry.place(window)
 
 
