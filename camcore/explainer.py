@@ -525,8 +525,9 @@ class Explainer:
 
     def _explain_image_stream(self, images, *, preprocess, top_k, threshold, upsample, classes, batch_size,
                               errors, method, workers, keep_pixels=False):
-        """`iter_explain_images` yielding ``(result, pixels)``: the decoded image and its
-        ``(k, H0, W0)`` maps when `keep_pixels` (the CLI draws them), else None."""
+        """`iter_explain_images` yielding ``(result, kept)``: with `keep_pixels` (the CLI draws
+        them), `kept` is ``(image, maps)``, the decoded image and its ``(k, H0, W0)`` maps,
+        for each image explained; otherwise None."""
         if errors not in ("raise", "report"):
             raise InvalidInput(f"errors must be 'raise' or 'report', got {errors!r}")
         if not 0 <= float(threshold) <= 1:
