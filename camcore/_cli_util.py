@@ -351,11 +351,22 @@ def title_strip(text: str, width: int, *, background=(32, 32, 32), foreground=(2
     return strip
 
 
+class _MethodNames:
+    """`camcore.methods.METHODS`, imported when argparse first looks at it: building the
+    parser (and `camcore --help`) imports no NumPy."""
+
+    def __iter__(self):
+        from .methods import METHODS
+
+        return iter(METHODS)
+
+    def __contains__(self, name) -> bool:
+        return name in tuple(self)
+
+
 def add_method_arguments(parser) -> None:
     """--method and --feature, shared by explain, eval and fuse."""
-    from .methods import METHODS
-
-    parser.add_argument("--method", choices=METHODS, default="auto",
+    parser.add_argument("--method", choices=_MethodNames(), default="auto",
                         help="cam (exact, GAP + affine heads), a gradient method, or a forward-only one "
                              "(eigencam, ablationcam, reciprocam, scorecam); "
                              "auto: cam where it applies, else gradcam (default)")

@@ -452,6 +452,23 @@ def test_parser_and_help_do_not_import_onnxruntime():
     assert proc.returncode == 0, proc.stderr
 
 
+def test_help_imports_no_numpy_and_method_choices_are_the_methods():
+    from camcore.methods import METHODS
+
+    parser = cli.build_parser(["explain"])
+    [action] = [a for a in parser._subparsers._group_actions[0].choices["explain"]._actions
+                if a.dest == "method"]
+    assert tuple(action.choices) == METHODS and "gradcam" in action.choices and "nope" not in action.choices
+    code = ("import sys, contextlib, io\n"
+            "from camcore import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: cli.main(['--help'])\n"
+            "    except SystemExit: pass\n"
+            "assert 'numpy' not in sys.modules, 'imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_missing_plugin_module_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(cli.PLUGINS, "nope", ("camcore._no_such_module", "a missing plugin"))
     assert cli.main(["nope", "--help"]) == 1
