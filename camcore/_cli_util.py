@@ -60,7 +60,7 @@ def _size(text: str) -> tuple:
 
 
 def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--size --resize --mean --std --scale --bgr`` (each overrides the model's default)."""
+    """Add ``--size --resize --mean --std --scale --bgr --interpolation`` (each overrides the model's default)."""
     group = parser.add_argument_group(
         "preprocessing", "override the model's default preprocessing (the embedded model's own; "
                          "ImageNet's at the model's input size for other models)")
@@ -73,12 +73,15 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--scale", type=float, metavar="F",
                        help="multiplies integer pixels before mean/std (default 1/255; 1 keeps 0..255)")
     group.add_argument("--bgr", action="store_true", help="feed channels in BGR order (Caffe, OpenCV models)")
+    group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
+                       help="Pillow's resize filter; bilinear and bicubic are anti-aliased, as torchvision's "
+                            "Resize on PIL images (default: bilinear)")
 
 
 def preprocess_from_args(args: argparse.Namespace, explainer):
     """The explainer's default preprocessing with the flags given in `args` applied."""
     base = explainer.default_preprocess()
-    changes = {name: getattr(args, name) for name in ("size", "resize", "mean", "std", "scale")
+    changes = {name: getattr(args, name) for name in ("size", "resize", "mean", "std", "scale", "interpolation")
                if getattr(args, name, None) is not None}
     if getattr(args, "bgr", False):
         changes["channel_order"] = "BGR"

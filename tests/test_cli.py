@@ -565,10 +565,10 @@ def test_preprocess_from_args(default_explainer):
     args = parser.parse_args(["explain", "x.png"])
     assert _cli_util.preprocess_from_args(args, default_explainer) == default_explainer.default_preprocess()
     args = parser.parse_args(["explain", "x.png", "--size", "256x192", "--resize", "crop", "--mean", "0.1",
-                              "0.2", "0.3", "--std", "0.5", "--scale", "1", "--bgr"])
+                              "0.2", "0.3", "--std", "0.5", "--scale", "1", "--bgr", "--interpolation", "bicubic"])
     p = _cli_util.preprocess_from_args(args, default_explainer)
     assert p == camcore.Preprocess((256, 192), resize="crop", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5),
-                                   scale=1.0, channel_order="BGR",
+                                   scale=1.0, channel_order="BGR", interpolation="bicubic",
                                    crop_fraction=default_explainer.default_preprocess().crop_fraction)
     assert parser.parse_args(["explain", "x.png", "--size", "300"]).size == (300, 300)
     with pytest.raises(SystemExit):
