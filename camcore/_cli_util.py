@@ -369,9 +369,10 @@ class _MethodNames:
 
 def add_method_arguments(parser) -> None:
     """--method and --feature, shared by explain, eval and fuse."""
-    parser.add_argument("--method", choices=_MethodNames(), default="auto",
-                        help="cam (exact, GAP + affine heads), a gradient method, or a forward-only one "
-                             "(eigencam, ablationcam, reciprocam, scorecam); "
+    # A metavar, so that argparse lists the choices only when it prints this help.
+    parser.add_argument("--method", choices=_MethodNames(), default="auto", metavar="METHOD",
+                        help="one of %(choices)s: cam (exact, GAP + affine heads), a gradient method, or a "
+                             "forward-only one (eigencam, ablationcam, reciprocam, scorecam); "
                              "auto: cam where it applies, else gradcam (default)")
     parser.add_argument("--feature", metavar="NAME",
                         help="target layer: a 4-D tensor name (default: the one feeding the last global "
