@@ -46,7 +46,8 @@ def row(entry: dict) -> list:
         error = f"{err.max():.1e}"
     else:
         verdict = "CAM (the framework says non-affine)"
-    shape = "x".join(str(s) for s in h.feature_shape)
+    # Symbolic sizes (paddle2onnx's floor(...) expressions) shown as "?".
+    shape = "x".join(str(s) if isinstance(s, int) or len(str(s)) <= 20 else "?" for s in h.feature_shape)
     return [h.pooling, f"`{h.feature}`", h.layout, shape, verdict, f"{elapsed:.2f}", error]
 
 
