@@ -61,13 +61,14 @@ def _explained(case):
         raise error
     d = entry["data"]
     classes = np.arange(d["logits"].shape[1])
-    return entry, explainer, explainer.explain(d["x"], classes=classes), classes
+    return entry, explainer, explainer.explain(d["x"], classes=classes, method="cam"), classes
 
 
 @pytest.mark.parametrize("case", AFFINE, indirect=True, ids=corpus.entry_id)
 def test_features_match_framework(case):
     """camcore reads the tensor the framework pools: ``|f_camcore - f| <= 1e-4 max|f|``."""
     entry, explainer, _, _ = _explained(case)
+    assert explainer.head.affine
     d = entry["data"]
     features, _ = explainer.forward({explainer.head.input.name: d["x"]})
     ours = np.asarray(features, dtype=np.float64)
@@ -113,10 +114,15 @@ def test_oracle_gradient_is_the_classifier(entry):
 
 @pytest.mark.parametrize("case", REFUSED, indirect=True, ids=corpus.entry_id)
 def test_non_affine_is_refused_naming_the_op(case):
-    """A head the framework finds non-affine is refused, in one line naming a ``refuse_ops`` op
-    (or, with no spatial pooling at all, saying so)."""
+    """CAM is refused on a head the framework finds non-affine: by `camcore.load` when no
+    gradient target exists either, else by ``explain(method="cam")``; in one line naming a
+    ``refuse_ops`` op (or, with no spatial pooling at all, saying so)."""
     entry, explainer, error = case
-    assert explainer is None, f"camcore accepted it: {explainer!r}"
+    if error is None:
+        assert not explainer.head.affine, f"camcore found a CAM head: {explainer!r}"
+        with pytest.raises(NotCamCompatible) as refused:
+            explainer.explain(entry["data"]["x"], method="cam")
+        error = refused.value
     assert isinstance(error, NotCamCompatible), repr(error)
     message = str(error)
     assert "\n" not in message

@@ -5,8 +5,8 @@ Run in camcore's own venv after ``python3 tools/corpus/build.py``::
     python tools/corpus/results.py [--out tests/exports/RESULTS.md]
 
 One row per export: framework, exporter and options, the graph patterns noted at export, the
-pooling, feature tensor, layout and feature shape camcore found, its verdict (CAM, or refused
-and why), the load time and the identity error: the largest over items n of
+pooling, feature tensor (for refused heads: the gradient methods' target layer), layout and
+feature shape camcore found, its verdict (CAM, or refused and why), the load time and the identity error: the largest over items n of
 ``max_c |maps[n, c].mean() + bias[c] - logits[n, c]| / max_c |logits[n, c]|`` against the
 framework's logits (tests/test_corpus.py asserts it is at most 1e-4).
 """
@@ -39,9 +39,12 @@ def row(entry: dict) -> list:
     elapsed = time.perf_counter() - start
     h = explainer.head
     verdict, error = "CAM", ""
-    if "bias" in d:
+    if not h.affine:
+        # Loaded for the gradient methods only; the feature columns show their target layer.
+        verdict = f"refused: {h.cam_refusal[:160]} (gradient target found)"
+    elif "bias" in d:
         classes = np.arange(d["logits"].shape[1])
-        maps = explainer.explain(d["x"], classes=classes).maps.astype(np.float64)
+        maps = explainer.explain(d["x"], classes=classes, method="cam").maps.astype(np.float64)
         err = np.abs(maps.mean((-2, -1)) + d["bias"] - d["logits"]).max(1) / np.abs(d["logits"]).max(1)
         error = f"{err.max():.1e}"
     else:
