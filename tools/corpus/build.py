@@ -33,7 +33,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-# framework: (export script, pyproject extra)
+# framework: (export script, pyproject extra); the framework names the models/ folder.
 FRAMEWORKS = {
     "torch": ("export_torch.py", "export-torch"),
     "keras": ("export_keras.py", "export-tf"),
@@ -84,8 +84,7 @@ def build(framework: str, root: Path) -> list:
     python = ensure_venv(root / f"venv-{framework}", extra)
     out = root / "models" / framework
     out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CAMCORE_CORPUS_FRAMEWORK": framework}
-    names = json.loads(subprocess.run([str(python), str(HERE / script), "--list"], check=True, env=env,
+    names = json.loads(subprocess.run([str(python), str(HERE / script), "--list"], check=True,
                                       capture_output=True, text=True).stdout)
     digest = script_hash(script, framework)
     stamps = out / "hashes.json"
@@ -101,7 +100,7 @@ def build(framework: str, root: Path) -> list:
         for name in todo:  # a stale entry never survives a failed re-export
             for ext in (".onnx", ".npz", ".json"):
                 (out / f"{name}{ext}").unlink(missing_ok=True)
-        result = subprocess.run([str(python), str(HERE / script), "--out", str(out), *todo], env=env,
+        result = subprocess.run([str(python), str(HERE / script), "--out", str(out), *todo],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         (out / "export.log").write_text(result.stdout)
         for name in todo:
