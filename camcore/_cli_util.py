@@ -27,7 +27,9 @@ __all__ = [
     "EXIT_ERROR",
     "EXIT_REFUSED",
     "EXIT_INTERRUPTED",
+    "add_engine_arguments",
     "add_preprocess_arguments",
+    "check_engine_arguments",
     "preprocess_from_args",
     "atomic_write_bytes",
     "atomic_write_text",
@@ -76,6 +78,30 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
                        help="Pillow's resize filter; bilinear and bicubic are anti-aliased, as torchvision's "
                             "Resize on PIL images (default: bilinear)")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--engine --address --concurrency --num-gpus`` (Ray Data: `camcore.distributed`)."""
+    group = parser.add_argument_group("engine", "run here, or on Ray Data (pip install 'camcore[ray]')")
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this process; ray: an actor pool on Ray (default: local)")
+    group.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster to connect to, e.g. ray://head:10001 or auto (default: start a local Ray)")
+    group.add_argument("--concurrency", type=positive_int, default=1, metavar="N",
+                       help="Ray actors, each holding one model (default: 1)")
+    group.add_argument("--num-gpus", type=float, default=0, metavar="G",
+                       help="GPUs per Ray actor; > 0 uses onnxruntime's CUDA provider (default: 0)")
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """The Ray options need ``--engine ray``: raise CamError naming the first one given without it."""
+    if args.engine == "ray":
+        return
+    given = [flag for flag, value, default in (("--address", args.address, None),
+                                                ("--concurrency", args.concurrency, 1),
+                                                ("--num-gpus", args.num_gpus, 0)) if value != default]
+    if given:
+        raise CamError(f"{given[0]} needs --engine ray")
 
 
 def preprocess_from_args(args: argparse.Namespace, explainer):

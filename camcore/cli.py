@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from ._cli_util import (EXIT_ERROR, EXIT_OK, IMAGE_FORMATS, Progress, add_method_arguments,
-                        add_preprocess_arguments, atomic_write_bytes, encode_image, fail, fraction,
-                        nonnegative_int, one_line, positive_int, preprocess_from_args, provider_list,
+from ._cli_util import (EXIT_ERROR, EXIT_OK, IMAGE_FORMATS, Progress, add_engine_arguments, add_method_arguments,
+                        add_preprocess_arguments, atomic_write_bytes, check_engine_arguments, encode_image, fail,
+                        fraction, nonnegative_int, one_line, positive_int, preprocess_from_args, provider_list,
                         run_command, title_strip, write_json)
 from .errors import CamError
 
@@ -209,17 +209,22 @@ def cmd_explain(args) -> int:
         model = paths.pop(0)
     if not paths:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
+    check_engine_arguments(args)
     images = _collect_images(paths)
     explainer = _load(model, provider_list(args.providers), args.feature)
+    explainer.batch_size = args.batch_size or explainer.batch_size
     method = explainer.resolve_method(args.method)
     preprocess = preprocess_from_args(args, explainer)
     out = Path(args.out)
-    items = [(str(p), p.stem, str(p)) for p in images]
-    records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
-                                 threshold=args.threshold, quiet=args.quiet, label="explain", method=method,
-                                 image_format=args.format, workers=args.workers)
+    if args.engine == "ray":
+        records = _explain_on_ray(model, images, out, preprocess, method, args)
+    else:
+        items = [(str(p), p.stem, str(p)) for p in images]
+        records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
+                                     threshold=args.threshold, quiet=args.quiet, label="explain", method=method,
+                                     image_format=args.format, workers=args.workers)
     results = _results(model, args.threshold, records, method)
-    write_json(out / "results.json", results)
+    write_results(out, results, args.results_format)
     if args.json:
         print(json.dumps(results, indent=2))
     elif not args.quiet:
@@ -231,6 +236,47 @@ def cmd_explain(args) -> int:
         fail(f"{len(failed)} of {len(records)} images could not be explained")
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _explain_on_ray(model, images, out, preprocess, method, args) -> list:
+    from .distributed import _explain_options, explain_files
+
+    options = _explain_options(method, args.top_k, preprocess, args.threshold, "bilinear")
+    progress = Progress(len(images), "explain", quiet=args.quiet)
+    try:
+        return explain_files(model, [str(p) for p in images], out, options=options,
+                             batch_size=args.batch_size or 64, concurrency=args.concurrency,
+                             num_gpus=args.num_gpus, providers=provider_list(args.providers),
+                             address=args.address, feature=args.feature, image_format=args.format,
+                             progress=progress.update)
+    finally:
+        progress.close()
+
+
+def write_results(out: Path, results: dict, fmt: str = "json") -> Path:
+    """Write results.json, results.jsonl (one image record a line) or results.parquet, atomically."""
+    if fmt == "json":
+        return write_json(out / "results.json", results)
+    if fmt == "jsonl":
+        return atomic_write_bytes(out / "results.jsonl",
+                                  "".join(json.dumps(r) + "\n" for r in results["images"]).encode("utf-8"))
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        from .errors import missing_dependency
+
+        raise missing_dependency("pyarrow", "ray") from None
+    cls = pa.struct([("index", pa.int64()), ("name", pa.string()), ("score", pa.float64()),
+                     ("box", pa.list_(pa.int64()))])
+    schema = pa.schema([("path", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+                        ("error", pa.string()), ("classes", pa.list_(cls)), ("overlay", pa.string())],
+                       metadata={"model": results["model"], "method": results["method"],
+                                 "threshold": str(results["threshold"])})
+    table = pa.Table.from_pylist([{**{"overlay": None}, **r} for r in results["images"]], schema=schema)
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table, buffer)
+    return atomic_write_bytes(out / "results.parquet", buffer.getvalue().to_pybytes())
 
 
 # ----------------------------------------------------------------- inspect
@@ -363,6 +409,12 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     p.add_argument("--providers", metavar="LIST", help=providers_help)
     add_method_arguments(p)
     p.add_argument("--workers", type=nonnegative_int, metavar="N", help=workers_help)
+    p.add_argument("--results-format", choices=("json", "jsonl", "parquet"), default="json",
+                   help="results.json, results.jsonl (a record a line) or results.parquet (default: json)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="images per model run; with --engine ray also per actor call and per output block "
+                        "(default: 32 local, 64 ray)")
+    add_engine_arguments(p)
     add_preprocess_arguments(p)
     p.set_defaults(func=cmd_explain)
 

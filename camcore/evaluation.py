@@ -66,6 +66,7 @@ Differences from the published protocol
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import sys
@@ -189,10 +190,78 @@ def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
+FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "pointing_game")
+
+
+class BatchScorer:
+    """Runs one batch of samples and counts what every figure adds up from (picklable, for Ray actors)."""
+
+    def __init__(self, images: Path, *, preprocess: Preprocess, method: str, thresholds, top_k: int,
+                 threshold: float, boxed: bool, mask_root: Path, save_maps, faithfulness: bool, steps: int,
+                 tolerance: float, chunk: int):
+        self.images, self.preprocess, self.method, self.thresholds = images, preprocess, method, thresholds
+        self.top_k, self.threshold, self.boxed = top_k, threshold, boxed
+        self.mask_root, self.save_maps = mask_root, save_maps
+        self.faithfulness, self.steps, self.tolerance, self.chunk = faithfulness, steps, tolerance, chunk
+
+    def forward(self, explainer, batch):
+        """Read and run a batch: ``(geometries, labels, top classes, 224 x 224 score maps, faithfulness sums)``."""
+        head = explainer.head
+        x, geometries = self.preprocess.batch([read_image(self.images / s.image_id) for s in batch],
+                                              layout=explainer.input_layout, dtype=head.input.dtype)
+        feed = {head.input.name: x}
+        features, logits = explainer.forward(feed)
+        labels = np.array([s.label for s in batch], dtype=np.int64)
+        maps = explainer.maps(features, labels[:, None], method=self.method, inputs=feed)[:, 0]
+        scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
+        faith = None
+        if self.faithfulness:
+            faith = dict.fromkeys(FAITHFULNESS, 0.0)
+            _add_faithfulness(faith, explainer, x, maps, labels, scoremaps,
+                              [grid_boxes(s.boxes, g) + [0, 0, 1, 1] for s, g in zip(batch, geometries)]
+                              if self.boxed else None, steps=self.steps, tolerance=self.tolerance,
+                              batch_size=self.chunk)
+        return geometries, labels, _top_classes(logits, self.top_k), scoremaps, faith
+
+    def score(self, batch, geometries, labels, top, scoremaps):
+        """Every figure of one batch, as counts that add up: ``(len(batch), counts)``."""
+        thresholds, top_k = self.thresholds, self.top_k
+        out = {"top1_cls": int((top[:, 0] == labels).sum()),
+               "top5_cls": int((top[:, :5] == labels[:, None]).any(axis=1).sum())}
+        if self.save_maps is not None:
+            for sample, scoremap in zip(batch, scoremaps):
+                _save_map(self.save_maps, sample.image_id, scoremap)
+        if self.boxed:
+            gt = [grid_boxes(s.boxes, g) for s, g in zip(batch, geometries)]
+            out["box_acc"] = box_accuracies(scoremaps, gt, thresholds=thresholds, iou_thresholds=IOU_THRESHOLDS)
+            known = [heuristic_boxes(m, threshold=self.threshold) for m in scoremaps]
+            half_open = [b + np.array([0, 0, 1, 1]) for b in gt]
+            # one class per image: a top-k box counts only for the ground-truth class, whose map
+            # is the GT-known one, so the maps of the other predicted classes are never needed
+            pred = [[b] * top_k for b in known]
+            for k, key in ((1, "top1_loc"), (5, "top5_loc")):
+                if k <= top_k:
+                    acc = localization_accuracy(top, pred, labels, half_open, k=k, gt_known_boxes=known)
+                    out[key] = round(acc["top_k_loc"] * len(batch))
+            out["gt_known_loc"] = round(acc["gt_known_loc"] * len(batch))
+        else:
+            masks, ignores = [], []
+            for sample, g in zip(batch, geometries):
+                truth = np.any([grid_mask(_gray_mask(self.mask_root / m), g) for m in sample.masks], axis=0)
+                ignore = np.zeros_like(truth)
+                if sample.ignore is not None:
+                    ignore = grid_mask(_gray_mask(self.mask_root / sample.ignore), g) & ~truth
+                masks.append(truth)
+                ignores.append(ignore)
+            out["pixel"] = pxap_counts(scoremaps, np.stack(masks), ignore=np.stack(ignores), thresholds=thresholds)
+        return len(batch), out
+
+
 def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | None = None,
              thresholds=np.arange(0, 1, 0.01), top_k: int = 5, threshold: float = 0.2,
              batch_size: int | None = None, mask_root=None, save_maps=None, progress=None,
-             method: str = "auto", faithfulness: bool = False, steps: int = 16, tolerance: float = 15.0) -> dict:
+             method: str = "auto", faithfulness: bool = False, steps: int = 16, tolerance: float = 15.0,
+             engine=None) -> dict:
     """Evaluate an explainer's class maps on a localization dataset (see the module docstring).
 
     Parameters
@@ -227,6 +296,11 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         deletion/insertion AUC in `steps` steps, and, on box datasets, the pointing game
         on the 224 grid with a `tolerance` in grid pixels.  ``2 (steps + 2)`` more model
         runs per image.
+    engine : callable, optional
+        Runs the batches elsewhere: ``engine(scorer, batches)`` yields ``(index, (n, counts,
+        faithfulness))``, ``scorer.score(batch, *run) + (faithfulness,)`` where
+        ``*run, faithfulness = scorer.forward(explainer, batch)``, for every batch, in any
+        order (`camcore.distributed.evaluate_engine`).
 
     Returns
     -------
@@ -250,86 +324,60 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
     chunk = explainer.fixed_batch or int(batch_size or explainer.batch_size)
     if chunk < 1:
         raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")
+    bad = [s for s in dataset.samples if s.label >= head.num_classes]
+    if bad:
+        raise InvalidInput(f"image {bad[0].image_id!r} has class {bad[0].label}, but the model has "
+                           f"{head.num_classes} classes")
     images = Path(images)
-    mask_root = images if mask_root is None else Path(mask_root)
-    save_maps = None if save_maps is None else Path(save_maps)
-    layout, dtype = explainer.input_layout, head.input.dtype
     boxed = dataset.kind == "boxes"
+    scorer = BatchScorer(images, preprocess=preprocess, method=method, thresholds=thresholds, top_k=int(top_k),
+                         threshold=float(threshold), boxed=boxed,
+                         mask_root=images if mask_root is None else Path(mask_root),
+                         save_maps=None if save_maps is None else Path(save_maps),
+                         faithfulness=faithfulness, steps=steps, tolerance=tolerance, chunk=chunk)
     hits = dict.fromkeys(("top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc"), 0)
     totals = {"box_acc": None, "pixel": None}
-    faithful = dict.fromkeys(("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc",
-                              "pointing_game"), 0.0)
+    faithful = dict.fromkeys(FAITHFULNESS, 0.0)
 
-    def score(batch, geometries, labels, top, scoremaps):
-        """Every figure of one batch, as counts that add up."""
-        out = {"top1_cls": int((top[:, 0] == labels).sum()),
-               "top5_cls": int((top[:, :5] == labels[:, None]).any(axis=1).sum())}
-        if save_maps is not None:
-            for sample, scoremap in zip(batch, scoremaps):
-                _save_map(save_maps, sample.image_id, scoremap)
-        if boxed:
-            gt = [grid_boxes(s.boxes, g) for s, g in zip(batch, geometries)]
-            out["box_acc"] = box_accuracies(scoremaps, gt, thresholds=thresholds, iou_thresholds=IOU_THRESHOLDS)
-            known = [heuristic_boxes(m, threshold=threshold) for m in scoremaps]
-            half_open = [b + np.array([0, 0, 1, 1]) for b in gt]
-            # one class per image: a top-k box counts only for the ground-truth class, whose map
-            # is the GT-known one, so the maps of the other predicted classes are never needed
-            pred = [[b] * top_k for b in known]
-            for k, key in ((1, "top1_loc"), (5, "top5_loc")):
-                if k <= top_k:
-                    acc = localization_accuracy(top, pred, labels, half_open, k=k, gt_known_boxes=known)
-                    out[key] = round(acc["top_k_loc"] * len(batch))
-            out["gt_known_loc"] = round(acc["gt_known_loc"] * len(batch))
-        else:
-            masks, ignores = [], []
-            for sample, g in zip(batch, geometries):
-                truth = np.any([grid_mask(_gray_mask(mask_root / m), g) for m in sample.masks], axis=0)
-                ignore = np.zeros_like(truth)
-                if sample.ignore is not None:
-                    ignore = grid_mask(_gray_mask(mask_root / sample.ignore), g) & ~truth
-                masks.append(truth)
-                ignores.append(ignore)
-            out["pixel"] = pxap_counts(scoremaps, np.stack(masks), ignore=np.stack(ignores), thresholds=thresholds)
-        return len(batch), out
-
-    def collect(future):
-        n_done, out = future.result()
+    def collect(out, faith):
         for key, value in out.items():
             if key in totals:
                 totals[key] = value if totals[key] is None else totals[key] + value
             else:
                 hits[key] += value
-        if progress is not None:
-            progress(n_done)
+        for key, value in (faith or {}).items():
+            faithful[key] += value
 
     started = time.perf_counter()
-    # the figures of one batch are computed in a second thread while the next batch is read and run
-    # (NumPy and image decoding release the GIL); batches are collected in order
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for start in range(0, len(dataset.samples), chunk):
-            batch = dataset.samples[start:start + chunk]
-            bad = [s for s in batch if s.label >= head.num_classes]
-            if bad:
-                raise InvalidInput(f"image {bad[0].image_id!r} has class {bad[0].label}, but the model has "
-                                   f"{head.num_classes} classes")
-            x, geometries = preprocess.batch([read_image(images / s.image_id) for s in batch],
-                                             layout=layout, dtype=dtype)
-            feed = {head.input.name: x}
-            features, logits = explainer.forward(feed)
-            labels = np.array([s.label for s in batch], dtype=np.int64)
-            maps = explainer.maps(features, labels[:, None], method=method, inputs=feed)[:, 0]
-            scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
-            if faithfulness:
-                _add_faithfulness(faithful, explainer, x, maps, labels, scoremaps,
-                                  [grid_boxes(s.boxes, g) + [0, 0, 1, 1] for s, g in zip(batch, geometries)]
-                                  if boxed else None, steps=steps, tolerance=tolerance, batch_size=chunk)
-            future = pool.submit(score, batch, geometries, labels, _top_classes(logits, top_k), scoremaps)
+    batches = [dataset.samples[start:start + chunk] for start in range(0, len(dataset.samples), chunk)]
+    if engine is None:
+        # the figures of one batch are computed in a second thread while the next batch is read and run
+        # (NumPy and image decoding release the GIL); batches are collected in order
+        def finish(future, faith):
+            n_done, out = future.result()
+            collect(out, faith)
+            if progress is not None:
+                progress(n_done)
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = None
+            for batch in batches:
+                *run, faith = scorer.forward(explainer, batch)
+                future = pool.submit(scorer.score, batch, *run)
+                if pending is not None:
+                    finish(*pending)
+                pending = future, faith
             if pending is not None:
-                collect(pending)
-            pending = future
-        if pending is not None:
-            collect(pending)
+                finish(*pending)
+    else:
+        # batches come back in any order; the float sums (faithfulness) are added in batch order
+        arrived = {}
+        for index, (n_done, out, faith) in engine(scorer, batches):
+            arrived[index] = out, faith
+            if progress is not None:
+                progress(n_done)
+        for index in range(len(batches)):
+            collect(*arrived[index])
     box_acc, pixel = totals["box_acc"], totals["pixel"]
     seconds = time.perf_counter() - started
     n = len(dataset.samples)
@@ -413,7 +461,8 @@ def _thresholds(text: str) -> np.ndarray:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `camcore eval` arguments (the CLI calls this when `eval` is chosen)."""
-    from ._cli_util import add_method_arguments, add_preprocess_arguments, fraction, positive_int
+    from ._cli_util import (add_engine_arguments, add_method_arguments, add_preprocess_arguments, fraction,
+                            positive_int)
 
     parser.description = ("Localization accuracy of a model's CAMs on a wsolevaluation metadata folder or "
                           "Pascal-VOC XML annotations, following wsolevaluation's protocol (224x224 maps).")
@@ -444,6 +493,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="deletion/insertion steps (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     add_method_arguments(parser)
+    add_engine_arguments(parser)
     add_preprocess_arguments(parser)
 
 
@@ -453,12 +503,14 @@ def _format(value) -> str:
 
 def main(args) -> int:
     """Run `camcore eval` with parsed `args`; returns the exit status."""
-    from ._cli_util import EXIT_OK, Progress, preprocess_from_args, provider_list, write_json
+    from ._cli_util import (EXIT_OK, Progress, check_engine_arguments, preprocess_from_args, provider_list,
+                            write_json)
     from .api import load
 
     if args.model is not None and not args.model.lower().endswith(".onnx"):
         raise CamError(f"MODEL must be an .onnx file, got {args.model!r}: "
                        "camcore eval [MODEL.onnx] --metadata DIR --images DIR")
+    check_engine_arguments(args)
     dataset = read_dataset(args.metadata, synsets=args.synsets, images_root=args.images)
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
@@ -467,11 +519,19 @@ def main(args) -> int:
     preprocess = preprocess_from_args(args, explainer)
     method = explainer.resolve_method(args.method)
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
+    engine, session = None, contextlib.nullcontext()
+    if args.engine == "ray":
+        from .distributed import evaluate_engine, ray_session
+
+        engine = evaluate_engine(args.model, concurrency=args.concurrency, num_gpus=args.num_gpus,
+                                 providers=provider_list(args.providers), feature=args.feature)
+        session = ray_session(args.address)
     try:
-        results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
-                           top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
-                           mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
-                           method=method, faithfulness=args.faithfulness, steps=args.steps)
+        with session:
+            results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
+                               top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
+                               mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
+                               method=method, faithfulness=args.faithfulness, steps=args.steps, engine=engine)
     finally:
         bar.close()
     results["dataset"].update(metadata=str(args.metadata), images=str(args.images))

@@ -8,6 +8,7 @@ can be put back onto the original image (`Geometry.unmap`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-def read_image(path) -> np.ndarray:
+def read_image(path, *, data: bytes | None = None) -> np.ndarray:
     """Read an image file with Pillow into an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array.
 
     8-bit images come back as uint8, 16-bit gray as uint16, 32-bit float as float32.
@@ -31,18 +32,24 @@ def read_image(path) -> np.ndarray:
     become RGB; only the first frame of an animation is read; EXIF orientation is
     not applied (as in scikit-image's ``imread``).
 
+    With `data`, the file's bytes as read elsewhere (a Ray Dataset from
+    ``read_binary_files``), those bytes are decoded the same way and `path` only
+    names the image, also in errors.
+
     Raises `CamError` (with the path) when the file is missing or not a readable image.
     """
     from PIL import Image
 
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CamError(f"image not found: {path}")
+    source = path if data is None else BytesIO(bytes(data))
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             return _pil_array(img)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = reason.replace(repr(source), repr(str(path)))  # name the image, not the buffer, as Pillow does
         raise CamError(f"cannot read image {path}: {reason}") from None
 
 

@@ -1,5 +1,6 @@
 """The README's code cannot rot: its Python blocks run, its commands run or are checked."""
 
+import importlib.util
 import json
 import re
 import shlex
@@ -18,7 +19,7 @@ README = (ROOT / "README.md").read_text()
 FENCE = re.compile(r"^```([^\n]*)\n(.*?)^```", re.M | re.S)
 
 SETUP = 'pip install ".[cpu]" && camcore demo'
-TESTS = 'pip install -e ".[cpu,test]" && python -m pytest'
+TESTS = 'pip install -e ".[cpu,test,ray]" && python -m pytest'
 
 
 def blocks(language: str, *, run: bool = True) -> list:
@@ -84,10 +85,18 @@ def test_camcore_commands_run(workdir, capsys):
         else:
             status = cli.main(argv)
         captured = capsys.readouterr()
+        if "ray" in argv and importlib.util.find_spec("ray") is None:  # CI installs the ray extra
+            assert status == 1 and "pip install 'camcore[ray]'" in captured.err, captured.err
+            continue
         assert status == 0, (command, captured.err)
         assert captured.out, command
     assert (workdir / "camcore-demo" / "chelsea.cam.png").is_file()
     assert (workdir / "cams" / "results.json").is_file()
+    if importlib.util.find_spec("ray") is not None:
+        records = json.loads((workdir / "cams-ray" / "results.json").read_text())["images"]
+        assert [r["path"] for r in records] == ["photos/coffee.png", "photos/rocket.jpg"]
+        assert sorted(p.name for p in (workdir / "cams-ray").iterdir()) == \
+            ["coffee.cam.png", "results.json", "rocket.cam.png"]
     assert (workdir / "model_cam.onnx").is_file()
     compared = json.loads((workdir / "compare" / "compare.json").read_text())
     assert compared["methods"] == ["cam", "eigencam", "ablationcam", "reciprocam"]
@@ -117,7 +126,11 @@ def test_python_blocks_run(workdir, capsys):
 def test_export_snippets_compile():
     """The exporter snippets need torch / tf2onnx, which the tests do not install: they must parse."""
     python = blocks("python", run=False)
-    assert len(python) == 1 and "torch.onnx.export" in python[0]
-    compile(python[0], "README.md", "exec")
-    [shell] = blocks("sh", run=False)
+    assert len(python) == 2 and "torch.onnx.export" in python[0] and "explain_dataset" in python[1]
+    for body in python:
+        compile(body, "README.md", "exec")
+    shell, ray = blocks("sh", run=False)
     assert shell.strip().startswith("python -m tf2onnx.convert")
+    for command in ray.splitlines():  # they need a cluster: their options must parse
+        argv = shlex.split(command)
+        assert argv[0] == "camcore" and cli.build_parser(argv[1:]).parse_args(argv[1:]).engine == "ray"

@@ -1,0 +1,454 @@
+"""Explain datasets of images on Ray Data: `explain_dataset`, and the engine of ``--engine ray``.
+
+Ray's batch-inference pattern: ``Dataset.map_batches`` with a callable class
+whose ``__init__`` loads the model once per actor (an onnxruntime session cannot
+be pickled, so each actor builds its own) and whose ``__call__`` explains one
+batch through `Explainer.iter_explain_images`, the single-process path, so
+results are the same bit for bit.  Ray is imported lazily (``pip install
+'camcore[ray]'``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ._cli_util import _umask
+from .errors import CamError, InvalidInput, missing_dependency
+from .methods import METHODS
+from .preprocess import Preprocess, read_image
+
+__all__ = ["explain_dataset", "read_options"]
+
+# Actor retries: a killed actor is restarted and its in-flight batches run again.
+RETRIES = {"max_restarts": 4, "max_task_retries": 4}
+
+
+def import_ray():
+    """``ray`` with Ray Data, or `MissingDependency` naming the ``ray`` extra."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise missing_dependency("ray", "ray") from None
+    return ray
+
+
+@contextlib.contextmanager
+def ray_session(address=None):
+    """Ray, connected to `address` (a cluster), or a local instance started here and shut down after.
+
+    When Ray is already initialized (a notebook, a test), it is used as it is and left running.
+    """
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _explain_options(method, top_k, preprocess, threshold, upsample) -> dict:
+    """Keyword arguments of `Explainer.iter_explain_images`, validated; the one place `method` goes."""
+    if method not in METHODS:
+        raise InvalidInput(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+        raise InvalidInput(f"top_k must be a positive int, got {top_k!r}")
+    if preprocess is not None and not isinstance(preprocess, Preprocess):
+        raise InvalidInput(f"preprocess must be a camcore.Preprocess, got {type(preprocess).__name__}")
+    if not 0 <= float(threshold) <= 1:
+        raise InvalidInput(f"threshold must be in [0, 1], got {threshold!r}")
+    if upsample not in ("nearest", "bilinear", "bicubic"):
+        raise InvalidInput(f"upsample must be one of 'nearest', 'bilinear', 'bicubic', got {upsample!r}")
+    return {"method": method, "top_k": int(top_k), "preprocess": preprocess, "threshold": threshold,
+            "upsample": upsample}
+
+
+def read_options(concurrency) -> dict:
+    """Options of ``ray.data.read_*`` feeding `concurrency` actors.
+
+    Reading bytes is I/O (decoding runs in the actors): 0 CPUs, so that actors holding
+    every CPU never leave the reads waiting, and at most 2 read tasks per actor, as Ray
+    would otherwise start a worker process for every 0-CPU read task at once.
+    """
+    return {"num_cpus": 0, "concurrency": 2 * _pool_sizes(concurrency)[-1]}
+
+
+def _providers(num_gpus) -> list:
+    return ["cuda", "cpu"] if num_gpus else ["cpu"]
+
+
+class ExplainBatch:
+    """The ``map_batches`` callable: one model per actor, one batch of images per call.
+
+    A batch holds ``bytes`` (`ray.data.read_binary_files`, decoded as
+    `camcore.preprocess.read_image` decodes files) or ``image`` arrays
+    (`ray.data.read_images`), and optionally ``path``.  With ``output="cli"`` it
+    returns the CLI's results.json records and overlay PNGs instead of arrays.
+    """
+
+    def __init__(self, model, *, providers, feature=None, options: dict, maps=False, output: str = "columns"):
+        from .api import load
+
+        self.explainer = load(model, providers=providers, feature=feature)
+        self.options, self.maps, self.output = options, maps, output
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        from .explainer import ImageExplanation
+
+        key = "bytes" if "bytes" in batch else "image"
+        if key not in batch:
+            raise InvalidInput(f"the dataset must have a 'bytes' or an 'image' column, got {sorted(batch)}")
+        n = len(batch[key])
+        paths = [None if p is None else str(p) for p in batch["path"]] if "path" in batch else [None] * n
+        pixels, failed = [], {}
+        for i, (path, item) in enumerate(zip(paths, batch[key])):
+            try:
+                pixels.append(read_image(path or "<bytes>", data=item) if key == "bytes" else np.asarray(item))
+            except CamError as exc:  # a corrupt image is a row with an error, as in iter_explain_images
+                failed[i] = ImageExplanation(path, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32), [],
+                                             np.zeros((0, 0, 0), np.float32), None, error=str(exc))
+                pixels.append(None)
+        good = [p for p in pixels if p is not None]
+        results = iter(self.explainer.iter_explain_images(good, batch_size=max(len(good), 1), errors="report",
+                                                          **self.options))
+        rows = [self._row(path, None, failed[i]) if i in failed else self._row(path, pixels[i], next(results))
+                for i, path in enumerate(paths)]
+        if self.output == "cli":
+            return pa.table({"path": pa.array(paths, pa.string()),
+                             "record": pa.array([r[0] for r in rows], pa.string()),
+                             "overlay": pa.array([r[1] for r in rows], pa.binary())})
+        return self._table(rows)
+
+    def _row(self, path, pixels, result):
+        if self.output == "cli":
+            from .cli import _record, encode_png, render
+
+            png = None if result.error is not None else encode_png(render(pixels, result, self.explainer))
+            return json.dumps(_record(path, result, self.explainer)), png
+        row = {"path": path, "height": None, "width": None, "classes": result.classes, "scores": result.scores,
+               "boxes": [b[0].tolist() if len(b) else [] for b in result.boxes], "error": result.error}
+        if result.error is None:
+            row["height"], row["width"] = (int(v) for v in result.size)
+        if self.maps:
+            row["maps"] = result.cams if self.maps == "feature" else result.maps
+        return row
+
+    def _table(self, rows):
+        import pyarrow as pa
+        from ray.data.extensions import ArrowVariableShapedTensorArray
+
+        columns = {
+            "path": pa.array([r["path"] for r in rows], pa.string()),
+            "height": pa.array([r["height"] for r in rows], pa.int64()),
+            "width": pa.array([r["width"] for r in rows], pa.int64()),
+            "classes": pa.array([r["classes"] for r in rows], pa.list_(pa.int64())),
+            "scores": pa.array([r["scores"] for r in rows], pa.list_(pa.float32())),
+            "boxes": pa.array([r["boxes"] for r in rows], pa.list_(pa.list_(pa.int64()))),
+            "error": pa.array([r["error"] for r in rows], pa.string()),
+        }
+        if self.maps:
+            columns["maps"] = ArrowVariableShapedTensorArray.from_numpy([r["maps"] for r in rows])
+        return pa.table(columns)
+
+
+def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, preprocess: Preprocess | None = None,
+                    batch_size: int = 64, concurrency=1, num_gpus: float = 0, maps=False, threshold: float = 0.2,
+                    upsample: str = "bilinear", num_cpus: float = 1, feature: str | None = None):
+    """Explain every image of a Ray Dataset with CAM, on a pool of Ray actors.
+
+    Each actor loads the model once (``concurrency`` actors, ``num_gpus`` GPUs
+    each, onnxruntime's CUDA provider when GPUs are given) and explains
+    ``batch_size`` images per call with `Explainer.iter_explain_images`: the
+    results are those of `Explainer.explain_images` on the same images, bit for
+    bit.  An image that cannot be decoded or preprocessed becomes a row with an
+    ``error``; it never fails the job.  A killed actor is restarted and its
+    batches run again.
+
+    Parameters
+    ----------
+    ds : ray.data.Dataset
+        A ``bytes`` column (``ray.data.read_binary_files(..., include_paths=True)``,
+        the robust choice: corrupt files become error rows) or an ``image``
+        column (``ray.data.read_images(..., include_paths=True, mode="RGB")``,
+        decoded by Ray, which fails the read on a corrupt file; without
+        ``mode="RGB"`` a batch mixing gray and color images is mangled); ``path``
+        is kept when present.
+    model : path, onnx.ModelProto or None
+        None is the embedded EfficientNet-Lite0.  A path must be readable on every node.
+    method : str
+        As in `Explainer.explain`: "auto" (CAM where the head is GAP + affine, else
+        Grad-CAM), "cam", a gradient method ("gradcam", ...) or a forward-only one.
+    top_k : int
+    preprocess : Preprocess, optional
+        Default: the model's (`Explainer.default_preprocess`).
+    batch_size : int
+        Images per actor call (and per model run).
+    concurrency : int or (min, max)
+        Actors in the pool (Ray's ``concurrency``).
+    num_gpus : float
+        GPUs per actor; 0 runs on CPUs.
+    feature : str, optional
+        Target layer (`camcore.load`'s `feature`).
+    num_cpus : float
+        CPUs Ray reserves per actor.  Leave some to the read tasks of `ds`
+        (``concurrency * num_cpus`` below the cluster's CPUs, or read with
+        ``num_cpus=0``): actors holding every CPU leave the reads waiting forever.
+    maps : {False, True, "full", "feature"}
+        Add a ``maps`` column: ``(k, H0, W0)`` float32 maps in [0, 1] on the original
+        image (True or "full"), or the raw ``(k, h, w)`` CAMs at feature resolution.
+    threshold : float in [0, 1]
+        Box threshold, as in `Explainer.explain_images`.
+    upsample : {"nearest", "bilinear", "bicubic"}
+
+    Returns
+    -------
+    ray.data.Dataset
+        Lazy; one row per image with ``path`` (str or None), ``height``, ``width``,
+        ``classes`` (k int64), ``scores`` (k float32), ``boxes`` (k lists: ``[x0, y0,
+        x1, y1]`` half-open in original-image pixels, or ``[]`` for a constant map),
+        ``error`` (None, or why the image could not be explained, then ``classes``
+        is empty) and, when asked, ``maps``.  Row order is Ray's.
+    """
+    options = _explain_options(method, top_k, preprocess, threshold, upsample)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InvalidInput(f"batch_size must be a positive int, got {batch_size!r}")
+    for name, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
+            raise InvalidInput(f"{name} must be a number >= 0, got {value!r}")
+    if not (isinstance(maps, bool) or maps in ("full", "feature")):
+        raise InvalidInput(f"maps must be False, True, 'full' or 'feature', got {maps!r}")
+    _pool_sizes(concurrency)
+    import_ray()
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
+        model = str(Path(model).resolve())  # actors do not share the driver's working directory
+    return _map(ds, ExplainBatch, batch_size=int(batch_size), concurrency=concurrency, num_gpus=num_gpus,
+                num_cpus=num_cpus, model=model, providers=_providers(num_gpus), feature=feature, options=options,
+                maps="full" if maps is True else maps, output="columns")
+
+
+def _map(ds, actor, *, batch_size, concurrency, num_gpus, num_cpus=1, **constructor_kwargs):
+    """``ds.map_batches`` on a pool of `actor` (`ExplainBatch`, `EvaluateBatch`): the one place Ray runs them."""
+    ray = import_ray()
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates extra remote kwargs as a whole, yet documents these two as the way to
+        # bound the actor pool's retries (its default retries forever, also on a batch that kills the actor)
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return ds.map_batches(
+            actor, batch_size=batch_size, batch_format="numpy", compute=_pool(ray, concurrency),
+            num_gpus=num_gpus or None, num_cpus=num_cpus, fn_constructor_kwargs=constructor_kwargs, **RETRIES)
+
+
+def _pool_sizes(concurrency) -> tuple:
+    sizes = tuple(concurrency) if isinstance(concurrency, (tuple, list)) else (concurrency,)
+    if len(sizes) not in (1, 2) or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1
+                                          for n in sizes) or sizes[0] > sizes[-1]:
+        raise InvalidInput(f"concurrency must be a positive int or (min, max) ints, got {concurrency!r}")
+    return tuple(int(n) for n in sizes)
+
+
+def _pool(ray, concurrency):
+    """Ray's actor pool for `concurrency`: n actors, or an autoscaling (min, max) pool."""
+    sizes = _pool_sizes(concurrency)
+    if len(sizes) == 1:
+        return ray.data.ActorPoolStrategy(size=sizes[0])
+    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+
+
+# ----------------------------------------------------------------- the CLI engine
+
+STAGING = ".camcore-ray"  # per-block results of an unfinished run, inside the output folder
+
+
+def _as_given(record: str, path: str, given: str) -> str:
+    """A record made on an actor, which read the absolute `path`, naming the image as the user gave it."""
+    if path == given:
+        return record
+    record = json.loads(record)
+    record["path"] = given
+    if record["error"] is not None:
+        record["error"] = record["error"].replace(f"cannot read image {path}:", f"cannot read image {given}:", 1)
+    return json.dumps(record)
+
+
+class _Blocks:
+    """The output folder's staging area: one folder per complete block, renamed into place atomically.
+
+    A block is ``size`` consecutive images of the run; its folder name holds a hash of
+    its paths and of the settings, so a rerun of an interrupted run, with the same output
+    folder and settings, skips the blocks already complete (other settings recompute
+    them).  Once every block is complete, `merge` moves the overlays into the output
+    folder and removes the staging area.
+    """
+
+    def __init__(self, out: Path, paths: list, size: int, settings: dict):
+        self.root = out / STAGING
+        key = json.dumps(settings, sort_keys=True, default=str)
+        self.blocks = []
+        for start in range(0, len(paths), size):
+            members = paths[start:start + size]
+            digest = hashlib.sha256("\n".join([key] + members).encode()).hexdigest()[:16]
+            self.blocks.append((f"block-{start // size:06d}-{digest}", members))
+
+    def pending(self) -> list:
+        """``(name, paths)`` of the blocks not yet complete; leftovers of interrupted writes are removed."""
+        if self.root.is_dir():
+            for leftover in self.root.glob(".tmp-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        return [(name, members) for name, members in self.blocks if not (self.root / name).is_dir()]
+
+    def write(self, name: str, records: list, overlays: list) -> None:
+        """Write one block (JSON records in order, PNG bytes or None each) as a folder, atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
+        try:
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+            for j, png in enumerate(overlays):
+                if png is not None:
+                    (tmp / f"{j}.png").write_bytes(png)
+            (tmp / "records.jsonl").write_text("".join(r + "\n" for r in records), encoding="utf-8")
+            os.replace(tmp, self.root / name)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def merge(self, out: Path, unique_name) -> list:
+        """Move the overlays into `out` under the local engine's names; return every record in order."""
+        records, taken = [], set()
+        for name, members in self.blocks:
+            folder = self.root / name
+            lines = (folder / "records.jsonl").read_text(encoding="utf-8").splitlines()
+            for j, (path, line) in enumerate(zip(members, lines)):
+                record = json.loads(line)
+                if record["error"] is None:
+                    filename = unique_name(Path(path).stem, taken)
+                    staged = folder / f"{j}.png"
+                    if staged.is_file():  # else moved by an earlier, interrupted merge
+                        os.replace(staged, out / filename)
+                    record["overlay"] = filename
+                records.append(record)
+        shutil.rmtree(self.root)  # the run is complete: its results are in `out`
+        return records
+
+
+def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 64, concurrency=1,
+                  num_gpus: float = 0, providers=None, address=None, feature=None, progress=None) -> list:
+    """Explain image files on Ray and write their overlays into `out`: the engine of ``--engine ray``.
+
+    Returns the results.json records in the order of `paths`, the same as the local
+    engine's.  Blocks of `batch_size` images are staged in ``out/.camcore-ray`` as
+    they complete, so an interrupted run resumes where it stopped.  Without
+    `address` (and no Ray already initialized) a local Ray instance is started and
+    shut down.  `progress` is called with the number of images done.
+    """
+    from .cli import _record, _unique_name
+    from .explainer import ImageExplanation
+
+    import_ray()
+    out = Path(out)
+    if isinstance(model, (str, os.PathLike)):
+        model = str(Path(model).resolve())  # actors do not share the driver's working directory
+    settings = {"model": model, "feature": feature, **options}
+    blocks = _Blocks(out, [str(p) for p in paths], batch_size, settings)
+    todo = blocks.pending()
+    if progress is not None:
+        progress(len(paths) - sum(len(m) for _, m in todo))
+    wanted = {p for _, members in todo for p in members}
+    missing = {p for p in wanted if not Path(p).is_file()}
+    results = {}
+    for p in missing:  # what read_image says; Ray would fail the whole read
+        error = ImageExplanation(p, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32), [],
+                                 np.zeros((0, 0, 0), np.float32), None, error=f"image not found: {p}")
+        results[p] = (json.dumps(_record(p, error, None)), None)
+    owner = {str(Path(p).resolve()): p for p in wanted - missing}  # the path Ray reports -> as given
+    waiting = {name: set(members) for name, members in todo}
+    members_of = dict(todo)
+    blocks_of = {}
+    for name, members in todo:
+        for p in members:
+            blocks_of.setdefault(p, []).append(name)
+
+    def arrived(path):
+        for name in blocks_of[path]:
+            waiting[name].discard(path)
+            if not waiting[name]:
+                rows = [results[p] for p in members_of[name]]
+                blocks.write(name, [r[0] for r in rows], [r[1] for r in rows])
+        for p in {p for name in blocks_of[path] if not waiting[name] for p in members_of[name]}:
+            if not any(waiting[b] for b in blocks_of[p]):
+                results.pop(p, None)  # its blocks are on disk
+
+    with ray_session(address) if owner else contextlib.nullcontext() as ray:
+        for p in missing:
+            arrived(p)
+        if owner:
+            ds = ray.data.read_binary_files(sorted(owner), include_paths=True, **read_options(concurrency))
+            ds = _map(ds, ExplainBatch, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
+                      model=model, providers=providers or _providers(num_gpus), feature=feature,
+                      options=options, maps=False, output="cli")
+            for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                for path, record, png in zip(*(batch.column(c).to_pylist() for c in ("path", "record", "overlay"))):
+                    given = owner[path]
+                    results[given] = (_as_given(record, path, given), png)
+                    arrived(given)
+                    if progress is not None:
+                        progress(1)
+    return blocks.merge(out, _unique_name)
+
+
+# ----------------------------------------------------------------- evaluation
+
+class EvaluateBatch:
+    """The ``map_batches`` callable of ``camcore eval --engine ray``: the counts of pickled sample batches."""
+
+    def __init__(self, model, *, providers, feature, scorer):
+        from .api import load
+
+        self.explainer = load(model, providers=providers, feature=feature)
+        self.scorer = scorer
+
+    def __call__(self, batch: dict):
+        import pyarrow as pa
+
+        counts = []
+        for blob in batch["samples"]:
+            index, samples = pickle.loads(blob)
+            *run, faithfulness = self.scorer.forward(self.explainer, samples)
+            counts.append(pickle.dumps((index, self.scorer.score(samples, *run) + (faithfulness,))))
+        return pa.table({"counts": pa.array(counts, pa.binary())})
+
+
+def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None):
+    """An `engine` for `camcore.evaluation.evaluate` that runs the batches on a Ray actor pool.
+
+    Call it inside `ray_session`.  Images (and masks, and ``save_maps``) are read from
+    the paths of the dataset, so on a cluster they must be on storage every node sees.
+    """
+    _pool_sizes(concurrency)
+    if isinstance(model, (str, os.PathLike)):
+        model = str(Path(model).resolve())
+
+    def engine(scorer, batches):
+        ray = import_ray()
+        ds = ray.data.from_items([{"samples": pickle.dumps((i, b))} for i, b in enumerate(batches)])
+        ds = _map(ds, EvaluateBatch, batch_size=1, concurrency=concurrency, num_gpus=num_gpus, model=model,
+                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer)
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for blob in batch.column("counts").to_pylist():
+                yield pickle.loads(blob)
+
+    return engine
