@@ -150,15 +150,17 @@ def test_equal_to_the_single_process_path(ray_cluster, photos, explainer):
     check_equal(rows, expected, maps="full")
 
 
-def test_read_images_column_and_a_preprocess(ray_cluster, photos, explainer):
+def test_read_images_column_a_preprocess_and_gradcam(ray_cluster, photos, explainer):
     good, _ = photos
     preprocess = camcore.Preprocess.imagenet(224, resize="stretch")
     # mode="RGB": Ray stacks the ragged images of a batch with one ndim (a gray image comes as (1, H, W))
     ds = ray_cluster.data.read_images(good, include_paths=True, mode="RGB")
     rows = distributed.explain_dataset(ds, preprocess=preprocess, top_k=3, batch_size=64, threshold=0.5,
-                                       maps="feature").take_all()
+                                       maps="feature", method="gradcam").take_all()
     assert {r["path"] for r in rows} == set(good)
-    check_equal(rows, reference(explainer, good, preprocess=preprocess, top_k=3, threshold=0.5), maps="feature")
+    expected = reference(explainer, good, preprocess=preprocess, top_k=3, threshold=0.5, method="gradcam")
+    assert all(r.method == "gradcam" for r in expected.values())
+    check_equal(rows, expected, maps="feature")
 
 
 def explain_batch_pids() -> set:
@@ -258,7 +260,7 @@ def test_results_as_json_lines_and_parquet(local_run, tmp_path):
     assert [json.loads(line) for line in lines] == records
     table = pq.read_table(tmp_path / "results.parquet")
     assert table.to_pylist() == [{**{"overlay": None}, **r} for r in records]
-    assert table.schema.metadata == {b"model": results["model"].encode(), b"threshold": b"0.2"}
+    assert table.schema.metadata == {b"model": results["model"].encode(), b"method": b"cam", b"threshold": b"0.2"}
 
 
 def test_an_interrupted_run_resumes_with_the_blocks_not_yet_complete(ray_cluster, local_run, tmp_path):
