@@ -317,7 +317,8 @@ def test_cli_eval_ray_engine_gives_the_local_figures(ray_cluster, photos, explai
     figures = {}
     for engine in ("local", "ray"):
         args = ["eval", "--metadata", meta, "--images", images, "--json", tmp_path / f"{engine}.json",
-                "--save-maps", tmp_path / f"maps-{engine}", "--batch-size", "4", "--quiet", "--engine", engine]
+                "--save-maps", tmp_path / f"maps-{engine}", "--batch-size", "4", "--quiet", "--engine", engine,
+                "--faithfulness", "--steps", "2"]
         assert cli_main([str(a) for a in args]) == 0
         figures[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
         for key in ("seconds", "images_per_second"):
@@ -325,6 +326,7 @@ def test_cli_eval_ray_engine_gives_the_local_figures(ray_cluster, photos, explai
     assert figures["ray"] == figures["local"]
     assert figures["local"]["counts"]["evaluated"] == len(good)
     assert 0 < figures["local"]["top1_cls"] < 100 and 0 < figures["local"]["max_box_acc_v2"] < 100
+    assert 0 < figures["local"]["faithfulness"]["deletion_auc"] < 1
     for saved in (tmp_path / "maps-local").iterdir():
         assert saved.read_bytes() == (tmp_path / "maps-ray" / saved.name).read_bytes()
     assert ray_cluster.is_initialized()  # an engine started elsewhere is left running
