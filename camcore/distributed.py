@@ -96,14 +96,15 @@ class ExplainBatch:
     A batch holds ``bytes`` (`ray.data.read_binary_files`, decoded as
     `camcore.preprocess.read_image` decodes files) or ``image`` arrays
     (`ray.data.read_images`), and optionally ``path``.  With ``output="cli"`` it
-    returns the CLI's results.json records and overlay PNGs instead of arrays.
+    returns the CLI's results.json records and encoded overlays instead of arrays.
     """
 
-    def __init__(self, model, *, providers, feature=None, options: dict, maps=False, output: str = "columns"):
+    def __init__(self, model, *, providers, feature=None, options: dict, maps=False, output: str = "columns",
+                 image_format: str = "png"):
         from .api import load
 
         self.explainer = load(model, providers=providers, feature=feature)
-        self.options, self.maps, self.output = options, maps, output
+        self.options, self.maps, self.output, self.image_format = options, maps, output, image_format
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -136,10 +137,13 @@ class ExplainBatch:
 
     def _row(self, path, pixels, result):
         if self.output == "cli":
-            from .cli import _record, encode_png, render
+            from ._cli_util import encode_image
+            from .cli import _record, render
 
-            png = None if result.error is not None else encode_png(render(pixels, result, self.explainer))
-            return json.dumps(_record(path, result, self.explainer)), png
+            overlay = None
+            if result.error is None:
+                overlay = encode_image(render(pixels, result, self.explainer), self.image_format)
+            return json.dumps(_record(path, result, self.explainer)), overlay
         row = {"path": path, "height": None, "width": None, "classes": result.classes, "scores": result.scores,
                "boxes": [b[0].tolist() if len(b) else [] for b in result.boxes], "error": result.error}
         if result.error is None:
@@ -312,21 +316,21 @@ class _Blocks:
         return [(name, members) for name, members in self.blocks if not (self.root / name).is_dir()]
 
     def write(self, name: str, records: list, overlays: list) -> None:
-        """Write one block (JSON records in order, PNG bytes or None each) as a folder, atomically."""
+        """Write one block (JSON records in order, overlay bytes or None each) as a folder, atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
             os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
-            for j, png in enumerate(overlays):
-                if png is not None:
-                    (tmp / f"{j}.png").write_bytes(png)
+            for j, overlay in enumerate(overlays):
+                if overlay is not None:
+                    (tmp / f"{j}.overlay").write_bytes(overlay)
             (tmp / "records.jsonl").write_text("".join(r + "\n" for r in records), encoding="utf-8")
             os.replace(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def merge(self, out: Path, unique_name) -> list:
+    def merge(self, out: Path, unique_name, image_format: str) -> list:
         """Move the overlays into `out` under the local engine's names; return every record in order."""
         records, taken = [], set()
         for name, members in self.blocks:
@@ -335,8 +339,8 @@ class _Blocks:
             for j, (path, line) in enumerate(zip(members, lines)):
                 record = json.loads(line)
                 if record["error"] is None:
-                    filename = unique_name(Path(path).stem, taken)
-                    staged = folder / f"{j}.png"
+                    filename = unique_name(Path(path).stem, taken, image_format)
+                    staged = folder / f"{j}.overlay"
                     if staged.is_file():  # else moved by an earlier, interrupted merge
                         os.replace(staged, out / filename)
                     record["overlay"] = filename
@@ -346,7 +350,8 @@ class _Blocks:
 
 
 def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 64, concurrency=1,
-                  num_gpus: float = 0, providers=None, address=None, feature=None, progress=None) -> list:
+                  num_gpus: float = 0, providers=None, address=None, feature=None, image_format: str = "png",
+                  progress=None) -> list:
     """Explain image files on Ray and write their overlays into `out`: the engine of ``--engine ray``.
 
     Returns the results.json records in the order of `paths`, the same as the local
@@ -362,7 +367,7 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
     out = Path(out)
     if isinstance(model, (str, os.PathLike)):
         model = str(Path(model).resolve())  # actors do not share the driver's working directory
-    settings = {"model": model, "feature": feature, **options}
+    settings = {"model": model, "feature": feature, "image_format": image_format, **options}
     blocks = _Blocks(out, [str(p) for p in paths], batch_size, settings)
     todo = blocks.pending()
     if progress is not None:
@@ -399,15 +404,15 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
             ds = ray.data.read_binary_files(sorted(owner), include_paths=True, **read_options(concurrency))
             ds = _map(ds, ExplainBatch, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                       model=model, providers=providers or _providers(num_gpus), feature=feature,
-                      options=options, maps=False, output="cli")
+                      options=options, maps=False, output="cli", image_format=image_format)
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for path, record, png in zip(*(batch.column(c).to_pylist() for c in ("path", "record", "overlay"))):
+                for path, record, overlay in zip(*(batch.column(c).to_pylist() for c in ("path", "record", "overlay"))):
                     given = owner[path]
-                    results[given] = (_as_given(record, path, given), png)
+                    results[given] = (_as_given(record, path, given), overlay)
                     arrived(given)
                     if progress is not None:
                         progress(1)
-    return blocks.merge(out, _unique_name)
+    return blocks.merge(out, _unique_name, image_format)
 
 
 # ----------------------------------------------------------------- evaluation
