@@ -173,7 +173,7 @@ class ExplainBatch:
 def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, preprocess: Preprocess | None = None,
                     batch_size: int = 64, concurrency=1, num_gpus: float = 0, maps=False, threshold: float = 0.2,
                     upsample: str = "bilinear", num_cpus: float = 1, feature: str | None = None):
-    """Explain every image of a Ray Dataset with CAM, on a pool of Ray actors.
+    """Explain every image of a Ray Dataset (CAM or another `method`) on a pool of Ray actors.
 
     Each actor loads the model once (``concurrency`` actors, ``num_gpus`` GPUs
     each, onnxruntime's CUDA provider when GPUs are given) and explains
@@ -211,7 +211,8 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
     num_cpus : float
         CPUs Ray reserves per actor.  Leave some to the read tasks of `ds`
         (``concurrency * num_cpus`` below the cluster's CPUs, or read with
-        ``num_cpus=0``): actors holding every CPU leave the reads waiting forever.
+        ``**read_options(concurrency)``): actors holding every CPU leave the reads
+        waiting forever.
     maps : {False, True, "full", "feature"}
         Add a ``maps`` column: ``(k, H0, W0)`` float32 maps in [0, 1] on the original
         image (True or "full"), or the raw ``(k, h, w)`` CAMs at feature resolution.
