@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from ._cli_util import _umask
-from .errors import CamError, InvalidInput, missing_dependency
+from .errors import InvalidInput, missing_dependency
 from .methods import METHODS
-from .preprocess import Preprocess, read_image
+from .preprocess import EncodedImage, Preprocess
 
 __all__ = ["explain_dataset", "read_options"]
 
@@ -109,26 +109,19 @@ class ExplainBatch:
     def __call__(self, batch: dict):
         import pyarrow as pa
 
-        from .explainer import ImageExplanation
-
         key = "bytes" if "bytes" in batch else "image"
         if key not in batch:
             raise InvalidInput(f"the dataset must have a 'bytes' or an 'image' column, got {sorted(batch)}")
         n = len(batch[key])
         paths = [None if p is None else str(p) for p in batch["path"]] if "path" in batch else [None] * n
-        pixels, failed = [], {}
-        for i, (path, item) in enumerate(zip(paths, batch[key])):
-            try:
-                pixels.append(read_image(path or "<bytes>", data=item) if key == "bytes" else np.asarray(item))
-            except CamError as exc:  # a corrupt image is a row with an error, as in iter_explain_images
-                failed[i] = ImageExplanation(path, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32), [],
-                                             np.zeros((0, 0, 0), np.float32), None, error=str(exc))
-                pixels.append(None)
-        good = [p for p in pixels if p is not None]
-        results = iter(self.explainer.iter_explain_images(good, batch_size=max(len(good), 1), errors="report",
-                                                          **self.options))
-        rows = [self._row(path, None, failed[i]) if i in failed else self._row(path, pixels[i], next(results))
-                for i, path in enumerate(paths)]
+        # Decoded in the explainer's reader threads, ahead of inference, as files are locally.
+        images = [EncodedImage(item, path or "<bytes>") if key == "bytes" else np.asarray(item)
+                  for path, item in zip(paths, batch[key])]
+        stream = self.explainer._explain_image_stream(
+            images, classes=None, batch_size=None, errors="report", workers=None,
+            keep_pixels=self.output == "cli", **self.options)
+        rows = [self._row(path, None if kept is None else kept[0], result)
+                for path, (result, kept) in zip(paths, stream)]
         if self.output == "cli":
             return pa.table({"path": pa.array(paths, pa.string()),
                              "record": pa.array([r[0] for r in rows], pa.string()),

@@ -16,7 +16,7 @@ from .localize import boxes as find_boxes
 from .maps import cam, upsample
 from .methods import GRADIENT_METHODS, METHODS, eigencam
 from .perturbation import FORWARD_METHODS, ablationcam, reciprocam, scorecam
-from .preprocess import Geometry, Preprocess, read_image
+from .preprocess import EncodedImage, Geometry, Preprocess, read_image
 
 __all__ = ["Explainer", "Explanation", "Gradients", "ImageExplanation", "softmax", "sigmoid"]
 
@@ -155,9 +155,15 @@ def _default_workers() -> int:
 
 def _prepare_image(image, preprocess: Preprocess, keep_pixels: bool):
     """Read and preprocess one image (runs in a worker thread): ``(source, x, geometry, pixels, error)``."""
-    source = str(image) if not isinstance(image, np.ndarray) else None
+    if isinstance(image, EncodedImage):
+        source = image.name
+    else:
+        source = str(image) if not isinstance(image, np.ndarray) else None
     try:
-        pixels = read_image(image) if source is not None else image
+        if isinstance(image, EncodedImage):
+            pixels = read_image(image.name, data=image.data)
+        else:
+            pixels = read_image(image) if source is not None else image
         x, geometry = preprocess(pixels)
     except CamError as exc:
         return source, None, None, None, exc
@@ -483,7 +489,7 @@ class Explainer:
 
         Parameters
         ----------
-        images : iterable of path or ndarray
+        images : iterable of path, ndarray or `camcore.preprocess.EncodedImage`
         preprocess : Preprocess, optional
         top_k : int
         threshold : float in [0, 1]

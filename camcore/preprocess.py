@@ -17,11 +17,23 @@ from ._validate import check_choice, check_ndim, check_size, float_array
 from .errors import CamError, InvalidInput
 from .maps import upsample
 
-__all__ = ["Preprocess", "Geometry", "read_image", "as_rgb"]
+__all__ = ["Preprocess", "Geometry", "EncodedImage", "read_image", "as_rgb"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """An image file's bytes read elsewhere (a Ray Dataset's ``bytes`` column), and its name.
+
+    `Explainer.explain_images` takes these beside paths and arrays, and decodes them as
+    `read_image` decodes files, in its reader threads.
+    """
+
+    data: bytes
+    name: str = "<bytes>"
 
 
 def read_image(path, *, data: bytes | None = None) -> np.ndarray:

@@ -124,6 +124,22 @@ def test_explain_images_errors_reported(tmp_path):
         ex.explain_images([good, bad])
 
 
+def test_encoded_images_are_decoded_like_files(tmp_path):
+    from PIL import Image
+
+    from camcore.preprocess import EncodedImage
+
+    ex, rng = make(preprocess=Preprocess(8))
+    path = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(path)
+    items = [EncodedImage(path.read_bytes(), "a.png"), EncodedImage(b"not an image", "bad.png")]
+    from_bytes = list(ex.iter_explain_images(items, errors="report", top_k=2))
+    [from_file] = ex.explain_images([path], top_k=2)
+    assert from_bytes[0].source == "a.png" and from_bytes[0].error is None
+    np.testing.assert_array_equal(from_bytes[0].cams, from_file.cams)
+    assert from_bytes[1].error is not None and "bad.png" in from_bytes[1].error
+
+
 def test_explain_images_chunking_invariant():
     ex, rng = make(preprocess=Preprocess(8))
     images = [rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8) for i in range(7)]
