@@ -30,6 +30,7 @@ __all__ = [
     "find_target",
     "candidate_layers",
     "fold_constants",
+    "sole_average_pool",
     "expose_outputs",
     "graph_inputs",
     "np_dtype",
@@ -783,6 +784,23 @@ def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
             raise CamError(f"cannot run the classifier head on its own: {str(exc).splitlines()[0]}") from None
 
     return run
+
+
+def sole_average_pool(model: onnx.ModelProto, feature: str) -> tuple[str, float] | None:
+    """``(pooled, scale)`` when `feature` is read only by one whole-map average pooling.
+
+    Then ``pooled = scale * mean_xy(feature)`` and ``d y / d feature`` is
+    ``d y / d pooled * scale / (h w)`` at every pixel: gradients can be taken at the small
+    pooled tensor.  None otherwise (other readers, max pooling, unknown layout).
+    """
+    g = _Graph.build(model)
+    readers = g.consumers.get(feature, [])
+    if len(readers) != 1 or feature in {o.name for o in model.graph.output}:
+        return None
+    pooling = _as_global_pool(g, readers[0])
+    if pooling is None or pooling.kind != "average" or readers[0].input[0] != feature:
+        return None
+    return pooling.node.output[0], _pool_scale(g, pooling.node)
 
 
 def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:

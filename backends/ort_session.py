@@ -100,7 +100,7 @@ class OrtBackend:
         self.model = proto
         self.head: Head = find_any_head(proto, feature=feature, logits=logits, output=output)
         exposed = onnx_graph.expose_outputs(proto, [self.head.feature, self.head.logits])
-        self._providers = providers
+        self._providers, self._session_options = providers, session_options
         self.session = make_session(exposed, providers, options=session_options)
         self._fetch = [self.head.feature, self.head.logits]
         self._head_sessions = {}
@@ -164,18 +164,34 @@ class OrtBackend:
         return features, logits.reshape(len(logits), -1)
 
     def _head_session(self, gradients: bool):
-        """The head alone (feature tensor -> logits), with the backward pass when asked; built once."""
+        """The head alone (target -> logits), with the backward pass when asked; built once.
+
+        Returns ``(session, input spec, frontier specs, seed spec, scale)``.  When the target
+        is read only by a whole-map average pooling, the gradient session starts at the
+        pooled tensor (``scale`` is then ``pooled / mean_xy(target)``; else None): the
+        gradient at the target is the pooled one spread over the map, and top-k classes
+        cost k rows of K numbers instead of k copies of the feature map.
+        """
         if gradients not in self._head_sessions:
             from . import backprop
 
-            head, frontier = backprop.cut_head(onnx_graph.fold_constants(self.model), self.head.feature,
-                                               self.head.logits)
+            model = onnx_graph.fold_constants(self.model)
+            shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
+            start, scale = shortcut if shortcut else (self.head.feature, None)
+            head, frontier = backprop.cut_head(model, start, self.head.logits)
             if gradients:
-                head = backprop.add_backward(head, self.head.feature, self.head.logits, seed=_SEED, grad=_GRAD)
-            session = make_session(head, self._providers)
+                head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
+            options = self._session_options
+            if options is None:
+                # The head is small: one thread, so no second thread pool competes with the
+                # forward session's for the cores (on 2 CPU cores it halved Grad-CAM's overhead).
+                options = import_onnxruntime().SessionOptions()
+                options.log_severity_level = 3
+                options.intra_op_num_threads = 1
+            session = make_session(head, self._providers, options=options)
             specs = {i.name: i for i in session.get_inputs()}
-            self._head_sessions[gradients] = (session, [specs[name] for name in frontier],
-                                              specs.get(_SEED))
+            self._head_sessions[gradients] = (session, specs[start], [specs[name] for name in frontier],
+                                              specs.get(_SEED), scale)
         return self._head_sessions[gradients]
 
     def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
@@ -183,36 +199,61 @@ class OrtBackend:
 
         Frontier inputs of the head are read only through ``Shape`` (a batch size for a
         Reshape): they get zeros of the right batch size.  A model exported with a fixed
-        batch size runs in chunks of that size, the last one padded.
+        batch size runs in chunks of that size, the last one padded.  Gradients at a
+        target read only by an average pooling come back as a read-only broadcast view.
         """
-        session, frontier, seed_spec = self._head_session(seeds is not None)
-        fetch = [_GRAD] if seeds is not None else [self.head.logits]
+        if seeds is None:
+            session, start, frontier, _, _ = self._head_session(False)
+            return self._run_rows(session, start, features, frontier, self.head.logits)
+        session, start, frontier, seed_spec, scale = self._head_session(True)
+        n, k, classes = seeds.shape
+        spatial = (2, 3) if self.head.layout == "NCHW" else (1, 2)
+        rows = features
+        if scale is not None:
+            pooled = features.astype(np.float32).mean(axis=spatial) * scale  # (n, K)
+            shape = {2: (n, -1), 4: (n, -1, 1, 1) if self.head.layout == "NCHW" else (n, 1, 1, -1)}
+            rows = pooled.reshape(shape[len(start.shape)]).astype(_ORT_DTYPES.get(start.type, np.float32))
+        if k > 1:
+            rows = np.repeat(rows, k, axis=0)  # row i*k + j: item i, seed j
+        seed = seeds.reshape(n * k, classes).astype(_ORT_DTYPES.get(seed_spec.type, np.float32))
+        seed = seed.reshape(n * k, -1, *[1] * (len(seed_spec.shape) - 2))
+        grads = self._run_rows(session, start, rows, frontier, _GRAD, seed)
+        if scale is None:
+            return grads.reshape(n, k, *features.shape[1:])
+        h, w = (features.shape[a] for a in spatial)
+        per_channel = (grads.reshape(n, k, -1) * (scale / (h * w))).astype(features.dtype)
+        per_channel = per_channel[..., None, None] if self.head.layout == "NCHW" else per_channel[:, :, None, None]
+        return np.broadcast_to(per_channel, (n, k, *features.shape[1:]))
+
+    def _run_rows(self, session, start, rows, frontier, fetch, seeds=None) -> np.ndarray:
+        """Run `session` on `rows` (fed as `start`), chunked for fixed-batch models; `fetch` only."""
         fixed = self.head.input.shape[0] if self.head.input.shape else None
-        step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(features), 1)
+        step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(rows), 1)
         parts = []
-        for start in range(0, len(features), step):
-            part = features[start:start + step]
+        for i in range(0, len(rows), step):
+            part = rows[i:i + step]
             n = len(part)
             pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
-            if pad:
-                part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-            feed = {self.head.feature: np.ascontiguousarray(part)}
+            feed = {start.name: np.ascontiguousarray(_pad(part, pad))}
             for spec in frontier:
                 dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
-                feed[spec.name] = np.zeros([len(part), *dims[1:]], _ORT_DTYPES.get(spec.type, np.float32))
+                feed[spec.name] = np.zeros([n + pad, *dims[1:]], _ORT_DTYPES.get(spec.type, np.float32))
             if seeds is not None:
-                seed = seeds[start:start + step]
-                if pad:
-                    seed = np.concatenate([seed, np.zeros((pad, seed.shape[1]), seed.dtype)])
-                rank = len(seed_spec.shape) if seed_spec.shape else 2
-                feed[_SEED] = seed.astype(_ORT_DTYPES.get(seed_spec.type, np.float32)).reshape(
-                    len(seed), -1, *[1] * (rank - 2))
+                feed[_SEED] = np.ascontiguousarray(_pad(seeds[i:i + step], pad, zeros=True))
             try:
-                (out,) = session.run(fetch, feed)
+                (out,) = session.run([fetch], feed)
             except Exception as exc:
                 raise CamError(f"onnxruntime failed on the head: {str(exc).splitlines()[0]}") from None
-            parts.append(out[:n] if seeds is not None else out.reshape(len(part), -1)[:n])
+            parts.append(out[:n] if seeds is not None else out.reshape(n + pad, -1)[:n])
         return np.concatenate(parts)
+
+
+def _pad(part: np.ndarray, pad: int, zeros: bool = False) -> np.ndarray:
+    """`part` with `pad` more rows: copies of its last row, or zeros."""
+    if not pad:
+        return part
+    extra = np.zeros_like(part[:1]).repeat(pad, axis=0) if zeros else np.repeat(part[-1:], pad, axis=0)
+    return np.concatenate([part, extra])
 
 
 _SEED, _GRAD = "cam_seed", "cam_grad"

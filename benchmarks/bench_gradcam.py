@@ -1,6 +1,8 @@
 """Grad-CAM speed on CPU: camcore's in-graph gradients against plain inference and pytorch-grad-cam.
 
-One interleaved run (`backends.bench.time_interleaved`) at one batch size, per model:
+Interleaved rounds at one batch size, per model, with a short pause before each timed call
+(so that no thread pool of the previous configuration is still spinning), and the torch
+configurations timed in their own group, after the onnxruntime ones:
 
 * ``plain``: onnxruntime inference of the unmodified model;
 * ``gradcam top-1`` / ``gradcam top-5``: ``Explainer.explain(method="gradcam")``, maps at
@@ -29,6 +31,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +42,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import camcore  # noqa: E402
-from backends import bench  # noqa: E402
 from backends.ort_session import make_session  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -115,6 +117,20 @@ def agreement(explainer, gradcam, x: np.ndarray) -> dict:
     return {"min_correlation": min(corr), "max_abs_diff": float(np.abs(ours - theirs).max())}
 
 
+def time_rounds(steps: dict, *, repeat: int, warmup: int, pause: float = 0.05) -> dict:
+    """``{name: callable}`` -> ``{name: [seconds]}``: interleaved rounds, order rotating, paused."""
+    names = list(steps)
+    times = {name: [] for name in names}
+    for r in range(warmup + repeat):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(pause)
+            start = time.perf_counter()
+            steps[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
@@ -125,7 +141,7 @@ def main(argv=None) -> int:
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, 3, *SIZE)).astype(np.float32)
-    steps, extra = {}, {}
+    steps, torch_group, extra = {}, {}, {}
     model = torch_model()
     with tempfile.TemporaryDirectory() as tmp:
         if model is not None:
@@ -136,15 +152,19 @@ def main(argv=None) -> int:
             export(model, path)
             steps.update(camcore_steps(path, "MobileNetV3", x))
             torch_part, hooks = torch_steps(model, "MobileNetV3", x)
-            steps.update(torch_part)
+            torch_group.update(torch_part)
             extra["agreement"] = agreement(camcore.load(path, providers=["cpu"]), hooks["gradcam"], x)
             extra["torch_threads"] = torch.get_num_threads()
         else:
             extra["skipped"] = "MobileNetV3 and pytorch-grad-cam: torch, timm or grad-cam is not installed"
-        steps.update(camcore_steps(camcore.default_model.path(), "Lite0", x))
-        times = bench.time_interleaved(steps, repeat=args.repeat, warmup=args.warmup)
+        from camcore import default_model
 
-    rate = {mode: args.batch / statistics.median(t) for (mode, _), t in times.items()}
+        steps.update(camcore_steps(default_model.path(), "Lite0", x))
+        times = time_rounds({mode: fn for (mode, _), fn in steps.items()}, repeat=args.repeat, warmup=args.warmup)
+        times.update(time_rounds({mode: fn for (mode, _), fn in torch_group.items()}, repeat=args.repeat,
+                                 warmup=args.warmup))
+
+    rate = {mode: args.batch / statistics.median(t) for mode, t in times.items()}
     rows, ratios = [], {}
     for model_name in ("MobileNetV3", "Lite0"):
         base = rate.get(f"{model_name}: plain")

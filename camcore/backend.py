@@ -113,9 +113,11 @@ class Backend(Protocol):
 
         `features` is any batch ``(M, ...)`` in the feature tensor's shape (features of
         several images, or edited copies of one image's features).  Returns logits
-        ``(M, C)``; with `seeds` ``(M, C)``, returns instead the gradients, shaped like
-        `features`: ``gradients[m] = d (seeds[m] . logits[m]) / d features[m]``.  The
-        backbone is not run again.
+        ``(M, C)``; with `seeds` ``(M, k, C)``, returns instead the gradients
+        ``(M, k, *features.shape[1:])``:
+        ``gradients[m, j] = d (seeds[m, j] . logits[m]) / d features[m]`` (k seeds per
+        item, for the top-k classes).  The backbone is not run again; the result may be
+        a read-only view.
         """
         ...
 

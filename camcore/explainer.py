@@ -354,6 +354,7 @@ class Explainer:
             features, logits = self.forward({name: value[start:start + chunk] for name, value in feed.items()})
             rows = _top_k(logits, top_k) if sel is None else sel[start:start + chunk]
             parts.append((features, logits, rows, self._class_gradients(features, rows)))
+        # A backend may return broadcast views: the public arrays are plain ones.
         return Gradients(*(np.concatenate(arrays) for arrays in zip(*parts)), layout=self.head.layout)
 
     @property
@@ -390,11 +391,9 @@ class Explainer:
     def _class_gradients(self, features: np.ndarray, sel: np.ndarray) -> np.ndarray:
         """``(n, k, *features.shape[1:])``: d logits[i, sel[i, j]] / d features[i], from the head alone."""
         n, k = sel.shape
-        repeated = features if k == 1 else np.repeat(features, k, axis=0)  # row i*k + j: item i, class j
-        seeds = np.zeros((n * k, self.head.num_classes), np.float32)
-        seeds[np.arange(n * k), sel.ravel()] = 1
-        gradients = self.backend.run_head(repeated, seeds)
-        return np.asarray(gradients).reshape(n, k, *features.shape[1:])
+        seeds = np.zeros((n, k, self.head.num_classes), np.float32)
+        seeds[np.arange(n)[:, None], np.arange(k), sel] = 1
+        return np.asarray(self.backend.run_head(features, seeds))
 
     def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None) -> np.ndarray:
         """Class maps from a forward pass already made (`forward`): ``(n, k, h, w)`` float32.

@@ -46,6 +46,14 @@ def _channels_first(features, gradients, layout: str):
     return f.astype(dtype, copy=False), g.astype(dtype, copy=False)
 
 
+def _spatial_mean(g: np.ndarray) -> np.ndarray:
+    """``g.mean(axis=(-2, -1))``, read off one pixel when `g` is spatially constant by construction
+    (a broadcast view, as backends return for targets read only by an average pooling)."""
+    if g.strides[-1] == 0 and g.strides[-2] == 0:
+        return g[..., 0, 0].copy()
+    return g.mean(axis=(-2, -1))
+
+
 def _weighted_sum(weights: np.ndarray, f: np.ndarray) -> np.ndarray:
     """``relu(sum_k weights[n, j, k] * f[n, k])`` as ``(N, k, h, w)``, one batched GEMM."""
     n, k_feat, h, w = f.shape
@@ -82,7 +90,7 @@ def gradcam(features, gradients, *, layout="NCHW"):
     0.0
     """
     f, g = _channels_first(features, gradients, layout)
-    return _weighted_sum(g.mean(axis=(-2, -1)), f)
+    return _weighted_sum(_spatial_mean(g), f)
 
 
 def gradcam_pp(features, gradients, *, layout="NCHW"):
