@@ -183,11 +183,11 @@ class OrtBackend:
                 head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:
-                # The head is small: one thread, so no second thread pool competes with the
-                # forward session's for the cores (on 2 CPU cores it halved Grad-CAM's overhead).
+                # No spinning: its idle threads would compete with the forward session's
+                # for the cores (on 2 CPU cores that doubled Grad-CAM's overhead).
                 options = import_onnxruntime().SessionOptions()
                 options.log_severity_level = 3
-                options.intra_op_num_threads = 1
+                options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = make_session(head, self._providers, options=options)
             specs = {i.name: i for i in session.get_inputs()}
             self._head_sessions[gradients] = (session, specs[start], [specs[name] for name in frontier],
