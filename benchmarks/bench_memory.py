@@ -40,7 +40,7 @@ def _rss_now_mib() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def child(count: int, sample: int) -> dict:
+def child(count: int, sample: int, method: str = "auto", top_k: int = 1) -> dict:
     """Explain `count` random images in this process; report RSS figures."""
     import numpy as np
 
@@ -59,7 +59,7 @@ def child(count: int, sample: int) -> dict:
 
     after_load = peak_rss_mib()
     start = time.perf_counter()
-    results = explainer.explain_images(images(), top_k=1)
+    results = explainer.explain_images(images(), top_k=top_k, method=method)
     seconds = time.perf_counter() - start
     samples.append([count, round(_rss_now_mib(), 1)])
     boxes = sum(len(r.boxes[0]) for r in results)
@@ -68,9 +68,10 @@ def child(count: int, sample: int) -> dict:
             "rss_samples": samples, "seconds": round(seconds, 1), "images_per_s": round(count / seconds, 2)}
 
 
-def measure(count: int, sample: int) -> dict:
+def measure(count: int, sample: int, method: str = "auto", top_k: int = 1) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, __file__, "--child", str(count), "--sample", str(sample)],
+    done = subprocess.run([sys.executable, __file__, "--child", str(count), "--sample", str(sample),
+                           "--method", method, "--top-k", str(top_k)],
                           capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"child for {count} images failed:\n{done.stderr}")
@@ -114,20 +115,22 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, default=1000, help="RSS sampling interval in images")
     parser.add_argument("--json", default=str(HERE / "memory.json"))
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    parser.add_argument("--method", default="auto", help="explain_images(method=...) (default: auto)")
+    parser.add_argument("--top-k", type=int, default=1)
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(child(args.child, args.sample)))
+        print(json.dumps(child(args.child, args.sample, args.method, args.top_k)))
         return 0
 
     sys.path.insert(0, str(ROOT))
     from backends.bench import machine
     from bench_runtimes import write_section
 
-    single = measure(CHUNK, args.sample)
+    single = measure(CHUNK, args.sample, args.method, args.top_k)
     if single["chunk"] != CHUNK:
         raise SystemExit(f"the explainer's chunk is {single['chunk']}, this script assumes {CHUNK}")
-    many = measure(args.count, args.sample)
+    many = measure(args.count, args.sample, args.method, args.top_k)
     result = {"command": " ".join(["python", "benchmarks/bench_memory.py", *(argv or sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "sample": args.sample, "single_chunk": single, "many": many,
