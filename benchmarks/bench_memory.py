@@ -86,7 +86,8 @@ def markdown(result: dict) -> str:
         f"Measured {result['date']} with `{result['command']}` on {result['machine']['cpu']}, "
         f"{result['machine']['cores']} cores, onnxruntime {result['machine']['onnxruntime']}.",
         "",
-        "Each row is a fresh subprocess: the embedded EfficientNet-Lite0 (CPU), `explain_images(images, top_k=1)` "
+        "Each row is a fresh subprocess: the embedded EfficientNet-Lite0 (CPU), "
+        f"`explain_images(images, top_k={result['top_k']}, method={result['method']!r})` "
         f"on a generator of random {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} RGB uint8 images (made one at a time), "
         "every result kept in the returned list. Peak RSS is the process's `VmHWM` (whole process: Python, "
         "numpy, onnxruntime, the model).",
@@ -133,7 +134,8 @@ def main(argv=None) -> int:
     many = measure(args.count, args.sample, args.method, args.top_k)
     result = {"command": " ".join(["python", "benchmarks/bench_memory.py", *(argv or sys.argv[1:])]),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "sample": args.sample, "single_chunk": single, "many": many,
+              "machine": machine(), "sample": args.sample, "method": args.method, "top_k": args.top_k,
+              "single_chunk": single, "many": many,
               "ratio": many["peak_rss_mib"] / single["peak_rss_mib"], "target": TARGET}
     text = markdown(result)
     print(text)
