@@ -20,11 +20,11 @@ __version__ = "0.1.0"
 # Where each public name lives. They are imported on first use (PEP 562), so that
 # `import camcore` and `camcore --help` load neither NumPy's dependents nor SciPy.
 _EXPORTS = {
-    "metrics": None,
+    "metrics": None, "methods": None, "faithfulness": None,
     "fuse": "api", "load": "api",
     "Backend": "backend", "Head": "backend", "TensorSpec": "backend", "register_backend": "backend",
     "CamError": "errors", "InvalidInput": "errors", "MissingDependency": "errors", "NotCamCompatible": "errors",
-    "Explainer": "explainer", "Explanation": "explainer", "ImageExplanation": "explainer",
+    "Explainer": "explainer", "Explanation": "explainer", "Gradients": "explainer", "ImageExplanation": "explainer",
     "boxes": "localize",
     "cam": "maps", "normalize": "maps", "upsample": "maps",
     "Preprocess": "preprocess",
@@ -52,6 +52,7 @@ __all__ = [
     "CamError",
     "Explainer",
     "Explanation",
+    "Gradients",
     "Head",
     "ImageExplanation",
     "InvalidInput",
@@ -63,6 +64,8 @@ __all__ = [
     "cam",
     "fuse",
     "load",
+    "faithfulness",
+    "methods",
     "metrics",
     "normalize",
     "overlay",
