@@ -68,6 +68,8 @@ from onnx import TensorProto, helper, numpy_helper, shape_inference
 
 from camcore.errors import InvalidInput, NotCamCompatible
 
+from .onnx_graph import _attr
+
 __all__ = ["cut_head", "add_backward", "gradient_model", "RULES", "MIN_OPSET"]
 
 # Oldest opset handled: Clip's bounds, Pad's pads and Slice's starts as inputs, Range,
@@ -129,13 +131,6 @@ def _dims(type_proto) -> tuple | None:
 
 def _node_label(node) -> str:
     return node.name or (node.output[0] if node.output else node.op_type)
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _subgraph_inputs(node) -> set:

@@ -177,8 +177,10 @@ def _repeat_items(b: _Builder, x: str, k: int, name: str) -> str:
     return b.op("Reshape", [b.op("Expand", [unsqueezed, expand], f"{name}_expanded"), flat], f"{name}_repeated")
 
 
-def _gradient_maps(b: _Builder, head, g, proto: onnx.ModelProto, method: str, top_k: int) -> tuple[str, list]:
+def _gradient_maps(b: _Builder, head, g, folded: onnx.ModelProto, method: str, top_k: int) -> tuple[str, list]:
     """``(N, k, h, w)`` float32 maps of a gradient method for the classes in ``cam_classes``.
+
+    `folded` is the model with its constants folded (`OrtBackend.folded_model`).
 
     The head (feature tensor -> logits) and its backward pass (`backprop.gradient_model`)
     are copied into the graph with a ``cam_grad_`` prefix and run on the features
@@ -186,8 +188,7 @@ def _gradient_maps(b: _Builder, head, g, proto: onnx.ModelProto, method: str, to
     """
     from . import backprop
 
-    grad_model = backprop.gradient_model(onnx_graph.fold_constants(proto), head.feature, head.logits,
-                                         seed="cam_seed", grad="cam_grad")
+    grad_model = backprop.gradient_model(folded, head.feature, head.logits, seed="cam_seed", grad="cam_grad")
     prefix = "cam_grad_"
     grad_model = onnx.compose.add_prefix(grad_model, prefix)
     features = _repeat_items(b, head.feature, top_k, "features")
@@ -445,7 +446,7 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, metho
     if method == "cam":
         maps, out_hw = _class_maps(b, head, g)
     else:
-        maps, out_hw = _gradient_maps(b, head, g, proto, method, top_k)
+        maps, out_hw = _gradient_maps(b, head, g, backend.folded_model, method, top_k)
     if normalize:
         maps = _zero_non_finite(b, maps)
     if size is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import numpy as np
@@ -163,6 +164,11 @@ class OrtBackend:
             raise CamError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
         return features, logits.reshape(len(logits), -1)
 
+    @functools.cached_property
+    def folded_model(self):
+        """`model` with its constant subgraphs folded (`onnx_graph.fold_constants`): what head cuts read."""
+        return onnx_graph.fold_constants(self.model)
+
     def _head_session(self, gradients: bool):
         """The head alone (target -> logits), with the backward pass when asked; built once.
 
@@ -175,7 +181,7 @@ class OrtBackend:
         if gradients not in self._head_sessions:
             from . import backprop
 
-            model = onnx_graph.fold_constants(self.model)
+            model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
             start, scale = shortcut if shortcut else (self.head.feature, None)
             head, frontier = backprop.cut_head(model, start, self.head.logits)
