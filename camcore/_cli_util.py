@@ -275,109 +275,51 @@ def one_line(message) -> str:
 
 # ----------------------------------------------------------------- title strips
 
-# 5x7 glyphs, rows top to bottom; text is drawn upper-case, unknown characters as "?".
-_GLYPHS = {
-    "A": ".###. #...# #...# ##### #...# #...# #...#",
-    "B": "####. #...# #...# ####. #...# #...# ####.",
-    "C": ".###. #...# #.... #.... #.... #...# .###.",
-    "D": "####. #...# #...# #...# #...# #...# ####.",
-    "E": "##### #.... #.... ####. #.... #.... #####",
-    "F": "##### #.... #.... ####. #.... #.... #....",
-    "G": ".###. #...# #.... #.### #...# #...# .####",
-    "H": "#...# #...# #...# ##### #...# #...# #...#",
-    "I": ".###. ..#.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "J": "..### ...#. ...#. ...#. ...#. #..#. .##..",
-    "K": "#...# #..#. #.#.. ##... #.#.. #..#. #...#",
-    "L": "#.... #.... #.... #.... #.... #.... #####",
-    "M": "#...# ##.## #.#.# #.#.# #...# #...# #...#",
-    "N": "#...# #...# ##..# #.#.# #..## #...# #...#",
-    "O": ".###. #...# #...# #...# #...# #...# .###.",
-    "P": "####. #...# #...# ####. #.... #.... #....",
-    "Q": ".###. #...# #...# #...# #.#.# #..#. .##.#",
-    "R": "####. #...# #...# ####. #.#.. #..#. #...#",
-    "S": ".###. #...# #.... .###. ....# #...# .###.",
-    "T": "##### ..#.. ..#.. ..#.. ..#.. ..#.. ..#..",
-    "U": "#...# #...# #...# #...# #...# #...# .###.",
-    "V": "#...# #...# #...# #...# #...# .#.#. ..#..",
-    "W": "#...# #...# #...# #.#.# #.#.# #.#.# .#.#.",
-    "X": "#...# #...# .#.#. ..#.. .#.#. #...# #...#",
-    "Y": "#...# #...# .#.#. ..#.. ..#.. ..#.. ..#..",
-    "Z": "##### ....# ...#. ..#.. .#... #.... #####",
-    "0": ".###. #...# #..## #.#.# ##..# #...# .###.",
-    "1": "..#.. .##.. ..#.. ..#.. ..#.. ..#.. .###.",
-    "2": ".###. #...# ....# ...#. ..#.. .#... #####",
-    "3": "##### ...#. ..#.. ...#. ....# #...# .###.",
-    "4": "...#. ..##. .#.#. #..#. ##### ...#. ...#.",
-    "5": "##### #.... ####. ....# ....# #...# .###.",
-    "6": "..##. .#... #.... ####. #...# #...# .###.",
-    "7": "##### ....# ...#. ..#.. .#... .#... .#...",
-    "8": ".###. #...# #...# .###. #...# #...# .###.",
-    "9": ".###. #...# #...# .#### ....# ...#. .##..",
-    " ": "..... ..... ..... ..... ..... ..... .....",
-    ".": "..... ..... ..... ..... ..... .##.. .##..",
-    ",": "..... ..... ..... ..... .##.. ..#.. .#...",
-    ":": "..... .##.. .##.. ..... .##.. .##.. .....",
-    "%": "##... ##..# ...#. ..#.. .#... #..## ...##",
-    "-": "..... ..... ..... ##### ..... ..... .....",
-    "+": "..... ..#.. ..#.. ##### ..#.. ..#.. .....",
-    "'": "..#.. ..#.. .#... ..... ..... ..... .....",
-    "(": "...#. ..#.. .#... .#... .#... ..#.. ...#.",
-    ")": ".#... ..#.. ...#. ...#. ...#. ..#.. .#...",
-    "/": "..... ....# ...#. ..#.. .#... #.... .....",
-    "_": "..... ..... ..... ..... ..... ..... #####",
-    "&": ".##.. #..#. #.#.. .#... #.#.# #..#. .##.#",
-    "?": ".###. #...# ....# ...#. ..#.. ..... ..#..",
-}
-_GLYPH_H, _GLYPH_W = 7, 5
-
-
 @lru_cache(maxsize=None)
-def _glyph(char: str):
-    import numpy as np
+def _font(size: int):
+    """Pillow's default font at `size` pixels (its bitmap font where FreeType is missing)."""
+    from PIL import ImageFont
 
-    rows = _GLYPHS.get(char, _GLYPHS["?"]).split()
-    return np.array([[c == "#" for c in row] for row in rows], dtype=bool)
+    return ImageFont.load_default(size=size)
 
 
-def _font_scale(width: int) -> int:
-    return max(1, min(3, width // 200))
+def _font_size(width: int) -> int:
+    return max(10, min(28, width // 28))
 
 
 def title_height(width: int) -> int:
     """Height in pixels of the title strip drawn above an image `width` pixels wide."""
-    scale = _font_scale(width)
-    return (_GLYPH_H + 4) * scale
+    return _font_size(width) * 3 // 2
 
 
 def title_strip(text: str, width: int, *, background=(32, 32, 32), foreground=(255, 255, 255)):
-    """An ``(title_height(width), width, 3)`` uint8 strip with `text` drawn in a 5x7 font.
+    """An ``(title_height(width), width, 3)`` uint8 strip with `text` drawn by Pillow.
 
-    Text that does not fit is cut and ends with ``..``.
+    Text that does not fit is cut and ends with ``...``.
 
     Examples
     --------
     >>> strip = title_strip("Egyptian cat 79.1%", 320)
     >>> strip.shape, title_height(320)
-    ((11, 320, 3), 11)
-    >>> int((strip == 255).all(axis=2).sum()) > 0
+    ((16, 320, 3), 16)
+    >>> int((strip > 128).all(axis=2).sum()) > 20  # light text on a dark strip
     True
     """
     import numpy as np
+    from PIL import Image, ImageDraw
 
-    scale = _font_scale(width)
-    strip = np.empty((title_height(width), width, 3), np.uint8)
-    strip[:] = background
-    advance = (_GLYPH_W + 1) * scale
-    fits = max(0, (width - 2 * scale) // advance)
-    text = text.upper()
-    if len(text) > fits:
-        text = text[:max(0, fits - 2)] + ".." if fits >= 2 else text[:fits]
-    top, left = 2 * scale, 2 * scale
-    for i, char in enumerate(text):
-        mask = np.kron(_glyph(char), np.ones((scale, scale), bool))
-        x = left + i * advance
-        strip[top:top + mask.shape[0], x:x + mask.shape[1]][mask] = foreground
-    return strip
+    height, font = title_height(width), _font(_font_size(width))
+    margin = height // 4
+    room = width - 2 * margin
+    if font.getlength(text) > room:
+        while text and font.getlength(text + "...") > room:
+            text = text[:-1]
+        text += "..."
+    strip = Image.new("RGB", (width, height), tuple(background))
+    draw = ImageDraw.Draw(strip)
+    top, bottom = draw.textbbox((0, 0), text, font=font)[1::2]  # no anchors: bitmap fonts lack them
+    draw.text((margin, (height - bottom - top) // 2), text, fill=tuple(foreground), font=font)
+    return np.array(strip)
 
 
 class _MethodNames:

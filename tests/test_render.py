@@ -1,7 +1,10 @@
 """Tests of camcore.overlay: pixel values of blends, colormaps and box outlines."""
 
+import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from camcore import InvalidInput, overlay
 
@@ -54,6 +57,19 @@ def test_blend_is_the_rounded_weighted_sum():
     out = overlay(image, np.array([[0.0, 1.0]]), alpha=0.25)
     # 0.75 * 100 + 0.25 * jet: (75, 75, 106.75) and (106.75, 75, 75)
     np.testing.assert_array_equal(out[0], [[75, 75, 107], [107, 75, 75]])
+
+
+@settings(max_examples=60, deadline=None)
+@given(pixels=hnp.arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 12), st.just(3))),
+       alpha=st.floats(0, 1), colormap=st.sampled_from(["jet", "gray"]), seed=st.integers(0, 2**16))
+def test_uint8_blend_matches_the_float_formula(pixels, alpha, colormap, seed):
+    # uint8 images go through lookup tables; a float image of the same values through the formula
+    m = np.random.default_rng(seed).normal(size=pixels.shape[:2])
+    out = overlay(pixels, m, alpha=alpha, colormap=colormap)
+    colored = overlay(np.zeros_like(pixels), m, alpha=1.0, colormap=colormap)  # the colormap itself
+    assert np.array_equal(colored, overlay(np.full_like(pixels, 255), m, alpha=1.0, colormap=colormap))
+    expected = np.rint((1.0 - alpha) * pixels.astype(np.float32) + alpha * colored.astype(np.float32))
+    np.testing.assert_array_equal(out, np.clip(expected, 0, 255).astype(np.uint8))
 
 
 def test_map_is_upsampled_bilinearly_to_the_image():
