@@ -36,6 +36,7 @@ __all__ = [
     "write_json",
     "encode_image",
     "IMAGE_FORMATS",
+    "overlay_format",
     "Progress",
     "run_command",
     "fail",
@@ -153,7 +154,7 @@ def write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-IMAGE_FORMATS = ("png", "jpg", "webp")
+IMAGE_FORMATS = ("auto", "png", "jpg", "webp")
 # Chosen for speed. PNG: zlib level 1 with the run-length strategy (3, Z_RLE) writes a
 # photo-sized overlay 4-5x faster than Pillow's default (level 6), and the file is about
 # as small (measured on a 650x600 overlay: 30 ms and 511 kB against 155 ms and 521 kB).
@@ -162,6 +163,18 @@ _ENCODER_OPTIONS = {
     "jpg": dict(format="JPEG", quality=90),
     "webp": dict(format="WEBP", quality=85, method=0),
 }
+
+
+def overlay_format(source, requested: str = "auto") -> str:
+    """The file format of an overlay: `requested`, or with "auto" the input's when it is JPEG, else PNG.
+
+    A JPEG photo's overlay gains nothing from lossless PNG, which costs 10x more to
+    encode (18 ms against 1.5 ms for a 600x380 overlay here); other inputs keep PNG.
+    """
+    if requested != "auto":
+        return requested
+    suffix = Path(source).suffix.lower() if isinstance(source, (str, os.PathLike)) else ""
+    return "jpg" if suffix in (".jpg", ".jpeg") else "png"
 
 
 def encode_image(image, image_format: str = "png") -> bytes:

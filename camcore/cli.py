@@ -16,7 +16,8 @@ from pathlib import Path
 from . import __version__
 from ._cli_util import (EXIT_ERROR, EXIT_OK, IMAGE_FORMATS, Progress, add_engine_arguments, add_method_arguments,
                         add_preprocess_arguments, atomic_write_bytes, check_engine_arguments, encode_image, fail,
-                        fraction, nonnegative_int, one_line, positive_int, preprocess_from_args, provider_list,
+                        fraction, nonnegative_int, one_line, overlay_format, positive_int, preprocess_from_args,
+                        provider_list,
                         run_command, title_strip, write_json)
 from .errors import CamError
 
@@ -104,7 +105,7 @@ def _table(records) -> str:
                      for row in rows)
 
 
-def _unique_name(stem: str, taken: set, extension: str = "png") -> str:
+def _unique_name(stem: str, taken: set, extension: str) -> str:
     name, n = f"{stem}.cam.{extension}", 1
     while name in taken:
         n += 1
@@ -119,8 +120,10 @@ def _draw_and_write(path: Path, image_format: str, pixels, result, explainer, ma
 
 
 def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label,
-                       method="auto", image_format="png", workers=None):
+                       method="auto", image_format="auto", workers=None):
     """Explain ``(name, stem, path or array)`` items, write ``<stem>.cam.<format>`` each; return the records.
+
+    `image_format` is resolved per item by `overlay_format` ("auto": JPEG for JPEG files, else PNG).
 
     Images are read once, in `workers` threads ahead of inference (see
     `Explainer.iter_explain_images`); the decoded pixels and full-size maps of the
@@ -142,11 +145,12 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
         keep_pixels=True)
     pool = ThreadPoolExecutor(writers, thread_name_prefix="camcore-write")
     try:
-        for (name, stem, _), (result, kept) in zip(items, stream):
+        for (name, stem, source), (result, kept) in zip(items, stream):
             record = _record(name, result, explainer)
             if result.error is None:
-                filename = _unique_name(stem, taken, image_format)
-                pending.append(pool.submit(_draw_and_write, out / filename, image_format, kept[0], result,
+                chosen = overlay_format(source, image_format)
+                filename = _unique_name(stem, taken, chosen)
+                pending.append(pool.submit(_draw_and_write, out / filename, chosen, kept[0], result,
                                            explainer, kept[1]))
                 record["overlay"] = filename
                 while len(pending) > 2 * writers:
@@ -395,7 +399,8 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("explain", help="explain images with a model (default: the embedded one)",
-                       description="Write <stem>.cam.png (or --format) per image and one results.json. "
+                       description="Write <stem>.cam.png (.jpg for JPEG images, or --format) per image and one "
+                                   "results.json. "
                                    "A first argument ending in .onnx is the model.")
     p.add_argument("inputs", nargs="+", metavar="[MODEL] IMAGE", help="optional MODEL.onnx, then image files or folders")
     p.add_argument("--out", default="camcore-out", metavar="DIR", help="output folder (default: %(default)s)")
@@ -404,8 +409,8 @@ def build_parser(argv=()) -> argparse.ArgumentParser:
                    help="box threshold as a fraction of the map's max (default: 0.2)")
     p.add_argument("--json", action="store_true", help="print results.json to stdout")
     p.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    p.add_argument("--format", choices=IMAGE_FORMATS, default="png",
-                   help="overlay file format (default: %(default)s; jpg and webp are smaller and faster to write)")
+    p.add_argument("--format", choices=IMAGE_FORMATS, default="auto",
+                   help="overlay file format; auto: jpg for JPEG images, else png (default: %(default)s)")
     p.add_argument("--providers", metavar="LIST", help=providers_help)
     add_method_arguments(p)
     p.add_argument("--workers", type=nonnegative_int, metavar="N", help=workers_help)

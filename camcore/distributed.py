@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_util import _umask
+from ._cli_util import _umask, overlay_format
 from .errors import InvalidInput, missing_dependency
 from .methods import METHODS
 from .preprocess import EncodedImage, Preprocess
@@ -100,7 +100,7 @@ class ExplainBatch:
     """
 
     def __init__(self, model, *, providers, feature=None, options: dict, maps=False, output: str = "columns",
-                 image_format: str = "png"):
+                 image_format: str = "auto"):
         from .api import load
 
         self.explainer = load(model, providers=providers, feature=feature)
@@ -130,12 +130,12 @@ class ExplainBatch:
 
     def _row(self, path, pixels, result):
         if self.output == "cli":
-            from ._cli_util import encode_image
+            from ._cli_util import encode_image, overlay_format
             from .cli import _record, render
 
             overlay = None
             if result.error is None:
-                overlay = encode_image(render(pixels, result, self.explainer), self.image_format)
+                overlay = encode_image(render(pixels, result, self.explainer), overlay_format(path, self.image_format))
             return json.dumps(_record(path, result, self.explainer)), overlay
         row = {"path": path, "height": None, "width": None, "classes": result.classes, "scores": result.scores,
                "boxes": [b[0].tolist() if len(b) else [] for b in result.boxes], "error": result.error}
@@ -333,7 +333,7 @@ class _Blocks:
             for j, (path, line) in enumerate(zip(members, lines)):
                 record = json.loads(line)
                 if record["error"] is None:
-                    filename = unique_name(Path(path).stem, taken, image_format)
+                    filename = unique_name(Path(path).stem, taken, overlay_format(path, image_format))
                     staged = folder / f"{j}.overlay"
                     if staged.is_file():  # else moved by an earlier, interrupted merge
                         os.replace(staged, out / filename)
@@ -344,7 +344,7 @@ class _Blocks:
 
 
 def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 64, concurrency=1,
-                  num_gpus: float = 0, providers=None, address=None, feature=None, image_format: str = "png",
+                  num_gpus: float = 0, providers=None, address=None, feature=None, image_format: str = "auto",
                   progress=None) -> list:
     """Explain image files on Ray and write their overlays into `out`: the engine of ``--engine ray``.
 

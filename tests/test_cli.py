@@ -188,7 +188,8 @@ def test_explain_folder_reports_corrupt_image_and_goes_on(explained, photos):
     broken = results["images"][0]
     assert broken["classes"] == [] and broken["width"] is None and broken["height"] is None
     assert "broken.png" in broken["error"] and "\n" not in broken["error"]
-    assert sorted(p.name for p in out.iterdir()) == ["astronaut.cam.png", "cat.cam.png", "gray.cam.png",
+    # --format auto: JPEG photos get JPEG overlays, the others PNG
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.cam.jpg", "cat.cam.png", "gray.cam.png",
                                                      "results.json"]
 
 
@@ -226,7 +227,7 @@ def test_explain_formats_and_workers(tmp_path, photos, explained, image_format, 
     default = json.loads(explained[0].stdout)
     for record in default["images"]:
         if "overlay" in record:
-            record["overlay"] = record["overlay"].replace(".png", f".{image_format}")
+            record["overlay"] = record["overlay"].rsplit(".", 1)[0] + f".{image_format}"
     assert results == default
     explainer = camcore.load(providers=["cpu"])
     record = results["images"][1]
@@ -653,3 +654,12 @@ def test_explain_same_stem_in_two_folders_gets_two_overlays(tmp_path, capsys):
     records = json.loads(capsys.readouterr().out)["images"]
     assert [r["overlay"] for r in records] == ["cat.cam.png", "cat-2.cam.png"]
     assert sorted(p.name for p in out.iterdir()) == ["cat-2.cam.png", "cat.cam.png", "results.json"]
+
+
+@pytest.mark.parametrize("source, requested, expected", [
+    ("a/cat.jpg", "auto", "jpg"), ("CAT.JPEG", "auto", "jpg"), (Path("cat.png"), "auto", "png"),
+    ("cat.webp", "auto", "png"), ("cat.tif", "auto", "png"), (np.zeros((2, 2, 3), np.uint8), "auto", "png"),
+    ("cat.jpg", "png", "png"), ("cat.png", "webp", "webp"), ("cat.png", "jpg", "jpg"),
+])
+def test_overlay_format_follows_jpeg_inputs_unless_asked(source, requested, expected):
+    assert _cli_util.overlay_format(source, requested) == expected

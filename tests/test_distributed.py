@@ -242,7 +242,8 @@ def test_cli_ray_engine_writes_what_the_local_engine_writes(ray_cluster, local_r
                        "--address", address, "--concurrency", "2", "--batch-size", "4")
     assert proc.returncode == 1, proc.stderr
     assert outputs(out) == outputs(local)  # results.json and every overlay, byte for byte
-    assert len([n for n in outputs(out) if n.endswith(".cam.png")]) == 19
+    # --format auto: the PNG photo's overlay is a PNG, the JPEG photos' are JPEGs
+    assert sorted(n.rsplit(".", 1)[1] for n in outputs(out) if ".cam." in n) == ["jpg"] * 18 + ["png"]
     assert not (out / distributed.STAGING).exists()
 
 
@@ -280,7 +281,7 @@ def test_an_interrupted_run_resumes_with_the_blocks_not_yet_complete(ray_cluster
         distributed.explain_files(None, paths, out, options=options, batch_size=4, progress=interrupt_at_10)
     staging = out / distributed.STAGING
     done = sorted(staging.iterdir())
-    assert 1 <= len(done) < 6 and not list(out.glob("*.png")) and not list(out.glob("*.json"))
+    assert 1 <= len(done) < 6 and not list(out.glob("*.cam.*")) and not list(out.glob("*.json"))
     assert all((b / "records.jsonl").is_file() for b in done)
     # a half-written block of a killed run is thrown away
     (staging / ".tmp-half").mkdir()
@@ -291,7 +292,7 @@ def test_an_interrupted_run_resumes_with_the_blocks_not_yet_complete(ray_cluster
     assert not staging.exists()
     expected = json.loads((local / "results.json").read_text())["images"]
     assert records == expected
-    assert outputs(out) == {n: b for n, b in outputs(local).items() if n.endswith(".png")}
+    assert outputs(out) == {n: b for n, b in outputs(local).items() if ".cam." in n}
 
 
 def test_cli_eval_ray_engine_gives_the_local_figures(ray_cluster, photos, explainer, tmp_path, capsys):

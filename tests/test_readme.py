@@ -96,7 +96,7 @@ def test_camcore_commands_run(workdir, capsys):
         records = json.loads((workdir / "cams-ray" / "results.json").read_text())["images"]
         assert [r["path"] for r in records] == ["photos/coffee.png", "photos/rocket.jpg"]
         assert sorted(p.name for p in (workdir / "cams-ray").iterdir()) == \
-            ["coffee.cam.png", "results.json", "rocket.cam.png"]
+            ["coffee.cam.png", "results.json", "rocket.cam.jpg"]
     assert (workdir / "model_cam.onnx").is_file()
     compared = json.loads((workdir / "compare" / "compare.json").read_text())
     assert compared["methods"] == ["cam", "eigencam", "ablationcam", "reciprocam"]
