@@ -26,6 +26,7 @@ from camcore.errors import CamError, NotCamCompatible
 
 __all__ = [
     "load_model",
+    "read_model",
     "find_head",
     "find_target",
     "candidate_layers",
@@ -89,6 +90,28 @@ def load_model(model) -> tuple[onnx.ModelProto, Path | None]:
     folder : Path or None
         The model's folder (None for an in-memory model).
     """
+    proto, folder, _ = read_model(model)
+    return proto, folder
+
+
+def read_model(model, data: bytes | None = None) -> tuple[onnx.ModelProto, Path | None, bool]:
+    """`load_model`, also telling whether the model had external data.
+
+    Parameters
+    ----------
+    model : path or onnx.ModelProto
+    data : bytes, optional
+        The file's bytes when the caller already read them (`model` is then the path
+        they came from, for messages and external data).
+
+    Returns
+    -------
+    model : onnx.ModelProto
+    folder : Path or None
+    external : bool
+        Some tensors were read from external-data files (once loaded, the proto no
+        longer says so).
+    """
     from onnx import external_data_helper as edh
 
     if isinstance(model, onnx.ModelProto):
@@ -96,22 +119,28 @@ def load_model(model) -> tuple[onnx.ModelProto, Path | None]:
         proto.CopyFrom(model)
         if any(edh.uses_external_data(t) for t in edh._get_all_tensors(proto)):
             raise CamError("the in-memory model refers to external data; pass the .onnx path instead")
-        return proto, None
+        return proto, None, False
     if not isinstance(model, (str, os.PathLike)):
         raise CamError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
     path = Path(model)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise CamError(f"model file not found: {path}")
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        if data is None:
+            proto = onnx.load_model(str(path), load_external_data=False)
+        else:  # the format onnx.load_model would infer from the file name
+            fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+            proto = onnx.load_model_from_string(data, format=fmt or "protobuf")
     except Exception as exc:
         raise CamError(f"cannot read {path}: not a valid ONNX model ({type(exc).__name__})") from None
     if not proto.graph.node and not proto.graph.output:
         raise CamError(f"cannot read {path}: not a valid ONNX model (empty graph)")
     folder = path.resolve().parent
+    external = False
     for tensor in edh._get_all_tensors(proto):
         if not edh.uses_external_data(tensor):
             continue
+        external = True
         info = edh.ExternalDataInfo(tensor)
         target = (folder / info.location).resolve()
         if os.path.isabs(info.location) or folder not in target.parents:
@@ -124,7 +153,7 @@ def load_model(model) -> tuple[onnx.ModelProto, Path | None]:
         edh.load_external_data_for_model(proto, str(folder))
     except Exception as exc:
         raise CamError(f"cannot load the external data of {path}: {exc}") from None
-    return proto, folder
+    return proto, folder, external
 
 
 # --------------------------------------------------------------------------- graph helpers

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -11,7 +13,10 @@ import numpy as np
 from camcore.backend import Head
 from camcore.errors import CamError, InvalidInput, NotCamCompatible, missing_dependency
 
-from . import onnx_graph
+from . import analysis_cache
+
+# onnx_graph (and so onnx, whose import costs most of a one-image `camcore explain`) is
+# imported only where the graph itself is needed: a cache miss, `model`, the head sessions.
 
 __all__ = ["OrtBackend", "find_any_head", "import_onnxruntime", "resolve_providers", "make_session"]
 
@@ -64,14 +69,15 @@ def resolve_providers(providers=None) -> list:
 
 
 def make_session(model, providers=None, *, options=None):
-    """An ``onnxruntime.InferenceSession`` for an ``onnx.ModelProto``, errors as `CamError`."""
+    """An ``onnxruntime.InferenceSession`` for an ``onnx.ModelProto`` (or its bytes), errors as `CamError`."""
     ort = import_onnxruntime()
     providers = resolve_providers(providers)
     if options is None:
         options = ort.SessionOptions()
         options.log_severity_level = 3
+    data = model if isinstance(model, bytes) else model.SerializeToString()
     try:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        return ort.InferenceSession(data, options, providers=providers)
     except Exception as exc:
         raise CamError(f"onnxruntime cannot create a session: {str(exc).splitlines()[0]}") from None
 
@@ -83,6 +89,12 @@ def _shape_text(shape) -> str:
 class OrtBackend:
     """Runs an ONNX model under onnxruntime and returns ``(features, logits)``.
 
+    The graph analysis of a model given as a path (its `head`, and the model with the
+    feature and logits exposed as outputs) is kept in a disk cache
+    (`backends.analysis_cache`); on a hit, `onnx` is not imported and `model` is read
+    only when something needs the graph.  In-memory models and models with external
+    data are analysed every time.
+
     Parameters
     ----------
     model : path or onnx.ModelProto
@@ -92,20 +104,78 @@ class OrtBackend:
         Tensor-name overrides (see `onnx_graph.find_head`).
     output : str, optional
         The model output to explain (default: the first).
+
+    Attributes
+    ----------
+    cache_hit : bool
+        Whether the analysis came from the cache.
     """
 
     def __init__(self, model, *, providers=None, feature=None, logits=None, output=None,
                  session_options=None):
-        import_onnxruntime()
-        proto, self.folder = onnx_graph.load_model(model)
-        self.model = proto
-        self.head: Head = find_any_head(proto, feature=feature, logits=logits, output=output)
-        exposed = onnx_graph.expose_outputs(proto, [self.head.feature, self.head.logits])
+        ort = import_onnxruntime()
         self._providers, self._session_options = providers, session_options
-        self.session = make_session(exposed, providers, options=session_options)
-        self._fetch = [self.head.feature, self.head.logits]
         self._head_sessions = {}
-        self.head = self._with_concrete_shapes(self.head)
+        self._path = self._digest = None
+        data = key = None
+        if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
+            self._path = Path(model).resolve()
+            try:
+                data = self._path.read_bytes()
+            except OSError:
+                data = None  # read_model reports it
+        if data is not None:
+            self._digest = analysis_cache.digest(data)
+            key = analysis_cache.entry_key(self._digest, feature=feature, logits=logits, output=output,
+                                           onnxruntime_version=ort.__version__)
+            hit = analysis_cache.lookup(key)
+            if hit is not None:
+                exposed, self.head = hit
+                self.cache_hit = True
+                self.session = make_session(exposed, providers, options=session_options)
+                self._fetch = [self.head.feature, self.head.logits]
+                return
+        from . import onnx_graph
+
+        proto, folder, external = onnx_graph.read_model(model, data)
+        data = None  # the proto holds the model now
+        self.__dict__.update(model=proto, folder=folder)  # what the cached properties would read
+        head = find_any_head(proto, feature=feature, logits=logits, output=output)
+        exposed = onnx_graph.expose_outputs(proto, [head.feature, head.logits]).SerializeToString()
+        self.session = make_session(exposed, providers, options=session_options)
+        self._fetch = [head.feature, head.logits]
+        self.head: Head = self._with_concrete_shapes(head)
+        self.cache_hit = False
+        # The file's hash does not cover external data: such models are not cached.
+        if key is not None and not external:
+            analysis_cache.store(key, exposed, self.head)
+
+    @functools.cached_property
+    def model(self):
+        """The model as an ``onnx.ModelProto`` (after a cache hit, read from the file on first use).
+
+        Raises
+        ------
+        CamError
+            The file changed since the backend was made (its sha256 differs).
+        """
+        from . import onnx_graph
+
+        try:
+            data = self._path.read_bytes()
+        except OSError as exc:
+            raise CamError(f"cannot read {self._path} again: {exc.strerror or exc}") from None
+        found = analysis_cache.digest(data)
+        if found != self._digest:
+            raise CamError(f"model file {self._path} changed since it was loaded: sha256 {self._digest[:16]}... "
+                           f"expected, {found[:16]}... found; load it again")
+        proto, _, _ = onnx_graph.read_model(self._path, data)
+        return proto
+
+    @functools.cached_property
+    def folder(self):
+        """The model's folder (None for an in-memory model)."""
+        return self._path.parent if self._path is not None else None
 
     def _with_concrete_shapes(self, head: Head) -> Head:
         """Fill what shape inference left unknown (feature dims, C, K) by one batch-1 run.
@@ -167,6 +237,8 @@ class OrtBackend:
     @functools.cached_property
     def folded_model(self):
         """`model` with its constant subgraphs folded (`onnx_graph.fold_constants`): what head cuts read."""
+        from . import onnx_graph
+
         return onnx_graph.fold_constants(self.model)
 
     def _head_session(self, gradients: bool):
@@ -179,7 +251,7 @@ class OrtBackend:
         cost k rows of K numbers instead of k copies of the feature map.
         """
         if gradients not in self._head_sessions:
-            from . import backprop
+            from . import backprop, onnx_graph
 
             model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
@@ -272,6 +344,8 @@ def find_any_head(model, *, feature=None, logits=None, output=None) -> Head:
 
     Raises `NotCamCompatible` only when neither can be found, with both reasons.
     """
+    from . import onnx_graph
+
     try:
         return onnx_graph.find_head(model, feature=feature, logits=logits, output=output)
     except NotCamCompatible as refusal:

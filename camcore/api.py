@@ -46,6 +46,17 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
         The model has no global average pooling, or its head is not affine.
     CamError
         Unreadable model, missing external data, unknown provider.
+
+    Notes
+    -----
+    What is found in a model given as a path (the head, and the model with its
+    feature and logits tensors exposed as outputs) is cached on disk, keyed by the
+    file's sha256, `feature`, `logits`, `output` and the versions of camcore, onnx and
+    onnxruntime, so that loading it again does not import `onnx`.  The cache lives in
+    ``$CAMCORE_CACHE_DIR``, else ``$XDG_CACHE_HOME/camcore``, else
+    ``~/.cache/camcore``; ``CAMCORE_CACHE_DIR=off`` disables it.  In-memory models and
+    models with external data are not cached; deleting the folder is always safe
+    (see ``backends/analysis_cache.py``).
     """
     from . import default_model
 
