@@ -48,13 +48,13 @@ def _load(model, providers, feature=None):
 def _display(image):
     """An image as uint8 RGB for drawing (uint16 and float images rescaled)."""
     import numpy as np
-    from skimage.util import img_as_ubyte
 
     from .preprocess import as_rgb
 
     rgb = as_rgb(image)
     if rgb.dtype == np.uint8:
         return rgb
+    from skimage.util import img_as_ubyte
     if rgb.dtype.kind == "f":
         rgb = np.clip(rgb, 0, 1)
     return img_as_ubyte(rgb)
