@@ -18,7 +18,7 @@ from ._cli_util import (EXIT_ERROR, EXIT_OK, IMAGE_FORMATS, Progress, add_engine
                         add_preprocess_arguments, atomic_write_bytes, check_engine_arguments, encode_image, fail,
                         fraction, nonnegative_int, one_line, overlay_format, positive_int, preprocess_from_args,
                         provider_list,
-                        run_command, title_strip, write_json)
+                        run_command, title_height, title_strip, write_json)
 from .errors import CamError
 
 __all__ = ["main", "build_parser"]
@@ -72,12 +72,13 @@ def render(image, result, explainer, maps=None):
 
     rgb = _display(image)
     maps = result.maps if maps is None else maps
-    tiles = []
+    (height, width), top = rgb.shape[:2], title_height(rgb.shape[1])
+    canvas = np.empty((top + height, len(result.classes) * width, 3), np.uint8)
     for j, (index, score) in enumerate(zip(result.classes, result.scores)):
-        tile = overlay(rgb, maps[j], boxes=result.box(j))
-        title = f"{explainer.class_name(int(index))} {100 * float(score):.1f}%"
-        tiles.append(np.concatenate([title_strip(title, rgb.shape[1]), tile]))
-    return np.concatenate(tiles, axis=1)
+        columns = slice(j * width, (j + 1) * width)
+        canvas[:top, columns] = title_strip(f"{explainer.class_name(int(index))} {100 * float(score):.1f}%", width)
+        canvas[top:, columns] = overlay(rgb, maps[j], boxes=result.box(j))
+    return canvas
 
 
 def _record(path, result, explainer) -> dict:

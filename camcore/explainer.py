@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Sequence
 
@@ -16,7 +16,7 @@ from .localize import boxes as find_boxes
 from .maps import cam, upsample
 from .methods import GRADIENT_METHODS, METHODS, eigencam
 from .perturbation import FORWARD_METHODS, ablationcam, reciprocam, scorecam
-from .preprocess import EncodedImage, Geometry, Preprocess, read_image
+from .preprocess import EncodedImage, Geometry, Preprocess, _read_picture
 
 __all__ = ["Explainer", "Explanation", "Gradients", "ImageExplanation", "softmax", "sigmoid"]
 
@@ -160,11 +160,13 @@ def _prepare_image(image, preprocess: Preprocess, keep_pixels: bool):
     else:
         source = str(image) if not isinstance(image, np.ndarray) else None
     try:
-        if isinstance(image, EncodedImage):
-            pixels = read_image(image.name, data=image.data)
-        else:
-            pixels = read_image(image) if source is not None else image
-        x, geometry = preprocess(pixels)
+        if source is None:
+            x, geometry = preprocess(image)
+            pixels = image
+        else:  # decoded once; the array of the whole picture is made only when kept
+            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None)
+            x, geometry = preprocess._from_picture(picture)
+            pixels = np.asarray(picture) if keep_pixels else None
     except CamError as exc:
         return source, None, None, None, exc
     return source, x, geometry, pixels if keep_pixels else None, None
@@ -515,9 +517,10 @@ class Explainer:
 
         Reading and preprocessing run in a pool of `workers` threads, up to two
         chunks ahead of inference (Pillow, NumPy and onnxruntime release the GIL),
-        so at most three chunks of images are held at any time.  ``workers=0``
-        does everything in the calling thread.  The default is the number of CPU
-        cores, at most 4.
+        and the same threads make a chunk's full-size maps and boxes while the
+        model runs the next one, so at most four chunks of images are held at
+        any time.  ``workers=0`` does everything in the calling thread.  The
+        default is the number of CPU cores, at most 4.
 
         With ``errors="report"``, an image that cannot be read or preprocessed gives an
         `ImageExplanation` whose `error` holds the one-line reason, and the others go on.
@@ -554,21 +557,43 @@ class Explainer:
             return
         pool = ThreadPoolExecutor(workers, thread_name_prefix="camcore-read")
         try:
-            yield from self._run_chunks(_prefetch(pool, images, preprocess, keep_pixels, 2 * chunk), chunk, options)
+            yield from self._run_chunks(_prefetch(pool, images, preprocess, keep_pixels, 2 * chunk), chunk, options,
+                                         pool)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run_chunks(self, prepared, chunk, options):
+    def _run_chunks(self, prepared, chunk, options, pool=None):
+        """Explain `prepared` images chunk by chunk, results in input order.
+
+        With a `pool`, each image's full-size maps and boxes are made there while the
+        model runs the next chunk: results come one chunk late, the model never waits.
+        """
+        finishing, lag = deque(), 0 if pool is None else 1
+
+        def run(batch):
+            try:
+                finishing.append(self._image_chunk(batch, *options, pool=pool))
+            except BaseException:
+                # the results before the failing chunk are still delivered
+                while finishing:
+                    yield from _resolved(finishing.popleft())
+                raise
+            while len(finishing) > lag:
+                yield from _resolved(finishing.popleft())
+
         batch = []
         for index, item in enumerate(prepared):
             batch.append((index, item))
             if len(batch) == chunk:
-                yield from self._image_chunk(batch, *options)
+                yield from run(batch)
                 batch = []
         if batch:
-            yield from self._image_chunk(batch, *options)
+            yield from run(batch)
+        while finishing:
+            yield from _resolved(finishing.popleft())
 
-    def _image_chunk(self, batch, layout, dtype, top_k, threshold, resize, class_rows, errors, method):
+    def _image_chunk(self, batch, layout, dtype, top_k, threshold, resize, class_rows, errors, method, pool=None):
+        """Run one chunk; returns its ``(result, kept)`` in order, each maybe a future of `pool`."""
         ready, results = [], {}
         for index, (source, x, geometry, pixels, error) in batch:
             if error is None:
@@ -589,13 +614,25 @@ class Explainer:
                 sel = class_rows if class_rows.ndim == 1 else class_rows[[r[0] for r in ready]]
             out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x), method=method)
             for j, (index, source, _, geometry, pixels) in enumerate(ready):
-                full = _image_maps(out.maps[j], geometry, resize)
-                found = [find_boxes(m, threshold=threshold) for m in full]
-                result = ImageExplanation(source, geometry.original_size, out.classes[j], out.scores[j],
-                                          found, out.maps[j], geometry, resize, method=method)
-                results[index] = (result, None if pixels is None else (pixels, full))
-        for index, _ in batch:
-            yield results.pop(index)
+                args = (source, out.classes[j], out.scores[j], out.maps[j], geometry, pixels, threshold, resize,
+                        method)
+                results[index] = _finish_image(*args) if pool is None else pool.submit(_finish_image, *args)
+        return [results[index] for index, _ in batch]
+
+
+def _finish_image(source, classes, scores, cams, geometry, pixels, threshold, resize, method):
+    """One image's full-size maps and boxes: ``(ImageExplanation, kept)`` as the stream yields them."""
+    full = _image_maps(cams, geometry, resize)
+    found = [find_boxes(m, threshold=threshold) for m in full]
+    result = ImageExplanation(source, geometry.original_size, classes, scores, found, cams, geometry, resize,
+                              method=method)
+    return result, None if pixels is None else (pixels, full)
+
+
+def _resolved(results):
+    """The items of `results`, waiting for those that are futures."""
+    for item in results:
+        yield item.result() if isinstance(item, Future) else item
 
 
 def _prefetch(pool, images, preprocess, keep_pixels, ahead):

@@ -50,6 +50,11 @@ def read_image(path, *, data: bytes | None = None) -> np.ndarray:
 
     Raises `CamError` (with the path) when the file is missing or not a readable image.
     """
+    return np.asarray(_read_picture(path, data=data))
+
+
+def _read_picture(path, *, data: bytes | None = None):
+    """`read_image`'s decoded Pillow image, before it becomes an array (its mode one NumPy reads)."""
     from PIL import Image
 
     path = Path(path)
@@ -58,7 +63,7 @@ def read_image(path, *, data: bytes | None = None) -> np.ndarray:
     source = path if data is None else BytesIO(bytes(data))
     try:
         with Image.open(source) as img:
-            return _pil_array(img)
+            return _direct_mode(img)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         reason = reason.replace(repr(source), repr(str(path)))  # name the image, not the buffer, as Pillow does
@@ -69,13 +74,15 @@ def read_image(path, *, data: bytes | None = None) -> np.ndarray:
 _DIRECT_MODES = frozenset({"L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F"})
 
 
-def _pil_array(img) -> np.ndarray:
+def _direct_mode(img):
+    """`img` loaded, in one of `_DIRECT_MODES` (1-bit becomes L, the others RGB or RGBA)."""
     if img.mode == "1":
-        img = img.convert("L")
-    elif img.mode not in _DIRECT_MODES:
+        return img.convert("L")
+    if img.mode not in _DIRECT_MODES:
         alpha = "A" in img.mode or "transparency" in img.info
-        img = img.convert("RGBA" if alpha else "RGB")
-    return np.asarray(img)
+        return img.convert("RGBA" if alpha else "RGB")
+    img.load()
+    return img
 
 
 def as_rgb(image, *, name: str = "image") -> np.ndarray:
@@ -280,11 +287,15 @@ class Preprocess:
             if rgb.dtype.kind in "ui":
                 x *= np.float32(self.scale)
             x = self._resize_float(x)
+        return self._normalize(x), geometry
+
+    def _normalize(self, x: np.ndarray) -> np.ndarray:
+        """Channel order, then ``(x - mean) / std``, in place where it can."""
         if self.channel_order == "BGR":
             x = x[..., ::-1]
         x -= np.asarray(self.mean, np.float32)
         x /= np.asarray(self.std, np.float32)
-        return x, geometry
+        return x
 
     def _resize_uint8(self, rgb: np.ndarray, geometry: Geometry) -> np.ndarray:
         """The crop window of an (H0, W0, 3) uint8 image resized to `size` by Pillow, in uint8."""
@@ -293,9 +304,23 @@ class Preprocess:
         x0, y0, x1, y1 = geometry.crop
         if geometry.window_size == self.size:
             return rgb[y0:y1, x0:x1]
-        picture = Image.fromarray(np.ascontiguousarray(rgb))
+        return self._resize_picture(Image.fromarray(np.ascontiguousarray(rgb)), geometry)
+
+    def _resize_picture(self, picture, geometry: Geometry) -> np.ndarray:
         h, w = self.size
-        return np.asarray(picture.resize((w, h), _pillow_filter(self.interpolation), box=(x0, y0, x1, y1)))
+        return np.asarray(picture.resize((w, h), _pillow_filter(self.interpolation), box=geometry.crop))
+
+    def _from_picture(self, picture) -> tuple[np.ndarray, Geometry]:
+        """`__call__` on a decoded Pillow image: the same result, without the array round trip.
+
+        Only RGB pictures whose window needs resizing take the shortcut; the rest go through
+        the array.
+        """
+        geometry = self.geometry((picture.height, picture.width))
+        if picture.mode != "RGB" or geometry.window_size == self.size:
+            return self(np.asarray(picture))
+        return self._normalize(self._resize_picture(picture, geometry).astype(np.float32) * np.float32(self.scale)), \
+            geometry
 
     def _resize_float(self, window: np.ndarray) -> np.ndarray:
         """An (h, w, 3) float32 window resized to `size` by Pillow, channel by channel (mode "F")."""

@@ -229,3 +229,17 @@ def test_read_image_matches_the_pixels_written(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(CamError, match="cannot read image .*bad.jpg"):
         read_image(tmp_path / "bad.jpg")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+@pytest.mark.parametrize("shape, size, resize", [((37, 53), 16, "crop"), ((20, 30), (8, 12), "stretch"),
+                                                 ((16, 16), 16, "stretch"), ((300, 200), 224, "crop")])
+def test_preprocess_from_a_decoded_picture_equals_from_its_array(mode, shape, size, resize):
+    # The reader threads preprocess the decoded Pillow image directly: it must be the array path, bit for bit.
+    rng = np.random.default_rng(0)
+    channels = {"RGB": (3,), "L": (), "RGBA": (4,)}[mode]
+    picture = Image.fromarray(rng.integers(0, 256, (*shape, *channels), dtype=np.uint8), mode)
+    p = Preprocess(size, resize=resize)
+    x, geometry = p._from_picture(picture)
+    want_x, want_geometry = p(np.asarray(picture))
+    assert x.dtype == want_x.dtype and np.array_equal(x, want_x) and geometry == want_geometry
