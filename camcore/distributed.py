@@ -31,6 +31,9 @@ __all__ = ["explain_dataset", "read_options"]
 
 # Actor retries: a killed actor is restarted and its in-flight batches run again.
 RETRIES = {"max_restarts": 4, "max_task_retries": 4}
+# Batches an explaining actor works on at once: one decodes its images while the other
+# runs the model, as the local engine's reader threads do (onnxruntime releases the GIL).
+BATCHES_PER_ACTOR = 2
 
 
 def import_ray():
@@ -240,15 +243,22 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
 
 
 def _map(ds, actor, *, batch_size, concurrency, num_gpus, num_cpus=1, **constructor_kwargs):
-    """``ds.map_batches`` on a pool of `actor` (`ExplainBatch`, `EvaluateBatch`): the one place Ray runs them."""
+    """``ds.map_batches`` on a pool of `actor` (`ExplainBatch`, `EvaluateBatch`): the one place Ray runs them.
+
+    An `ExplainBatch` actor works on `BATCHES_PER_ACTOR` batches at once (its calls share
+    one explainer, whose model runs are thread-safe).
+    """
     ray = import_ray()
+    threads = BATCHES_PER_ACTOR if actor is ExplainBatch else 1
     with warnings.catch_warnings():
-        # Ray 2.60 deprecates extra remote kwargs as a whole, yet documents these two as the way to
-        # bound the actor pool's retries (its default retries forever, also on a batch that kills the actor)
+        # Ray 2.60 deprecates extra remote kwargs as a whole, yet documents these as the way to
+        # bound the actor pool's retries (its default retries forever, also on a batch that kills the
+        # actor) and to let an actor run calls concurrently
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            actor, batch_size=batch_size, batch_format="numpy", compute=_pool(ray, concurrency),
-            num_gpus=num_gpus or None, num_cpus=num_cpus, fn_constructor_kwargs=constructor_kwargs, **RETRIES)
+            actor, batch_size=batch_size, batch_format="numpy", compute=_pool(ray, concurrency, threads > 1),
+            num_gpus=num_gpus or None, num_cpus=num_cpus, fn_constructor_kwargs=constructor_kwargs,
+            max_concurrency=threads, **RETRIES)
 
 
 def _pool_sizes(concurrency) -> tuple:
@@ -259,12 +269,14 @@ def _pool_sizes(concurrency) -> tuple:
     return tuple(int(n) for n in sizes)
 
 
-def _pool(ray, concurrency):
-    """Ray's actor pool for `concurrency`: n actors, or an autoscaling (min, max) pool."""
+def _pool(ray, concurrency, threaded: bool = False):
+    """Ray's actor pool for `concurrency`: n actors, or an autoscaling (min, max) pool.
+
+    `threaded` lets each actor run as many calls at once as its ``max_concurrency``.
+    """
     sizes = _pool_sizes(concurrency)
-    if len(sizes) == 1:
-        return ray.data.ActorPoolStrategy(size=sizes[0])
-    return ray.data.ActorPoolStrategy(min_size=sizes[0], max_size=sizes[1])
+    size = {"size": sizes[0]} if len(sizes) == 1 else {"min_size": sizes[0], "max_size": sizes[1]}
+    return ray.data.ActorPoolStrategy(**size, enable_true_multi_threading=threaded)
 
 
 # ----------------------------------------------------------------- the CLI engine

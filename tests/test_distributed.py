@@ -137,6 +137,35 @@ def test_explain_dataset_validates_before_ray(kwargs, message):
     assert str(info.value) == message
 
 
+def test_an_actor_explains_concurrent_batches_as_it_explains_them_one_by_one(photos):
+    # Actors run BATCHES_PER_ACTOR calls at once on one explainer: their results must not mix.
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the ray extra")
+    good, corrupt = photos
+    paths = good + corrupt
+    options = distributed._explain_options("auto", 2, None, 0.2, "bilinear")
+    actor = distributed.ExplainBatch(None, providers=["cpu"], options=options, maps="feature")
+    batches = [{"bytes": [Path(p).read_bytes() for p in paths[i::3]], "path": paths[i::3]} for i in range(3)]
+    alone = [actor(b).to_pylist() for b in batches]
+    together = [None] * len(batches)
+
+    def run(i):
+        for _ in range(3):  # a few times over, so that the calls overlap
+            together[i] = actor(batches[i]).to_pylist()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert distributed.BATCHES_PER_ACTOR >= 2
+    for got, want in zip(together, alone):
+        assert [r["path"] for r in got] == [r["path"] for r in want]
+        for a, b in zip(got, want):
+            assert {k: v for k, v in a.items() if k != "maps"} == {k: v for k, v in b.items() if k != "maps"}
+            np.testing.assert_array_equal(np.asarray(a["maps"]), np.asarray(b["maps"]))
+            assert (np.asarray(a["maps"]).size == 0) == (a["error"] is not None)
+
+
 # ----------------------------------------------------------------- on the cluster
 
 def test_equal_to_the_single_process_path(ray_cluster, photos, explainer):
