@@ -117,11 +117,11 @@ class ExplainBatch:
             raise InvalidInput(f"the dataset must have a 'bytes' or an 'image' column, got {sorted(batch)}")
         n = len(batch[key])
         paths = [None if p is None else str(p) for p in batch["path"]] if "path" in batch else [None] * n
-        # Decoded in the explainer's reader threads; the batch is one model run (`batch_size`).
+        # Decoded in the explainer's reader threads, ahead of inference, as files are locally.
         images = [EncodedImage(item, path or "<bytes>") if key == "bytes" else np.asarray(item)
                   for path, item in zip(paths, batch[key])]
         stream = self.explainer._explain_image_stream(
-            images, classes=None, batch_size=max(1, n), errors="report", workers=None,
+            images, classes=None, batch_size=None, errors="report", workers=None,
             keep_pixels=self.output == "cli", **self.options)
         rows = [self._row(path, None if kept is None else kept[0], result)
                 for path, (result, kept) in zip(paths, stream)]
