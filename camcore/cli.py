@@ -17,8 +17,7 @@ from . import __version__
 from ._cli_util import (EXIT_ERROR, EXIT_OK, IMAGE_FORMATS, Progress, add_engine_arguments, add_method_arguments,
                         add_preprocess_arguments, atomic_write_bytes, check_engine_arguments, encode_image, fail,
                         fraction, nonnegative_int, one_line, overlay_format, positive_int, preprocess_from_args,
-                        provider_list,
-                        run_command, title_height, title_strip, write_json)
+                        provider_list, run_command, title_height, title_strip, write_json)
 from .errors import CamError
 
 __all__ = ["main", "build_parser"]

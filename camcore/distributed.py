@@ -197,7 +197,8 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
     preprocess : Preprocess, optional
         Default: the model's (`Explainer.default_preprocess`).
     batch_size : int
-        Images per actor call (and per model run).
+        Images per actor call (the unit Ray retries); the model runs on chunks of the
+        explainer's batch size (32) of them, so that decoding overlaps inference.
     concurrency : int or (min, max)
         Actors in the pool (Ray's ``concurrency``).
     num_gpus : float
