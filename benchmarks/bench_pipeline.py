@@ -314,6 +314,7 @@ def measure(args) -> dict:
         "per_round_ratios": [{"explain_images/floor": r["floor"] / r["explain_images"],
                               "cli/floor": r["floor"] / r["cli"]} for r in rounds],
         "batch1": b1, "before_images_per_s": {k: args.count / v for k, v in before.items()},
+        "before_label": args.before_label,
         "startup_s": starts, "load_average": loads, "workers_default": min(4, os.cpu_count() or 1),
     }
 
@@ -342,7 +343,7 @@ def markdown(result: dict, machine_text: str) -> str:
         f"Machine: {machine_text} Load average (1 min) during the run: "
         + ", ".join(f"{v:.1f}" for v in result["load_average"]) + ".",
         "",
-        "| path | img/s | before (commit 2f0c427) |",
+        f"| path | img/s | before ({result.get('before_label') or 'older checkout'}) |",
         "|---|---:|---:|",
     ]
     for name in (*PATHS, *CONTEXT):
@@ -392,7 +393,7 @@ def plot(result: dict, path: Path = PLOT) -> None:
     xs = np.arange(len(names))
     ax.bar(xs + 0.2, after, 0.4, label="now")
     if any(before):
-        ax.bar(xs - 0.2, before, 0.4, label="before (2f0c427)")
+        ax.bar(xs - 0.2, before, 0.4, label=f"before ({result.get('before_label') or 'older checkout'})")
     ax.set_xticks(xs, [short[n] for n in names], fontsize=7)
     ax.set_ylabel("images per second (median)")
     ax.set_yscale("log")
@@ -409,6 +410,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--count", type=int, default=COUNT)
     parser.add_argument("--before", metavar="DIR", help="a checkout of an older camcore to time as well")
+    parser.add_argument("--before-label", default="", help="what --before is (a commit), for the table")
     parser.add_argument("--startup-repeat", type=int, default=7)
     parser.add_argument("--json", default=str(HERE / "pipeline.json"))
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md and the plot")
