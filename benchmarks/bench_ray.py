@@ -8,7 +8,7 @@ image (top-1 class, its full-size map, the largest box) with:
 
 * ``local``: ``camcore.load()`` then `Explainer.iter_explain_images` on the
   paths, ``batch_size`` images per model run, in this process;
-* ``ray xN``: ``explain_dataset(ray.data.read_binary_files(paths, **read_options(N)))``
+* ``ray xN``: ``explain_dataset(ray.data.read_binary_files(paths, **read_options(N, files=len(paths))))``
   (0-CPU read tasks, at most 2 per actor) with ``concurrency=N`` actors (one CPU
   each), consumed by the driver block by block.
 
@@ -74,7 +74,8 @@ def run_local(paths, batch_size) -> tuple[float, int]:
 
 def run_ray(ray, paths, batch_size, actors) -> tuple[float, int]:
     started = time.perf_counter()
-    ds = ray.data.read_binary_files(paths, include_paths=True, **read_options(actors))
+    ds = ray.data.read_binary_files(paths, include_paths=True,
+                                    **read_options(actors, files=len(paths), batch_size=batch_size))
     out = explain_dataset(ds, batch_size=batch_size, concurrency=actors)
     n = sum(int(np.sum([e is None for e in b["error"]])) for b in out.iter_batches(batch_size=None))
     return time.perf_counter() - started, n

@@ -137,6 +137,17 @@ def test_explain_dataset_validates_before_ray(kwargs, message):
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize("concurrency, files, batch_size, blocks", [
+    (1, None, 64, None), (1, 2000, 64, 8), (2, 2000, 64, 8), (4, 100, 64, 8), ((1, 3), 10_000, 128, 20),
+    (1, 1, 64, 1), (8, 5, 4, 5),
+])
+def test_read_options_make_blocks_of_about_four_batches(concurrency, files, batch_size, blocks):
+    options = distributed.read_options(concurrency, files=files, batch_size=batch_size)
+    actors = concurrency[-1] if isinstance(concurrency, tuple) else concurrency
+    assert options["num_cpus"] == 0 and options["concurrency"] == 2 * actors
+    assert options.get("override_num_blocks") == blocks
+
+
 def test_an_actor_explains_concurrent_batches_as_it_explains_them_one_by_one(photos):
     # Actors run BATCHES_PER_ACTOR calls at once on one explainer: their results must not mix.
     pytest.importorskip("pyarrow", reason="pyarrow comes with the ray extra")
