@@ -573,7 +573,7 @@ class Explainer:
         def run(batch):
             try:
                 finishing.append(self._image_chunk(batch, *options, pool=pool))
-            except BaseException:
+            except Exception:
                 # the results before the failing chunk are still delivered
                 while finishing:
                     yield from _resolved(finishing.popleft())
