@@ -120,10 +120,11 @@ class OrtBackend:
         data = key = None
         if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
             self._path = Path(model).resolve()
-            try:
-                data = self._path.read_bytes()
-            except OSError:
-                data = None  # read_model reports it
+            if analysis_cache.folder() is not None:  # no cache, no hash of the whole file
+                try:
+                    data = self._path.read_bytes()
+                except OSError:
+                    data = None  # read_model reports it
         if data is not None:
             self._digest = analysis_cache.digest(data)
             key = analysis_cache.entry_key(self._digest, feature=feature, logits=logits, output=output,

@@ -237,7 +237,7 @@ def startup(tree: Path, photo: Path, out: Path, repeat: int) -> dict:
     """
     explain = "camcore explain one.jpg"
     with tempfile.TemporaryDirectory(prefix="camcore-startup-cache-") as cache:
-        env = dict(os.environ, PYTHONPATH=str(tree), CAMCORE_CACHE_DIR=cache)
+        env = dict(_env(tree), CAMCORE_CACHE_DIR=cache)
         commands = {
             "import camcore": [sys.executable, "-c", "import camcore"],
             "camcore --help": [sys.executable, "-m", "camcore.cli", "--help"],
