@@ -27,13 +27,10 @@ from .errors import InvalidInput, missing_dependency
 from .methods import METHODS
 from .preprocess import EncodedImage, Preprocess
 
-__all__ = ["explain_dataset", "read_options"]
+__all__ = ["explain_dataset", "path_dataset", "read_options"]
 
 # Actor retries: a killed actor is restarted and its in-flight batches run again.
 RETRIES = {"max_restarts": 4, "max_task_retries": 4}
-# Batches an explaining actor works on at once: one decodes its images while the other
-# runs the model, as the local engine's reader threads do (onnxruntime releases the GIL).
-BATCHES_PER_ACTOR = 2
 
 
 def import_ray():
@@ -85,15 +82,39 @@ def read_options(concurrency, *, files: int | None = None, batch_size: int = 64)
     Reading bytes is I/O (decoding runs in the actors): 0 CPUs, so that actors holding
     every CPU never leave the reads waiting, and at most 2 read tasks per actor, as Ray
     would otherwise start a worker process for every 0-CPU read task at once.  Given the
-    number of `files`, blocks of about four batches each: Ray's default of at least 200
-    read tasks costs each of them a task's overhead, which on 2 cores made the actor's
-    calls 15-20 % slower (1,000 JPEGs: 18.6-20.2 s busy against 15.9-17.0 s in 8 blocks).
+    number of `files`, blocks of about four batches each (`num_blocks`).
     """
     actors = _pool_sizes(concurrency)[-1]
     options = {"num_cpus": 0, "concurrency": 2 * actors}
     if files is not None:
-        options["override_num_blocks"] = max(1, min(files, max(2 * actors, -(-files // (4 * batch_size)))))
+        options["override_num_blocks"] = num_blocks(concurrency, files, batch_size)
     return options
+
+
+def num_blocks(concurrency, files: int, batch_size: int = 64) -> int:
+    """Blocks for `files` images feeding `concurrency` actors: about four batches each, at least two per actor.
+
+    Ray's default of at least 200 blocks costs each a task's overhead, which on 2 cores
+    made the actor's calls 15-20 % slower (1,000 JPEGs: 18.6-20.2 s busy against
+    15.9-17.0 s in 8 blocks).
+    """
+    actors = _pool_sizes(concurrency)[-1]
+    return max(1, min(files, max(2 * actors, -(-files // (4 * batch_size)))))
+
+
+def path_dataset(paths, concurrency=1, *, batch_size: int = 64):
+    """A Ray Dataset of image files by `path` alone, for `explain_dataset`: the actors read the files.
+
+    The cheapest input when every node sees the files (a local run, a shared
+    filesystem): no read tasks, no bytes in Ray's object store, no per-file listing
+    on the driver (``read_binary_files`` of 1,500 paths spends 0.3 s there).  Files
+    that are missing or corrupt become rows with an ``error``.  Relative paths are made
+    absolute: the actors do not share the driver's working directory.
+    """
+    ray = import_ray()
+    paths = [os.path.abspath(p) for p in paths]
+    return ray.data.from_items([{"path": p} for p in paths],
+                               override_num_blocks=num_blocks(concurrency, max(1, len(paths)), batch_size))
 
 
 def _providers(num_gpus) -> list:
@@ -105,7 +126,8 @@ class ExplainBatch:
 
     A batch holds ``bytes`` (`ray.data.read_binary_files`, decoded as
     `camcore.preprocess.read_image` decodes files) or ``image`` arrays
-    (`ray.data.read_images`), and optionally ``path``.  With ``output="cli"`` it
+    (`ray.data.read_images`), and optionally ``path``; or only ``path``, files that
+    the actor reads (`path_dataset`).  With ``output="cli"`` it
     returns the CLI's results.json records and encoded overlays instead of arrays.
     """
 
@@ -119,14 +141,17 @@ class ExplainBatch:
     def __call__(self, batch: dict):
         import pyarrow as pa
 
-        key = "bytes" if "bytes" in batch else "image"
-        if key not in batch:
-            raise InvalidInput(f"the dataset must have a 'bytes' or an 'image' column, got {sorted(batch)}")
+        key = next((k for k in ("bytes", "image", "path") if k in batch), None)
+        if key is None:
+            raise InvalidInput(f"the dataset must have a 'bytes', an 'image' or a 'path' column, got {sorted(batch)}")
         n = len(batch[key])
         paths = [None if p is None else str(p) for p in batch["path"]] if "path" in batch else [None] * n
-        # Decoded in the explainer's reader threads, ahead of inference, as files are locally.
-        images = [EncodedImage(item, path or "<bytes>") if key == "bytes" else np.asarray(item)
-                  for path, item in zip(paths, batch[key])]
+        # Read and decoded in the explainer's reader threads, ahead of inference, as locally.
+        if key == "path":
+            images = paths
+        else:
+            images = [EncodedImage(item, path or "<bytes>") if key == "bytes" else np.asarray(item)
+                      for path, item in zip(paths, batch[key])]
         stream = self.explainer._explain_image_stream(
             images, classes=None, batch_size=None, errors="report", workers=None,
             keep_pixels=self.output == "cli", **self.options)
@@ -194,7 +219,9 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
         column (``ray.data.read_images(..., include_paths=True, mode="RGB")``,
         decoded by Ray, which fails the read on a corrupt file; without
         ``mode="RGB"`` a batch mixing gray and color images is mangled); ``path``
-        is kept when present.
+        is kept when present.  A ``path`` column alone (`path_dataset`) has the
+        actors read the files, as the local engine does: the fastest input where
+        every node sees the files.
     model : path, onnx.ModelProto or None
         None is the embedded EfficientNet-Lite0.  A path must be readable on every node.
     method : str
@@ -253,20 +280,18 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
 def _map(ds, actor, *, batch_size, concurrency, num_gpus, num_cpus=1, **constructor_kwargs):
     """``ds.map_batches`` on a pool of `actor` (`ExplainBatch`, `EvaluateBatch`): the one place Ray runs them.
 
-    An `ExplainBatch` actor works on `BATCHES_PER_ACTOR` batches at once (its calls share
-    one explainer, whose model runs are thread-safe).
+    An actor runs one call at a time: two at once (each decoding while the other runs
+    the model) measured 8-15 points more overhead against the local engine, their
+    thread pools contending for the same cores (benchmarks/README.md).
     """
     ray = import_ray()
-    threads = BATCHES_PER_ACTOR if actor is ExplainBatch else 1
     with warnings.catch_warnings():
         # Ray 2.60 deprecates extra remote kwargs as a whole, yet documents these as the way to
-        # bound the actor pool's retries (its default retries forever, also on a batch that kills the
-        # actor) and to let an actor run calls concurrently
+        # bound the actor pool's retries (its default retries forever, also on a batch that kills the actor)
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return ds.map_batches(
-            actor, batch_size=batch_size, batch_format="numpy", compute=_pool(ray, concurrency, threads > 1),
-            num_gpus=num_gpus or None, num_cpus=num_cpus, fn_constructor_kwargs=constructor_kwargs,
-            max_concurrency=threads, **RETRIES)
+            actor, batch_size=batch_size, batch_format="numpy", compute=_pool(ray, concurrency),
+            num_gpus=num_gpus or None, num_cpus=num_cpus, fn_constructor_kwargs=constructor_kwargs, **RETRIES)
 
 
 def _pool_sizes(concurrency) -> tuple:
@@ -277,14 +302,11 @@ def _pool_sizes(concurrency) -> tuple:
     return tuple(int(n) for n in sizes)
 
 
-def _pool(ray, concurrency, threaded: bool = False):
-    """Ray's actor pool for `concurrency`: n actors, or an autoscaling (min, max) pool.
-
-    `threaded` lets each actor run as many calls at once as its ``max_concurrency``.
-    """
+def _pool(ray, concurrency):
+    """Ray's actor pool for `concurrency`: n actors, or an autoscaling (min, max) pool."""
     sizes = _pool_sizes(concurrency)
     size = {"size": sizes[0]} if len(sizes) == 1 else {"min_size": sizes[0], "max_size": sizes[1]}
-    return ray.data.ActorPoolStrategy(**size, enable_true_multi_threading=threaded)
+    return ray.data.ActorPoolStrategy(**size)
 
 
 # ----------------------------------------------------------------- the CLI engine
@@ -298,8 +320,8 @@ def _as_given(record: str, path: str, given: str) -> str:
         return record
     record = json.loads(record)
     record["path"] = given
-    if record["error"] is not None:
-        record["error"] = record["error"].replace(f"cannot read image {path}:", f"cannot read image {given}:", 1)
+    if record["error"] is not None:  # "cannot read image PATH: ...", "image not found: PATH"
+        record["error"] = record["error"].replace(path, given, 1)
     return json.dumps(record)
 
 
@@ -415,8 +437,7 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
         for p in missing:
             arrived(p)
         if owner:
-            ds = ray.data.read_binary_files(sorted(owner), include_paths=True,
-                                            **read_options(concurrency, files=len(owner), batch_size=batch_size))
+            ds = path_dataset(sorted(owner), concurrency, batch_size=batch_size)
             ds = _map(ds, ExplainBatch, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                       model=model, providers=providers or _providers(num_gpus), feature=feature,
                       options=options, maps=False, output="cli", image_format=image_format)

@@ -148,33 +148,28 @@ def test_read_options_make_blocks_of_about_four_batches(concurrency, files, batc
     assert options.get("override_num_blocks") == blocks
 
 
-def test_an_actor_explains_concurrent_batches_as_it_explains_them_one_by_one(photos):
-    # Actors run BATCHES_PER_ACTOR calls at once on one explainer: their results must not mix.
+def test_an_actor_reads_a_path_only_batch_as_it_decodes_the_bytes(photos, tmp_path):
     pytest.importorskip("pyarrow", reason="pyarrow comes with the ray extra")
     good, corrupt = photos
-    paths = good + corrupt
+    missing = str(tmp_path / "missing.jpg")
     options = distributed._explain_options("auto", 2, None, 0.2, "bilinear")
     actor = distributed.ExplainBatch(None, providers=["cpu"], options=options, maps="feature")
-    batches = [{"bytes": [Path(p).read_bytes() for p in paths[i::3]], "path": paths[i::3]} for i in range(3)]
-    alone = [actor(b).to_pylist() for b in batches]
-    together = [None] * len(batches)
+    by_path = actor({"path": good + corrupt + [missing]}).to_pylist()
+    by_bytes = actor({"path": good + corrupt, "bytes": [Path(p).read_bytes() for p in good + corrupt]}).to_pylist()
+    assert [r["path"] for r in by_path] == good + corrupt + [missing]
+    assert by_path[-1]["error"] == f"image not found: {missing}" and by_path[-1]["classes"] == []
+    for a, b in zip(by_path, by_bytes):
+        assert {k: v for k, v in a.items() if k != "maps"} == {k: v for k, v in b.items() if k != "maps"}
+        np.testing.assert_array_equal(np.asarray(a["maps"]), np.asarray(b["maps"]))
+    assert sum(r["error"] is not None for r in by_path) == len(corrupt) + 1
 
-    def run(i):
-        for _ in range(3):  # a few times over, so that the calls overlap
-            together[i] = actor(batches[i]).to_pylist()
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(batches))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert distributed.BATCHES_PER_ACTOR >= 2
-    for got, want in zip(together, alone):
-        assert [r["path"] for r in got] == [r["path"] for r in want]
-        for a, b in zip(got, want):
-            assert {k: v for k, v in a.items() if k != "maps"} == {k: v for k, v in b.items() if k != "maps"}
-            np.testing.assert_array_equal(np.asarray(a["maps"]), np.asarray(b["maps"]))
-            assert (np.asarray(a["maps"]).size == 0) == (a["error"] is not None)
+def test_a_batch_without_images_names_the_columns_it_takes():
+    pytest.importorskip("pyarrow", reason="pyarrow comes with the ray extra")
+    actor = distributed.ExplainBatch(None, providers=["cpu"], options=distributed._explain_options(
+        "auto", 1, None, 0.2, "bilinear"))
+    with pytest.raises(camcore.InvalidInput, match="'bytes', an 'image' or a 'path' column, got \\['item'\\]"):
+        actor({"item": ["a.jpg"]})
 
 
 # ----------------------------------------------------------------- on the cluster
@@ -188,6 +183,19 @@ def test_equal_to_the_single_process_path(ray_cluster, photos, explainer):
     assert all(expected[p].error is not None for p in corrupt)
     assert all(expected[p].error is None for p in good)
     check_equal(rows, expected, maps="full")
+
+
+def test_a_path_dataset_is_read_by_the_actors(ray_cluster, photos, explainer, tmp_path, monkeypatch):
+    good, corrupt = photos
+    missing = str(tmp_path / "missing.jpg")
+    monkeypatch.chdir(Path(good[0]).parent)
+    relative = [Path(good[0]).name]  # made absolute: the actors have another working directory
+    ds = distributed.path_dataset(relative + good[1:] + corrupt + [missing], 2, batch_size=4)
+    assert ds.num_blocks() == distributed.num_blocks(2, len(good + corrupt) + 1, 4) > 2
+    rows = distributed.explain_dataset(ds, top_k=2, batch_size=4, concurrency=2, num_cpus=0.5, maps=True).take_all()
+    expected = reference(explainer, good + corrupt, top_k=2)
+    assert [r["error"] for r in rows if r["path"] == missing] == [f"image not found: {missing}"]
+    check_equal([r for r in rows if r["path"] != missing], expected, maps="full")
 
 
 def test_read_images_column_a_preprocess_and_gradcam(ray_cluster, photos, explainer):
