@@ -433,7 +433,7 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
             if not any(waiting[b] for b in blocks_of[p]):
                 results.pop(p, None)  # its blocks are on disk
 
-    with ray_session(address) if owner else contextlib.nullcontext() as ray:
+    with ray_session(address) if owner else contextlib.nullcontext():
         for p in missing:
             arrived(p)
         if owner:
