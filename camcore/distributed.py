@@ -45,17 +45,30 @@ def import_ray():
 
 @contextlib.contextmanager
 def ray_session(address=None):
-    """Ray, connected to `address` (a cluster), or a local instance started here and shut down after.
+    """The CLI's Ray: connected to `address` (a cluster), or a local instance started here and shut down after.
 
     When Ray is already initialized (a notebook, a test), it is used as it is and left running.
+    Ray Data's progress bars and console INFO lines are off inside (the CLI has its own
+    progress bar); its log file in the session folder keeps everything.
     """
+    import logging
+
     ray = import_ray()
     started = not ray.is_initialized()
     if started:
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    context = ray.data.DataContext.get_current()
+    consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
+    saved = context.enable_progress_bars, [h.level for h in consoles]
+    context.enable_progress_bars = False
+    for handler in consoles:
+        handler.setLevel(max(handler.level, logging.WARNING))
     try:
         yield ray
     finally:
+        context.enable_progress_bars = saved[0]
+        for handler, level in zip(consoles, saved[1]):
+            handler.setLevel(level)
         if started:
             ray.shutdown()
 
