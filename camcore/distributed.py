@@ -48,8 +48,8 @@ def ray_session(address=None):
     """The CLI's Ray: connected to `address` (a cluster), or a local instance started here and shut down after.
 
     When Ray is already initialized (a notebook, a test), it is used as it is and left running.
-    Ray Data's progress bars and console INFO lines are off inside (the CLI has its own
-    progress bar); its log file in the session folder keeps everything.
+    Ray Data's progress bars are off inside and its console shows errors only (the CLI
+    has its own progress bar); its log file in the session folder keeps everything.
     """
     import logging
 
@@ -62,7 +62,7 @@ def ray_session(address=None):
     saved = context.enable_progress_bars, [h.level for h in consoles]
     context.enable_progress_bars = False
     for handler in consoles:
-        handler.setLevel(max(handler.level, logging.WARNING))
+        handler.setLevel(max(handler.level, logging.ERROR))
     try:
         yield ray
     finally:
