@@ -124,10 +124,19 @@ def path_dataset(paths, concurrency=1, *, batch_size: int = 64):
     that are missing or corrupt become rows with an ``error``.  Relative paths are made
     absolute: the actors do not share the driver's working directory.
     """
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise InvalidInput(f"paths must be a list of paths, got the single path {paths!r}")
+    _check_batch_size(batch_size)
+    _pool_sizes(concurrency)
     ray = import_ray()
     paths = [os.path.abspath(p) for p in paths]
     return ray.data.from_items([{"path": p} for p in paths],
                                override_num_blocks=num_blocks(concurrency, max(1, len(paths)), batch_size))
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InvalidInput(f"batch_size must be a positive int, got {batch_size!r}")
 
 
 def _providers(num_gpus) -> list:
@@ -274,8 +283,7 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
         is empty) and, when asked, ``maps``.  Row order is Ray's.
     """
     options = _explain_options(method, top_k, preprocess, threshold, upsample)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InvalidInput(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_batch_size(batch_size)
     for name, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
             raise InvalidInput(f"{name} must be a number >= 0, got {value!r}")

@@ -137,6 +137,16 @@ def test_explain_dataset_validates_before_ray(kwargs, message):
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize("args, kwargs, message", [
+    (("a.jpg",), {}, "paths must be a list of paths, got the single path 'a.jpg'"),
+    ((["a.jpg"],), {"batch_size": 0}, "batch_size must be a positive int, got 0"),
+    ((["a.jpg"], 0), {}, "concurrency must be a positive int or"),
+])
+def test_path_dataset_validates_before_ray(args, kwargs, message):
+    with pytest.raises(camcore.InvalidInput, match=message):
+        distributed.path_dataset(*args, **kwargs)
+
+
 @pytest.mark.parametrize("concurrency, files, batch_size, blocks", [
     (1, None, 64, None), (1, 2000, 64, 8), (2, 2000, 64, 8), (4, 100, 64, 8), ((1, 3), 10_000, 128, 20),
     (1, 1, 64, 1), (8, 5, 4, 5),
