@@ -59,15 +59,15 @@ def ray_session(address=None):
         ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     context = ray.data.DataContext.get_current()
     consoles = [h for h in logging.getLogger("ray.data").handlers if isinstance(h, logging.StreamHandler)]
-    saved = context.enable_progress_bars, [h.level for h in consoles]
+    progress_bars, levels = context.enable_progress_bars, [h.level for h in consoles]
     context.enable_progress_bars = False
     for handler in consoles:
         handler.setLevel(max(handler.level, logging.ERROR))
     try:
         yield ray
     finally:
-        context.enable_progress_bars = saved[0]
-        for handler, level in zip(consoles, saved[1]):
+        context.enable_progress_bars = progress_bars
+        for handler, level in zip(consoles, levels):
             handler.setLevel(level)
         if started:
             ray.shutdown()
@@ -127,11 +127,9 @@ def path_dataset(paths, concurrency=1, *, batch_size: int = 64):
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise InvalidInput(f"paths must be a list of paths, got the single path {paths!r}")
     _check_batch_size(batch_size)
-    _pool_sizes(concurrency)
-    ray = import_ray()
     paths = [os.path.abspath(p) for p in paths]
-    return ray.data.from_items([{"path": p} for p in paths],
-                               override_num_blocks=num_blocks(concurrency, max(1, len(paths)), batch_size))
+    blocks = num_blocks(concurrency, max(1, len(paths)), batch_size)  # validates concurrency, before Ray
+    return import_ray().data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
 
 
 def _check_batch_size(batch_size) -> None:
