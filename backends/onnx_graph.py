@@ -586,7 +586,10 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
     NotCamCompatible
         With a one-line reason.
     """
-    g = _Graph.build(model)
+    # issue 20: a quantized head is read on the float view (dequantized classifier).
+    from .quant_graph import dequantized, is_quantized
+
+    g = _Graph.build(dequantized(model) if is_quantized(model) else model)
     output, logits, scoring = _resolve_logits(g, feature, logits, output)
     pooling = _find_pooling(g, logits, output, feature)
     feature = pooling.node.input[0]

@@ -136,10 +136,11 @@ class OrtBackend:
                 self.session = make_session(exposed, providers, options=session_options)
                 self._fetch = [self.head.feature, self.head.logits]
                 return
-        from . import onnx_graph
+        from . import onnx_graph, quant_graph
 
         proto, folder, external = onnx_graph.read_model(model, data)
         data = None  # the proto holds the model now
+        proto = quant_graph.runnable(proto)  # issue 20: QOperator ops as DQ -> float op -> Q
         self.__dict__.update(model=proto, folder=folder)  # what the cached properties would read
         head = find_any_head(proto, feature=feature, logits=logits, output=output)
         exposed = onnx_graph.expose_outputs(proto, [head.feature, head.logits]).SerializeToString()
@@ -160,7 +161,7 @@ class OrtBackend:
         CamError
             The file changed since the backend was made (its sha256 differs).
         """
-        from . import onnx_graph
+        from . import onnx_graph, quant_graph
 
         try:
             data = self._path.read_bytes()
@@ -171,7 +172,7 @@ class OrtBackend:
             raise CamError(f"model file {self._path} changed since it was loaded: sha256 {self._digest[:16]}... "
                            f"expected, {found[:16]}... found; load it again")
         proto, _, _ = onnx_graph.read_model(self._path, data)
-        return proto
+        return quant_graph.runnable(proto)  # issue 20: as in __init__
 
     @functools.cached_property
     def folder(self):
