@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ("dynamic", "qdq", "qoperator")
 # Calibration photos; the drift tests explain other photos as well as these.
 CALIBRATION = ("astronaut", "coffee", "rocket", "chelsea")
+# Part of the cache key: change it when the recipe below changes.
+RECIPE = "pre_process+int8 weights per channel (static), QInt8 (dynamic); uint8 activations; v2"
 
 
 def cache_dir() -> Path:
@@ -68,7 +70,7 @@ def build(source, fmt: str, *, preprocess=None, calibration=CALIBRATION) -> Path
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     source = Path(source)
-    key = hashlib.sha256(source.read_bytes() + f"{fmt}{calibration}{onnxruntime.__version__}".encode()).hexdigest()
+    key = hashlib.sha256(source.read_bytes() + f"{fmt}{calibration}{RECIPE}{onnxruntime.__version__}".encode()).hexdigest()
     target = cache_dir() / f"{source.stem}.{fmt}.{key[:16]}.onnx"
     if target.exists():
         return target
