@@ -1327,11 +1327,14 @@ def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, seed: str = "cam_
         raise NotCamCompatible(f"cannot infer the type of '{of}'")
     nodes = list(ix.model.graph.node)
 
+    from .quant_rules import RULES as _QUANT_RULES, carries_gradient, integer_rules  # issue 20 (phase A hunk)
+
     active = {wrt}
     for node in nodes:
         if any(i in active for i in node.input) or _subgraph_inputs(node) & active:
             active.update(o for o in node.output
                           if o and o != wrt and ix.elem_type(o) in _FLOAT_TYPES | {None})
+            active.update(o for o in carries_gradient(node, active) if o != wrt)
     if of not in active:
         raise NotCamCompatible(f"'{of}' does not depend on '{wrt}'")
     useful, path = {of}, []
@@ -1355,6 +1358,7 @@ def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, seed: str = "cam_
         if all(g is None for g in grads_out):
             continue
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = integer_rules(node, ix.elem_type) or _QUANT_RULES.get(node.op_type) or rule  # issue 20
         if rule is None or _subgraph_inputs(node):
             raise NotCamCompatible(f"no gradient rule for {node.op_type} at node '{_node_label(node)}'")
         ctx = _Context(e, node, grads_out, useful)

@@ -51,6 +51,8 @@ _AFFINE_OPS = {
     "Slice", "Split", "Squeeze", "Sub", "Sum", "Tile", "Transpose", "Unsqueeze",
 }
 _SHAPE_ONLY = {"Shape", "Size"}
+_INTEGER_TYPES = {onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+                  onnx.TensorProto.UINT16}
 _PROBE_BATCH = 512
 # Constant subgraphs larger than this are not folded (shape arithmetic is a few nodes).
 _MAX_FOLD_NODES = 64
@@ -696,7 +698,8 @@ def _candidates(g: _Graph, logits: str) -> list:
     seen, found = set(), []
     for node in _value_nodes(g, logits):
         for out in node.output:
-            if out in layouts and out not in seen:
+            # issue 20: integer tensors (int8 activations) are not feature maps
+            if out in layouts and out not in seen and g.elem_type(out) not in _INTEGER_TYPES:
                 seen.add(out)
                 found.append((out, g.shape(out), layouts[out]))
     return found
