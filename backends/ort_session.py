@@ -253,14 +253,16 @@ class OrtBackend:
         cost k rows of K numbers instead of k copies of the feature map.
         """
         if gradients not in self._head_sessions:
-            from . import backprop, onnx_graph
+            from . import backprop, onnx_graph, quant_graph
 
             model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
             start, scale = shortcut if shortcut else (self.head.feature, None)
-            head, frontier = backprop.cut_head(model, start, self.head.logits)
+            # issue 20: gradients of int8 logits are taken before their own output quantization.
+            of = quant_graph.before_output_quantization(model, self.head.logits) if gradients else self.head.logits
+            head, frontier = backprop.cut_head(model, start, of)
             if gradients:
-                head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
+                head = backprop.add_backward(head, start, of, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:
                 # No spinning: its idle threads would compete with the forward session's

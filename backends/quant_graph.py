@@ -34,7 +34,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["is_quantized", "qoperator_as_qdq", "dequantized", "runnable", "QLINEAR_OPS", "QUANTIZED_OPS"]
+__all__ = ["is_quantized", "qoperator_as_qdq", "dequantized", "runnable", "cam_bound", "quant_range",
+           "before_output_quantization", "QLINEAR_OPS",
+           "QUANTIZED_OPS"]
 
 _MS = "com.microsoft"
 # QOperator ops written back as DequantizeLinear -> float op -> QuantizeLinear.
@@ -357,3 +359,83 @@ def _centered(w: _Writer, x: str, zero_point: str, reshape_4d: bool = False) -> 
         zf = w.op("Reshape", [zf, w.const(np.array([-1, 1, 1, 1], np.int64), f"{zero_point}_shape")],
                   f"{zero_point}_4d")
     return w.op("Sub", [xf, zf], f"{x}_centered")
+
+
+def quant_range(model: onnx.ModelProto, tensor: str, *, downstream: bool) -> tuple | None:
+    """``(step, lo, hi)`` of the constant per-tensor quantization applied to `tensor`: by the
+    QuantizeLinear reading it (`downstream`) or the DequantizeLinear producing it, through
+    reshapes; None when there is none (float, dynamic or per-axis)."""
+    consts = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    consumers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    stack, seen = [tensor], set()
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for n in (consumers.get(t, []) if downstream else [producer[t]] if t in producer else []):
+            if n.op_type == ("QuantizeLinear" if downstream else "DequantizeLinear"):
+                bounds = _pair_bounds(consts, _as_quantize(n), n)
+                if bounds is not None:
+                    return float(numpy_helper.to_array(consts[n.input[1]]).ravel()[0]), *bounds
+            if n.op_type in _MOVES:
+                stack.extend(n.output if downstream else n.input[:1])
+    return None
+
+
+def _as_quantize(node):
+    """A QuantizeLinear with `node`'s scale and zero point (for `_pair_bounds`)."""
+    return helper.make_node("QuantizeLinear", list(node.input), ["cam_unused"])
+
+
+def cam_bound(model: onnx.ModelProto, weights: np.ndarray, pooled: str, logits: str) -> np.ndarray:
+    """``(C,)``: how far a QDQ/QOperator model's logits may be from the CAM identity.
+
+    The model computes ``W_dq @ Q(pooled) + b``, with ``Q`` rounding each pooled value to its
+    step ``s`` (error at most ``s / 2`` inside the range), then rounds the logits to their
+    step ``s_out``.  CAM uses the exact mean, so per class ``c``
+    ``|logits_c - (mean(map_c) + b_c)| <= sum_k |W_ck| s / 2 + s_out / 2``, while the
+    pooled values and the logits stay inside their quantization ranges (`quant_range`):
+    those are calibrated on sample images, and an image unlike them saturates them, by
+    any amount (`camcore.drift` shows it).  Steps missing from the graph (a float pooled
+    vector or float logits) count as 0.
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        The graph camcore runs (`runnable`).
+    weights : (C, K) ndarray
+        The CAM weights (``Head.weights``).
+    pooled, logits : str
+        The pooled tensor (``Head.extra["pooled"]``) and the logits tensor.
+    """
+    s = (quant_range(model, pooled, downstream=True) or (0.0,))[0]
+    s_out = (quant_range(model, logits, downstream=False) or (0.0,))[0]
+    return np.abs(np.asarray(weights, np.float64)).sum(axis=1) * s / 2 + s_out / 2
+
+
+def before_output_quantization(model: onnx.ModelProto, logits: str) -> str:
+    """The float tensor an output's final QuantizeLinear -> DequantizeLinear pair reads, else `logits`.
+
+    Gradient methods differentiate this tensor: the output pair only rounds and saturates
+    the reported logits (to the range calibrated on sample images), and under the clipped
+    straight-through estimator a saturated logit, often the top class of an image more
+    confident than the calibration set, would give an all-zero map.  Only a pair with the
+    same scale and zero point, through reshapes, is looked through.
+    """
+    consts = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(logits)
+    while node is not None and node.op_type in _MOVES:
+        node = producer.get(node.input[0])
+    if node is None or node.op_type != "DequantizeLinear":
+        return logits
+    chain, q = _through_moves(producer, node.input[0])
+    if q is None or chain or _pair_bounds(consts, q, node) is None:
+        return logits
+    between = producer.get(logits)
+    return q.input[0] if between is node else logits

@@ -35,7 +35,7 @@ from onnx import TensorProto, helper
 
 from .backprop import _attr, _conv, _normalize_axes
 
-__all__ = ["RULES", "carries_gradient", "integer_rules"]
+__all__ = ["RULES", "carries_gradient", "integer_rules", "NO_GRADIENT_METHODS"]
 
 # Ops whose first output, an integer tensor, still carries a gradient.
 _QUANTIZED = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
@@ -201,12 +201,28 @@ def carries_gradient(node, active) -> list:
     return []
 
 
-def integer_rules(node, elem_type) -> object | None:
-    """The rule for `node` when it reads an integer tensor that carries a gradient, else None.
+# Said when a gradient would have to pass through an integer kernel without a rule.
+NO_GRADIENT_METHODS = "cam (on a GAP + affine head), eigencam, ablationcam, scorecam, reciprocam"
 
-    ``elem_type(name)`` gives a tensor's element type.  Only Cast needs it: a Cast from an
-    integer tensor passes the gradient on in float, instead of casting it to integers.
+
+def _integer_kernel(c):
+    c.refuse(f"an integer kernel has no gradient here; methods that need none: {NO_GRADIENT_METHODS}")
+
+
+def integer_rules(node, elem_type) -> object | None:
+    """The rule for `node` when it is an integer op or reads an integer tensor that carries a
+    gradient, else None (the op's ordinary rule applies).
+
+    A Cast from an integer tensor passes the gradient on in float, instead of casting it to
+    integers (``elem_type(name)`` gives a tensor's element type).  The QOperator kernels that
+    `backends.quant_graph.qoperator_as_qdq` does not rewrite, and onnxruntime's fused integer
+    ops (``MatMulIntegerToFloat``, ``DynamicQuantizeMatMul``...), are refused in one line
+    naming the methods that need no gradient.
     """
     if node.op_type == "Cast" and elem_type(node.input[0]) not in _FLOAT | {None}:
         return _cast_from_integer
+    op = node.op_type
+    if node.op_type not in RULES and (op.startswith("QLinear") or op.startswith("Q") and op[1:2].isupper()
+                                      or "Integer" in op or "Quantize" in op):
+        return _integer_kernel
     return None

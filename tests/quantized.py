@@ -61,7 +61,7 @@ def _calibration_reader(model_path: str, preprocess, names):
     return Reader()
 
 
-def build(source, fmt: str, *, preprocess=None, calibration=CALIBRATION) -> Path:
+def build(source, fmt: str, *, preprocess=None, calibration=CALIBRATION, cache=None) -> Path:
     """Path of the `fmt` int8 form of the float model at `source` (built once, then cached)."""
     import onnxruntime
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -71,7 +71,7 @@ def build(source, fmt: str, *, preprocess=None, calibration=CALIBRATION) -> Path
         raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
     source = Path(source)
     key = hashlib.sha256(source.read_bytes() + f"{fmt}{calibration}{RECIPE}{onnxruntime.__version__}".encode()).hexdigest()
-    target = cache_dir() / f"{source.stem}.{fmt}.{key[:16]}.onnx"
+    target = Path(cache or cache_dir()) / f"{source.stem}.{fmt}.{key[:16]}.onnx"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
