@@ -48,12 +48,17 @@ def _calibration_reader(model_path: str, preprocess, names):
     import onnx
     from onnxruntime.quantization import CalibrationDataReader
 
-    input_name = onnx.load(model_path, load_external_data=False).graph.input[0].name
-    batch, _ = preprocess.batch(photos(names))
+    spec = onnx.load(model_path, load_external_data=False).graph.input[0]
+    dims = [d.dim_value for d in spec.type.tensor_type.shape.dim]
+    layout = "NHWC" if len(dims) == 4 and dims[3] == 3 and dims[1] != 3 else "NCHW"
+    batch, _ = preprocess.batch(photos(names), layout=layout)
+    fixed = dims[0] if dims and dims[0] > 0 else 1  # a model exported at batch B takes B rows
+    rows = [batch[i:i + 1].repeat(fixed, axis=0) for i in range(len(batch))]
+    input_name = spec.name
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.rows = iter([{input_name: batch[i:i + 1]} for i in range(len(batch))])
+            self.rows = iter([{input_name: row} for row in rows])
 
         def get_next(self):
             return next(self.rows, None)
