@@ -16,7 +16,8 @@ from skimage import io as skio
 
 import camcore
 from camcore import cli, default_model, outputs
-from camcore.cli import console, demo, options
+from camcore.cli import console, options
+from camcore.cli.demo import DEMO_IMAGES
 from camcore.errors import CamError, NotCamCompatible
 from tests.zoo import CASES, REFUSED, vector_classifier
 
@@ -119,12 +120,12 @@ def test_demo_table_json_and_overlays(demo, default_explainer):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["image", "class", "score", "box"]
-    for name in demo.DEMO_IMAGES:
+    for name in DEMO_IMAGES:
         assert any(line.startswith(f"skimage.data.{name}") for line in lines)
     results = json.loads((out / "results.json").read_text())
     assert results["threshold"] == 0.2
-    assert [r["path"] for r in results["images"]] == [f"skimage.data.{n}" for n in demo.DEMO_IMAGES]
-    for name, record in zip(demo.DEMO_IMAGES, results["images"]):
+    assert [r["path"] for r in results["images"]] == [f"skimage.data.{n}" for n in DEMO_IMAGES]
+    for name, record in zip(DEMO_IMAGES, results["images"]):
         check_record(record, default_explainer.class_name, 1)
         image = getattr(data, name)()
         assert (record["height"], record["width"]) == image.shape[:2]
