@@ -131,26 +131,25 @@ def provider_list(text):
     return [p.strip() for p in text.split(",") if p.strip()] if text else None
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an int >= 0."""
+def _int_from(text: str, low: int, expected: str) -> int:
+    """`text` as an int >= `low`, else argparse's error saying `expected`."""
     try:
         value = int(text)
     except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_from(text, 0, "an int >= 0")
 
 
 def positive_int(text: str) -> int:
     """argparse type: an int >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
+    return _int_from(text, 1, "a positive int")
 
 
 def fraction(text: str) -> float:
