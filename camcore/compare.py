@@ -1,4 +1,4 @@
-"""Every method side by side (the library behind `camcore compare`), with its time per image and, when asked, its faithfulness.
+"""Every method side by side: time per image and, when asked, faithfulness (the library behind `camcore compare`).
 
 For each image it writes ``<stem>.compare.png``: one row per explained class
 (the model's top-k, the same for every method), one column per method, each

@@ -1,4 +1,4 @@
-"""`camcore bench` (camcore/benchmark.py, camcore/cli/bench.py): structure and consistency of the figures, never their speed."""
+"""`camcore bench` (camcore/benchmark.py, camcore/cli/bench.py): structure and consistency of the figures."""
 
 from __future__ import annotations
 
