@@ -1,4 +1,4 @@
-"""`camcore bench` (camcore/benchmark.py, camcore/cli/bench.py): structure and consistency of the figures."""
+"""`camcore bench` (camcore/benchmark.py, camcore/cli/bench.py): the figures' structure, never their speed."""
 
 from __future__ import annotations
 
