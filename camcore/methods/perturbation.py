@@ -26,21 +26,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_choice, check_ndim, float_array
-from .errors import InvalidInput
-from .maps import normalize, upsample
+from .._validate import check_choice, check_ndim
+from ..errors import InvalidInput
+from ..maps import normalize, upsample
+from ..scores import sigmoid, softmax
+from ._common import LAYOUTS, feature_array, weighted_sum
+from ._registry import MethodSpec
 
 __all__ = ["ablationcam", "reciprocam", "scorecam", "FORWARD_METHODS", "runs_per_image"]
 
-_LAYOUTS = ("NCHW", "NHWC")
 _SCORINGS = ("softmax", "sigmoid", "logits")
-
-
-def _features(features, layout: str) -> np.ndarray:
-    check_choice(layout, _LAYOUTS, "layout")
-    f = float_array(features, "features")
-    check_ndim(f, 4, "features", "(N, h, w, K)" if layout == "NHWC" else "(N, K, h, w)")
-    return f
 
 
 def _classes(classes, n: int) -> np.ndarray:
@@ -70,19 +65,15 @@ def _run_rows(run, make_rows, n_rows: int, batch_size: int) -> np.ndarray:
 
 def _scores(logits: np.ndarray, scoring: str) -> np.ndarray:
     if scoring == "softmax":
-        e = np.exp(logits - logits.max(axis=-1, keepdims=True))
-        return e / e.sum(axis=-1, keepdims=True)
+        return softmax(logits)
     if scoring == "sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * logits))
+        return sigmoid(logits)
     return logits
 
 
 def _weighted_maps(weights: np.ndarray, f: np.ndarray, layout: str) -> np.ndarray:
     """``relu(sum_k weights[n, j, k] f[n, k])`` as ``(N, k, h, w)`` in f's dtype."""
-    nchw = f if layout == "NCHW" else f.transpose(0, 3, 1, 2)
-    n, k_feat, h, w = nchw.shape
-    maps = np.matmul(weights.astype(f.dtype), nchw.reshape(n, k_feat, h * w)).reshape(n, -1, h, w)
-    return np.maximum(maps, 0, out=maps)
+    return weighted_sum(weights.astype(f.dtype), f if layout == "NCHW" else f.transpose(0, 3, 1, 2))
 
 
 def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
@@ -120,7 +111,7 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
     >>> ablationcam(f, [[0]], head)                  # w = (2/4, 2/4)
     array([[[[1.5, 1.5]]]])
     """
-    f = _features(features, layout)
+    f = feature_array(features, layout)
     sel = _classes(classes, len(f))
     chunk = _batch_size(batch_size)
     n = len(f)
@@ -182,7 +173,7 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     >>> reciprocam(f, [[0]], head, scoring="logits")   # (4 - 0) / 2 + 0.5, (0 - 2) / 2 + 0.5
     array([[[[ 2.5, -0.5]]]])
     """
-    f = _features(features, layout)
+    f = feature_array(features, layout)
     sel = _classes(classes, len(f))
     check_choice(scoring, _SCORINGS, "scoring")
     chunk = _batch_size(batch_size)
@@ -259,9 +250,9 @@ def scorecam(inputs, features, classes, run_model, *, layout="NCHW", input_layou
     >>> np.round(m, 4)
     array([[[[0.6225, 0.3775]]]])
     """
-    f = _features(features, layout)
+    f = feature_array(features, layout)
     sel = _classes(classes, len(f))
-    check_choice(input_layout, _LAYOUTS, "input_layout")
+    check_choice(input_layout, LAYOUTS, "input_layout")
     x = np.asarray(inputs)
     check_ndim(x, 4, "inputs", "(N, H, W, 3)" if input_layout == "NHWC" else "(N, 3, H, W)")
     if len(x) != len(f):
@@ -284,10 +275,9 @@ def scorecam(inputs, features, classes, run_model, *, layout="NCHW", input_layou
 
     logits = _run_rows(run_model, make_rows, n * m, chunk).reshape(n, m, -1)
     s = np.take_along_axis(logits, sel[:, None, :], axis=2).transpose(0, 2, 1)  # (N, k, m)
-    e = np.exp(s - s.max(axis=2, keepdims=True))
-    softmax = e / e.sum(axis=2, keepdims=True)
+    w = softmax(s, axis=2)
     weights = np.zeros((n, sel.shape[1], f_nchw.shape[1]))
-    np.put_along_axis(weights, np.broadcast_to(kept[:, None, :], softmax.shape), softmax, axis=2)
+    np.put_along_axis(weights, np.broadcast_to(kept[:, None, :], w.shape), w, axis=2)
     return _weighted_maps(weights, f, layout)
 
 
@@ -310,3 +300,32 @@ def runs_per_image(method: str, *, channels: int, positions: int, max_channels=N
     if method == "scorecam":
         return {"head": 0, "model": channels if max_channels is None else min(channels, max_channels)}
     return {"head": 0, "model": 0}
+
+
+def _ablationcam_maps(given):
+    return ablationcam(given.features, given.classes, given.run_head, layout=given.layout,
+                       batch_size=given.options.get("batch_size", 256))
+
+
+def _reciprocam_maps(given):
+    return reciprocam(given.features, given.classes, given.run_head, layout=given.layout,
+                      batch_size=given.options.get("batch_size", 256),
+                      scoring=given.options.get("scoring", given.scoring))
+
+
+def _scorecam_maps(given):
+    rows = given.fixed_batch or given.options.get("batch_size", given.batch_size)
+    return scorecam(given.inputs, given.features, given.classes, given.run_model, layout=given.layout,
+                    input_layout=given.input_layout, max_channels=given.options.get("max_channels"),
+                    batch_size=rows)
+
+
+# In the order of FORWARD_METHODS.
+SPECS = (
+    MethodSpec("ablationcam", frozenset({"features", "head_runs"}), ablationcam, _ablationcam_maps,
+               options=("batch_size",)),
+    MethodSpec("scorecam", frozenset({"features", "model_runs"}), scorecam, _scorecam_maps,
+               options=("batch_size", "max_channels")),
+    MethodSpec("reciprocam", frozenset({"features", "head_runs"}), reciprocam, _reciprocam_maps,
+               options=("batch_size", "scoring")),
+)
