@@ -1,5 +1,8 @@
 """The method registry: every method has a spec, and the Explainer runs only what a spec needs."""
 
+import ast
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -123,3 +126,35 @@ def test_model_runs_need_the_inputs():
         ex.maps(features, np.zeros((2, 1), np.int64), method="scorecam")
     maps = ex.maps(features, np.zeros((2, 1), np.int64), method="scorecam", inputs={"x": x})
     np.testing.assert_array_equal(maps, ex.explain(x, classes=[0], method="scorecam").maps)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_CORE = {"errors", "_validate", "backend", "maps", "localize", "render", "preprocess", "metrics", "wsol",
+         "faithfulness", "default_model", "scores"}
+
+
+def _camcore_imports(path):
+    """The camcore modules `path` imports, at module level or inside functions, as top-level names."""
+    package = ["camcore", *path.parent.relative_to(ROOT / "camcore").parts]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            parts = base + (node.module.split(".") if node.module else [])
+            names = [parts + [alias.name] for alias in node.names] if len(parts) == 1 else [parts]
+            found.update(p[1] for p in names if p[0] == "camcore" and len(p) > 1)
+        elif isinstance(node, ast.Import):
+            found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("camcore."))
+    return found
+
+
+def test_methods_and_scores_import_only_the_array_core():
+    """Array core <- methods: the methods and the core modules this split touched never import the application."""
+    methods = sorted((ROOT / "camcore" / "methods").glob("*.py"))
+    assert len(methods) >= 6
+    for path in methods:
+        assert _camcore_imports(path) <= _CORE | {"methods"}, path.name
+    for name in ("scores", "faithfulness", "maps"):
+        assert _camcore_imports(ROOT / "camcore" / f"{name}.py") <= _CORE - {"faithfulness"}, name
+    assert _camcore_imports(ROOT / "camcore" / "perturbation.py") == {"methods"}
+    assert "explainer" in _camcore_imports(ROOT / "camcore" / "api.py")  # the walker sees relative imports

@@ -1,19 +1,8 @@
-"""Gradient-weighted class activation maps, on `features` and `gradients` arrays.
+"""Gradient-weighted class activation maps: the methods that need ``features`` and ``gradients``.
 
-Each function takes the target layer's activations ``features`` ``(N, K, h, w)`` and,
-for ``k`` classes per item, the gradients of each class's logit with respect to them,
-``gradients`` ``(N, k, K, h, w)`` (``gradients[n, j] = d logit[n, c_j] / d features[n]``),
-and returns maps ``(N, k, h, w)``.  With ``layout="NHWC"`` the channel axis is last in
-both arrays: ``(N, h, w, K)`` and ``(N, k, h, w, K)``.  The maps keep the dtype rule
-(float16 -> float32, float32 and float64 kept, integers -> float64) and are not
-normalized; each ends with the ReLU its paper applies.
-
-Where the head is global average pooling + affine (``logit_c = mean_xy(sum_k W[c, k] f_k)
-+ b_c``), the gradient is ``W[c, k] / (h w)`` at every pixel, so Grad-CAM is exactly
-``relu(CAM) / (h w)``.
-
-`eigencam` (`camcore.methods.eigen`) needs no gradients: it takes ``features`` alone.
-The other forward-only methods re-run the model or its head: see `camcore.perturbation`.
+Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM and LayerCAM, each ``f(features (N, K, h, w),
+gradients (N, k, K, h, w)) -> maps (N, k, h, w)``; the conventions (layouts, dtype rule,
+the ReLU, the GAP + affine closed form) are in `camcore.methods`.
 """
 
 from __future__ import annotations
