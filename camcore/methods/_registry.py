@@ -8,7 +8,7 @@ would have to run for it otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -56,7 +56,7 @@ class MethodInputs:
     features: np.ndarray
     classes: np.ndarray
     layout: str
-    options: Mapping = None
+    options: Mapping = field(default_factory=dict)
     scoring: str = "softmax"
     batch_size: int = 32
     fixed_batch: int | None = None
