@@ -80,6 +80,7 @@ from .localize import boxes as heuristic_boxes
 from .maps import normalize, upsample
 from .metrics import box_accuracies, localization_accuracy, pointing_game, pxap_counts
 from .preprocess import Geometry, Preprocess, read_image
+from .scores import top_k as _top_classes
 from .wsol import Dataset
 
 __all__ = ["GRID", "IOU_THRESHOLDS", "evaluate", "grid_boxes", "grid_mask",
@@ -180,11 +181,6 @@ def _save_map(folder: Path, image_id: str, scoremap: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, scoremap.astype(np.float64))
     atomic_write_bytes(folder / f"{image_id}.npy", buffer.getvalue())
-
-
-def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
-    """The k best classes per row, best first (ties: lower index first)."""
-    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
 FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "pointing_game")
