@@ -25,8 +25,10 @@ _AXES_INPUT_OPSET_REDUCE = 18
 def attr(node: onnx.NodeProto, name: str, default=None):
     """The value of attribute `name` of `node` (``helper.get_attribute_value``), else `default`.
 
-    >>> attr(helper.make_node("Flatten", ["x"], ["y"], axis=2), "axis"), attr(helper.make_node("Relu", ["x"], ["y"]), "alpha", 0.5)
-    (2, 0.5)
+    >>> attr(helper.make_node("Flatten", ["x"], ["y"], axis=2), "axis")
+    2
+    >>> attr(helper.make_node("LeakyRelu", ["x"], ["y"]), "alpha", 0.01)
+    0.01
     """
     for a in node.attribute:
         if a.name == name:

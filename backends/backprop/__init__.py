@@ -36,7 +36,7 @@ module per family, each ending in its own ``RULES`` table that `RULES` merges be
   (``Reshape(g, Shape(x))``), Transpose, Concat, Split, Slice (any steps), Gather and
   GatherElements (repeated indices need opset 16), Expand, Pad (mode constant; pads
   constant or computed, negative pads crop);
-* `arithmetic`: numpy broadcasting: Add, Sub, Mul, Div, Pow, Neg, Sum, Mean, Max, Min
+* `arithmetic`, with numpy broadcasting: Add, Sub, Mul, Div, Pow, Neg, Sum, Mean, Max, Min
   (ties share), Where, PRelu (slope too); the axes to sum are found from static dims, or
   at run time from opset 13 when dims are symbolic;
 * `activation`: Relu, LeakyRelu, Elu, Sigmoid, HardSigmoid, HardSwish, Tanh, Clip, Erf,

@@ -11,44 +11,17 @@ from camcore.errors import NotCamCompatible
 
 from .._proto import copy_model, node_label
 from ._emit import _Context, _Emitter
-from ._graph import _FLOAT_TYPES, _check_opset, _Index, _subgraph_inputs, _unknown_nonpositive_dims
+from ._graph import _FLOAT_TYPES, _check_opset, _descendants, _Index, _subgraph_inputs, _unknown_nonpositive_dims
+
 
 def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, rules: dict, seed: str = "cam_seed",
                  grad: str | None = None) -> onnx.ModelProto:
-    """Append the vector-Jacobian product ``d sum(seed * of) / d wrt`` to a copy of `model`.
-
-    Parameters
-    ----------
-    model : onnx.ModelProto
-        Opset >= 11.  Not modified.
-    wrt : str
-        A graph input or an internal tensor.
-    of : str
-        A tensor depending on `wrt`.
-    rules : dict
-        ``{op_type: rule}``, the merged table of `backends.backprop`.
-    seed : str
-        Name of the new input, with `of`'s type and shape.
-    grad : str, optional
-        Name of the new output, with `wrt`'s shape (default ``cam_grad``).
-
-    Returns
-    -------
-    onnx.ModelProto
-        The model's outputs, then `grad`.
-
-    Raises
-    ------
-    NotCamCompatible
-        If `of` does not depend on `wrt`, or a node on a path between them has no rule
-        (the message names the op and the node).
-    """
+    """`backends.backprop.add_backward` (documented there) over the rule table `rules`
+    (``{op_type: rule}``)."""
     grad = grad or "cam_grad"
     opset = _check_opset(model)
     ix = _Index(model)
-    for name in (wrt, of):
-        if not ix.exists(name):
-            raise NotCamCompatible(f"tensor '{name}' is not in the model")
+    ix.require(wrt, of)
     for name in (seed, grad):
         if ix.exists(name):
             raise NotCamCompatible(f"tensor name '{name}' is already used in the model")
@@ -56,11 +29,7 @@ def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, rules: dict, seed
         raise NotCamCompatible(f"cannot infer the type of '{of}'")
     nodes = list(ix.model.graph.node)
 
-    active = {wrt}
-    for node in nodes:
-        if any(i in active for i in node.input) or _subgraph_inputs(node) & active:
-            active.update(o for o in node.output
-                          if o and o != wrt and ix.elem_type(o) in _FLOAT_TYPES | {None})
+    active = _descendants(nodes, wrt, lambda o: o != wrt and ix.elem_type(o) in _FLOAT_TYPES | {None})
     if of not in active:
         raise NotCamCompatible(f"'{of}' does not depend on '{wrt}'")
     useful, path = {of}, []

@@ -121,6 +121,22 @@ class _Index:
     def exists(self, name: str) -> bool:
         return name in self.producer or name in self.types or name in self.initializers
 
+    def require(self, *names: str) -> None:
+        """Raise `NotCamCompatible` for the first of `names` the graph does not have."""
+        for name in names:
+            if not self.exists(name):
+                raise NotCamCompatible(f"tensor '{name}' is not in the model")
+
+
+def _descendants(nodes, start: str, follow=bool) -> set:
+    """`start` and the tensors computed from it, in one pass over `nodes` (graph order);
+    an output for which `follow` is false is left out."""
+    found = {start}
+    for node in nodes:
+        if any(i in found for i in node.input) or _subgraph_inputs(node) & found:
+            found.update(o for o in node.output if o and follow(o))
+    return found
+
 
 _SAME_SHAPE = {"Identity", "Cast", "Dropout", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Relu", "LeakyRelu", "Elu",
                "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Erf", "Gelu", "Softplus", "Softsign", "Mish",
@@ -189,16 +205,11 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
 
     _check_opset(model)
     ix = _Index(model)
-    for name in (target, logits):
-        if not ix.exists(name):
-            raise NotCamCompatible(f"tensor '{name}' is not in the model")
+    ix.require(target, logits)
     if ix.dims(target) is None or ix.elem_type(target) is None:
         raise NotCamCompatible(f"cannot infer the type and rank of target '{target}'")
     nodes = list(ix.model.graph.node)
-    descendants = {target}
-    for node in nodes:
-        if any(i in descendants for i in node.input) or _subgraph_inputs(node) & descendants:
-            descendants.update(o for o in node.output if o)
+    descendants = _descendants(nodes, target)
     if logits not in descendants:
         raise NotCamCompatible(f"logits '{logits}' do not depend on target '{target}'")
 

@@ -1,6 +1,8 @@
-"""Gradient rules for activations: Relu, LeakyRelu, Elu, Sigmoid, HardSigmoid, HardSwish, Tanh, Clip,
-Erf, Gelu (both approximations), Softplus, Softsign, Mish, Abs, Exp, Log, Sqrt,
-Reciprocal, Softmax and LogSoftmax (2-D coercion before opset 13).
+"""Gradient rules for activations.
+
+Relu, LeakyRelu, Elu, Sigmoid, HardSigmoid, HardSwish, Tanh, Clip, Erf, Gelu (both
+approximations), Softplus, Softsign, Mish, Abs, Exp, Log, Sqrt, Reciprocal, Softmax and
+LogSoftmax (2-D coercion before opset 13).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
@@ -13,6 +15,7 @@ from camcore.errors import NotCamCompatible
 
 from .._proto import attr, node_label, text_attr
 from ._emit import _normalize_axes
+
 
 def _unary(fn):
     def rule(c):

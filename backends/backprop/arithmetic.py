@@ -1,6 +1,8 @@
-"""Gradient rules for elementwise arithmetic with numpy broadcasting: Add, Sub, Mul, Div, Pow, Neg,
-Sum, Mean, Max, Min (ties share), Where, PRelu (slope too); the axes to sum are found
-from static dims, or at run time from opset 13 when dims are symbolic.
+"""Gradient rules for elementwise arithmetic with numpy broadcasting.
+
+Add, Sub, Mul, Div, Pow, Neg, Sum, Mean, Max, Min (ties share), Where, PRelu (slope too);
+the axes to sum are found from static dims, or at run time from opset 13 when dims are
+symbolic.
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """

@@ -1,8 +1,9 @@
-"""Gradient rules for linear ops: Gemm (alpha, beta, transA, transB, broadcast C), MatMul (batched,
-1-D), Einsum (no ellipsis; each operand's letters distinct and shared), Conv (any
-kernel, strides, pads, dilations, groups, auto_pad; bias; ConvTranspose with
-output_padding, or crop/pad at run time when spatial sizes are dynamic and auto_pad is
-NOTSET/VALID).
+"""Gradient rules for linear ops.
+
+Gemm (alpha, beta, transA, transB, broadcast C), MatMul (batched, 1-D), Einsum (no ellipsis;
+each operand's letters distinct and shared), Conv (any kernel, strides, pads, dilations,
+groups, auto_pad; bias; ConvTranspose with output_padding, or crop/pad at run time when
+spatial sizes are dynamic and auto_pad is NOTSET/VALID).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 from .._proto import attr, text_attr
 from ._emit import _window
 from ._graph import _broadcast_dims
+
 
 def _gemm(c):
     e, a, b, g = c.e, c.x(0), c.x(1), c.g()

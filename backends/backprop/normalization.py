@@ -1,4 +1,6 @@
-"""Gradient rules for normalization: BatchNormalization (inference form), LayerNormalization (any axis).
+"""Gradient rules for normalization.
+
+BatchNormalization (inference form), LayerNormalization (any axis).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
@@ -7,6 +9,7 @@ from __future__ import annotations
 
 from .._proto import attr
 from ._emit import _normalize_axes
+
 
 def _batch_norm(c):
     e, x = c.e, c.x()

@@ -1,7 +1,9 @@
-"""Gradient rules for pooling and reductions: GlobalAveragePool, GlobalMaxPool, AveragePool (pads,
-strides, dilations, ceil_mode, count_include_pad; static spatial sizes), MaxPool (via
-its Indices; overlapping windows need opset 16), ReduceMean, ReduceSum, ReduceMax,
-ReduceMin, ReduceL1, ReduceL2, ReduceSumSquare, ReduceLogSumExp (axes constant).
+"""Gradient rules for pooling and reductions.
+
+GlobalAveragePool, GlobalMaxPool, AveragePool (pads, strides, dilations, ceil_mode,
+count_include_pad; static spatial sizes), MaxPool (via its Indices; overlapping windows need
+opset 16), ReduceMean, ReduceSum, ReduceMax, ReduceMin, ReduceL1, ReduceL2, ReduceSumSquare,
+ReduceLogSumExp (axes constant).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
@@ -13,6 +15,7 @@ from onnx import helper
 
 from .._proto import attr
 from ._emit import _SCATTER_ADD_OPSET, _normalize_axes, _window
+
 
 def _average_pool_matrix(k, s, d, pb, pe, size_in, size_out, include_pad, dtype):
     """(out, in) matrix of one spatial axis of AveragePool: 1/count on each window."""

@@ -1,7 +1,9 @@
-"""Gradient rules for shape ops: Identity, Cast, Dropout (inference), Flatten, Reshape, Squeeze, Unsqueeze
-(``Reshape(g, Shape(x))``), Transpose, Concat, Split, Slice (any steps), Gather and
-GatherElements (repeated indices need opset 16), Expand, Pad (mode constant; pads
-constant or computed, negative pads crop).
+"""Gradient rules for shape ops.
+
+Identity, Cast, Dropout (inference), Flatten, Reshape, Squeeze, Unsqueeze (``Reshape(g,
+Shape(x))``), Transpose, Concat, Split, Slice (any steps), Gather and GatherElements
+(repeated indices need opset 16), Expand, Pad (mode constant; pads constant or computed,
+negative pads crop).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
