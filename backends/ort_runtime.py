@@ -1,7 +1,7 @@
 """Making onnxruntime sessions, in one place: the import, provider names and validation.
 
-Imports no other `backends` module, so graph analysis (`onnx_graph`'s probes) and the
-`OrtBackend` both use it without importing each other.
+Imports no other `backends` module: graph analysis (`onnx_graph`'s probes) and the
+`OrtBackend` (`ort_session`) both use it, and `onnx_graph` needs nothing from `ort_session`.
 """
 
 from __future__ import annotations
