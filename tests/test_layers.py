@@ -9,6 +9,8 @@ inside a function), and on a circle.  A new module must be given its layer here.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,22 @@ def test_the_rule_catches_a_wrong_import(tmp_path):
     edges = imports("camcore.maps", path, False, known)
     assert [(layer(t), in_f) for t, _, in_f in edges] == [(APPLICATION, False), (BACKENDS, True)]
     assert all(layer(t) > layer("camcore.maps") for t, _, _ in edges)
+
+
+def test_ort_runtime_imports_no_other_backends_module():
+    """Session making sits under every backends module that runs a graph."""
+    assert [t for t, _, _ in EDGES["backends.ort_runtime"] if layer(t) == BACKENDS] == []
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["explain", "--help"], ["eval", "--help"]])
+def test_help_loads_no_runtime_nor_numpys_dependents(argv):
+    code = ("import sys, contextlib, io\n"
+            "import camcore\n"
+            "from camcore import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            f"    try: cli.main({argv!r})\n"
+            "    except SystemExit: pass\n"
+            "loaded = [m for m in ('scipy', 'skimage', 'PIL', 'onnx', 'onnxruntime', 'backends') if m in sys.modules]\n"
+            "assert not loaded, loaded\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
