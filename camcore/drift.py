@@ -202,15 +202,16 @@ def picture(result: dict, images, *, count: int = 4, width: int = 256, class_nam
     """
     from skimage.transform import resize
 
-    from ._cli_util import title_strip
+    from .outputs import title_strip
     from .explainer import _image_maps
     from .localize import boxes as find_boxes
     from .maps import upsample
-    from .render import _rgb, overlay
+    from .outputs import _display
+    from .render import overlay
 
     rows = []
     for i in worst(result, count):
-        rec, rgb = result["images"][i], _rgb(np.asarray(images[i]))
+        rec, rgb = result["images"][i], _display(np.asarray(images[i]))
         height = max(1, round(rgb.shape[0] * width / rgb.shape[1]))
         small = (resize(rgb, (height, width), anti_aliasing=True, preserve_range=True) + 0.5).astype(np.uint8)
         tiles = []

@@ -1,4 +1,4 @@
-"""Gradient rules of the int8 ops (backends/quant_rules.py) on tiny graphs.
+"""Gradient rules of the int8 ops (backends/backprop/quantization.py) on tiny graphs.
 
 Oracle: central finite differences of the unrounded function the clipped straight-through
 estimator differentiates (``clip(x, lo, hi)`` for a QDQ pair, the float product with the

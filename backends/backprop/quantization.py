@@ -19,7 +19,7 @@ constant (they are parameters, or, for DynamicQuantizeLinear, statistics of the 
 * MatMulInteger ``y = (a - za) (b - zb)``: ``da = dy (b - zb)^T``, ``db = (a - za)^T dy``;
 * ConvInteger ``y = conv(x - zx, w - zw)``: ``dx`` as for Conv with weights ``w - zw``;
 * Cast from an integer tensor (MatMulInteger's int32 product to float): the gradient
-  passes unchanged, in float.
+  passes unchanged, in float (the `shape` family's Cast rule).
 
 Gradients of integer tensors are float tensors.  The estimator is exact inside the range
 for the composite ``DQ(Q(x))`` seen from ``x`` up to rounding (the test checks it against
@@ -33,9 +33,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .backprop import _attr, _conv, _normalize_axes
+from .._proto import attr as _attr
+from ._emit import _normalize_axes
+from .linear import _conv
 
-__all__ = ["RULES", "carries_gradient", "integer_rules", "NO_GRADIENT_METHODS"]
+__all__ = ["RULES", "carries_gradient", "integer_rule", "NO_GRADIENT_METHODS"]
 
 # Ops whose first output, an integer tensor, still carries a gradient.
 _QUANTIZED = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
@@ -174,12 +176,6 @@ def _conv_integer(c):
     return got
 
 
-def _cast_from_integer(c):
-    """A Cast of an integer tensor that carries a gradient (MatMulInteger's int32 product):
-    the gradient passes unchanged, in float."""
-    return {0: c.g()}
-
-
 RULES = {
     "QuantizeLinear": _quantize_linear, "DequantizeLinear": _dequantize_linear,
     "DynamicQuantizeLinear": _dynamic_quantize_linear, "MatMulInteger": _matmul_integer,
@@ -209,20 +205,15 @@ def _integer_kernel(c):
     c.refuse(f"an integer kernel has no gradient here; methods that need none: {NO_GRADIENT_METHODS}")
 
 
-def integer_rules(node, elem_type) -> object | None:
-    """The rule for `node` when it is an integer op or reads an integer tensor that carries a
-    gradient, else None (the op's ordinary rule applies).
+def integer_rule(node):
+    """A rule refusing `node` when it is an integer kernel without a rule, else None.
 
-    A Cast from an integer tensor passes the gradient on in float, instead of casting it to
-    integers (``elem_type(name)`` gives a tensor's element type).  The QOperator kernels that
-    `backends.quant_graph.qoperator_as_qdq` does not rewrite, and onnxruntime's fused integer
-    ops (``MatMulIntegerToFloat``, ``DynamicQuantizeMatMul``...), are refused in one line
-    naming the methods that need no gradient.
+    The QOperator kernels that `backends.quant_graph.qoperator_as_qdq` does not rewrite, and
+    onnxruntime's fused integer ops (``MatMulIntegerToFloat``, ``DynamicQuantizeMatMul``...),
+    are refused in one line naming the methods that need no gradient, in any domain.
     """
-    if node.op_type == "Cast" and elem_type(node.input[0]) not in _FLOAT | {None}:
-        return _cast_from_integer
     op = node.op_type
-    if node.op_type not in RULES and (op.startswith("QLinear") or op.startswith("Q") and op[1:2].isupper()
-                                      or "Integer" in op or "Quantize" in op):
+    if op not in RULES and (op.startswith("QLinear") or (op.startswith("Q") and op[1:2].isupper())
+                            or "Integer" in op or "Quantize" in op):
         return _integer_kernel
     return None
