@@ -200,3 +200,33 @@ def test_drift_picture_shows_the_worst_images(lite0, lite0_drift):
     assert image.dtype == np.uint8 and image.shape[1] == 256 and image.shape[2] == 3
     worst = sorted(result["images"], key=lambda r: r["pearson"])[0]
     assert worst["pearson"] == min(r["pearson"] for r in result["images"])
+
+
+def test_drift_command_writes_the_table_json_and_picture(lite0, tmp_path, capsys):
+    import json
+
+    from skimage import io as skio
+
+    from camcore.cli import main
+
+    for name in ("chelsea", "coffee"):
+        skio.imsave(tmp_path / f"{name}.png", _photo(name))
+    out = tmp_path / "out"
+    status = main(["drift", "embedded", str(lite0["forms"]["qdq"]), str(tmp_path / "chelsea.png"),
+                   str(tmp_path / "coffee.png"), "--steps", "2", "--out", str(out), "--worst", "2"])
+    assert status == 0
+    report = json.loads((out / "drift.json").read_text())
+    assert report["overall"]["images"] == 2 and report["overall"]["top1_agreement"] == 1.0
+    assert [r["reference_name"] for r in report["images"]] == ["Egyptian cat", "espresso"]
+    assert all(r["pearson"] >= 0.9 for r in report["images"])
+    assert skio.imread(out / "drift.png").shape[1] == 512
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "chelsea.png" in printed
+
+
+def test_drift_command_refuses_in_one_line(tmp_path, capsys):
+    from camcore.cli import main
+
+    status = main(["drift", "embedded", str(tmp_path / "missing.onnx"), str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert status != 0 and len(err.strip().splitlines()) == 1 and "missing.onnx" in err
