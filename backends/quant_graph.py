@@ -98,6 +98,7 @@ class _Writer:
         self.used = {o for n in model.graph.node for o in n.output} | set(self.constants) | \
             {i.name for i in model.graph.input}
         self._dq: dict = {}
+        self.params: dict = {}  # quantized tensor -> (scale, zero point)
 
     def name(self, hint: str) -> str:
         name, i = f"cam_{hint}", 1
@@ -118,6 +119,7 @@ class _Writer:
         return self._dq[key]
 
     def q(self, x: str, scale: str, zero_point: str, y: str):
+        self.params[y] = (scale, zero_point)
         self.nodes.append(helper.make_node("QuantizeLinear", [x, scale, zero_point] if zero_point else [x, scale],
                                            [y], name=self.name(f"{y}_q")))
 
@@ -192,12 +194,16 @@ def _rewrite_qlinear(w: _Writer, node) -> bool:
     return True
 
 
+_INTEGER_POOLS = {"MaxPool", "GlobalMaxPool"}
+
+
 def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every QOperator op (`QLINEAR_OPS`) as DQ -> float op -> Q.
 
     The quantized tensors keep their names and values (up to rounding ties: onnxruntime
     fuses these triples back into its integer kernels); the float tensor an op reads is
-    ``cam_<quantized name>_dq``.  A model without such ops is returned as a plain copy.
+    ``cam_<quantized name>_dq``.  A MaxPool or GlobalMaxPool run on an integer tensor
+    (which QOperator graphs keep) is written the same way, with its input's parameters.  A model without such ops is returned as a plain copy.
 
     Examples
     --------
@@ -217,7 +223,18 @@ def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         if _rewrite_qlinear(w, node):
             changed = True
+        elif node.op_type in _INTEGER_POOLS and node.input[0] in w.params:
+            # A max pooling run on the integer tensor itself (it commutes with the
+            # quantization): read the float map, requantize with the same parameters.
+            scale, zero = w.params[node.input[0]]
+            out = w.op(node.op_type, [w.dq(node.input[0], scale, zero)], f"{node.output[0]}_float", **_attrs(node))
+            w.q(out, scale, zero, node.output[0])
+            changed = True
         else:
+            if node.op_type == "QuantizeLinear":
+                w.params[node.output[0]] = tuple((list(node.input) + [""])[1:3])
+            elif node.op_type in _MOVES and node.input and node.input[0] in w.params:
+                w.params[node.output[0]] = w.params[node.input[0]]
             w.nodes.append(node)
     if not changed:
         out = onnx.ModelProto()
@@ -278,6 +295,8 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
             else:  # a one-sided range may stand for a Relu onnxruntime dropped as redundant
                 lo, hi = (w.const(np.float32(v), f"{y}_{side}") for v, side in zip(bounds, ("min", "max")))
                 nodes.append(helper.make_node("Clip", [x, lo, hi], [y], name=w.name(f"{y}_clip")))
+        elif op == "DequantizeLinear" and _constant_dequantized(w, consts, node):
+            pass  # a weight: now a float initializer
         elif op == "DynamicQuantizeLinear":
             y, scale, zero = (list(node.output) + ["", ""])[:3]
             nodes.append(helper.make_node("Identity", [node.input[0]], [y], name=w.name(f"{y}_id")))
@@ -296,6 +315,30 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
         else:
             nodes.append(node)
     return _copy_with_nodes(model, nodes, w.initializers)
+
+
+def _constant_dequantized(w: _Writer, consts: dict, node) -> bool:
+    """Add the value of a DequantizeLinear of initializers as a float initializer; False if it is not one.
+
+    onnxruntime would otherwise fuse ``DequantizeLinear(weights) -> MatMul`` into an integer
+    kernel that quantizes the other operand, and the float view would not be float.
+    """
+    names = [i for i in node.input if i]
+    if not all(i in consts for i in names) or _attrs(node).get("block_size", 0):
+        return False
+    x = numpy_helper.to_array(consts[names[0]])
+    if x.dtype.kind not in "iu":
+        return False
+    scale = numpy_helper.to_array(consts[names[1]]).astype(np.float64)
+    zero = numpy_helper.to_array(consts[names[2]]).astype(np.float64) if len(names) > 2 else np.zeros(())
+    if scale.ndim == 1 and scale.size > 1:
+        axis = _attrs(node).get("axis", 1) % x.ndim
+        shape = [1] * x.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.size > 1 else zero
+    value = ((x.astype(np.float64) - zero) * scale).astype(numpy_helper.to_array(consts[names[1]]).dtype)
+    w.initializers.append(numpy_helper.from_array(value, node.output[0]))
+    return True
 
 
 _POOLS = {"GlobalAveragePool", "AveragePool", "ReduceMean"}
