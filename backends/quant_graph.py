@@ -279,6 +279,11 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
     for node in model.graph.node:
         if any(i in computed for i in node.input):
             computed.update(node.output)
+    # Dequantized constants (weights) become float initializers, known to the checks below.
+    folded = {n.output[0]: t for n in model.graph.node if n.op_type == "DequantizeLinear"
+              for t in [_constant_dequantized(consts, n)] if t is not None}
+    w.initializers.extend(folded.values())
+    consts = {**consts, **folded}
     nodes = w.nodes  # rewrites and kept nodes, in graph order
     for node in model.graph.node:
         op, i = node.op_type, list(node.input) + [""] * 4
@@ -288,14 +293,14 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
             x, y = q.input[0], node.output[0]
             for move in chain:  # Reshape/Flatten/... of the quantized tensor, redone in float
                 x = w.op(move.op_type, [x, *move.input[1:]], f"{move.output[0]}_float", **_attrs(move))
-            if _after_pooling(producer, q.input[0]) or bounds[0] < 0 < bounds[1]:
+            if _after_pooling(producer, consts, q.input[0]) or bounds[0] < 0 < bounds[1]:
                 # Rounding only: averages of dequantized values, or a two-sided range
                 # (the logits'), where clipping means saturation outside calibration.
                 nodes.append(helper.make_node("Identity", [x], [y], name=w.name(f"{y}_id")))
             else:  # a one-sided range may stand for a Relu onnxruntime dropped as redundant
                 lo, hi = (w.const(np.float32(v), f"{y}_{side}") for v, side in zip(bounds, ("min", "max")))
                 nodes.append(helper.make_node("Clip", [x, lo, hi], [y], name=w.name(f"{y}_clip")))
-        elif op == "DequantizeLinear" and _constant_dequantized(w, consts, node):
+        elif op == "DequantizeLinear" and node.output[0] in folded:
             pass  # a weight: now a float initializer
         elif op == "DynamicQuantizeLinear":
             y, scale, zero = (list(node.output) + ["", ""])[:3]
@@ -317,18 +322,18 @@ def dequantized(model: onnx.ModelProto) -> onnx.ModelProto:
     return _copy_with_nodes(model, nodes, w.initializers)
 
 
-def _constant_dequantized(w: _Writer, consts: dict, node) -> bool:
-    """Add the value of a DequantizeLinear of initializers as a float initializer; False if it is not one.
+def _constant_dequantized(consts: dict, node):
+    """The value of a DequantizeLinear of initializers as a float initializer, else None.
 
     onnxruntime would otherwise fuse ``DequantizeLinear(weights) -> MatMul`` into an integer
     kernel that quantizes the other operand, and the float view would not be float.
     """
     names = [i for i in node.input if i]
     if not all(i in consts for i in names) or _attrs(node).get("block_size", 0):
-        return False
+        return None
     x = numpy_helper.to_array(consts[names[0]])
     if x.dtype.kind not in "iu":
-        return False
+        return None
     scale = numpy_helper.to_array(consts[names[1]]).astype(np.float64)
     zero = numpy_helper.to_array(consts[names[2]]).astype(np.float64) if len(names) > 2 else np.zeros(())
     if scale.ndim == 1 and scale.size > 1:
@@ -337,20 +342,27 @@ def _constant_dequantized(w: _Writer, consts: dict, node) -> bool:
         shape[axis] = -1
         scale, zero = scale.reshape(shape), zero.reshape(shape) if zero.size > 1 else zero
     value = ((x.astype(np.float64) - zero) * scale).astype(numpy_helper.to_array(consts[names[1]]).dtype)
-    w.initializers.append(numpy_helper.from_array(value, node.output[0]))
-    return True
+    return numpy_helper.from_array(value, node.output[0])
 
 
 _POOLS = {"GlobalAveragePool", "AveragePool", "ReduceMean"}
-_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "DequantizeLinear", "QuantizeLinear"}
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "DequantizeLinear", "QuantizeLinear"}
 
 
-def _after_pooling(producer: dict, x: str) -> bool:
-    """Whether `x` is an average pooling's output, through reshapes and Q/DQ pairs."""
+def _after_pooling(producer: dict, consts: dict, x: str) -> bool:
+    """Whether `x` is an average pooling's output, through reshapes, Q/DQ pairs and products
+    with positive constants (paddle writes inference Dropout as such a Mul)."""
     node = producer.get(x)
-    while node is not None and node.op_type in _RESHAPES:
+    while node is not None and (node.op_type in _RESHAPES or _positive_scaling(consts, node)):
         node = producer.get(node.input[0])
     return node is not None and node.op_type in _POOLS
+
+
+def _positive_scaling(consts: dict, node) -> bool:
+    """A Mul or Div of its first input by a positive constant."""
+    if node.op_type not in ("Mul", "Div") or len(node.input) != 2 or node.input[1] not in consts:
+        return False
+    return bool(np.all(numpy_helper.to_array(consts[node.input[1]]) > 0))
 
 
 _MOVES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
