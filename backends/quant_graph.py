@@ -346,7 +346,7 @@ def _constant_dequantized(consts: dict, node):
 
 
 _POOLS = {"GlobalAveragePool", "AveragePool", "ReduceMean"}
-_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Dropout", "DequantizeLinear", "QuantizeLinear"}
+_RESHAPES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "DequantizeLinear", "QuantizeLinear"}
 
 
 def _after_pooling(producer: dict, consts: dict, x: str) -> bool:
