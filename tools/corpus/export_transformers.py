@@ -3,7 +3,8 @@ configs) with ``torch.onnx.export`` (TorchScript and dynamo) and optimum, plus t
 
 Run by ``tools/corpus/build.py`` in the ``export-transformers`` venv. Attention is eager (timm's
 fused attention off, ``attn_implementation="eager"``), so every attention probability is a
-Softmax output in the graph. The oracle is torch's, on one fixed batch of two images, with
+Softmax output in the graph; one timm ViT keeps fused attention and is exported at opset 23,
+where it becomes ONNX ``Attention`` ops with no probabilities to read. The oracle is torch's, on one fixed batch of two images, with
 ``seed[n] = one-hot(top-1 class of item n)`` (see tests/corpus.py for the arrays):
 
 - ``block_input``: the input of the last block (pytorch-grad-cam's ``blocks[-1].norm1`` input);
@@ -55,6 +56,7 @@ FRAMEWORK = "transformers"
 NUM_CLASSES = 10
 TS = {"exporter": "ts", "opset": 17}
 DYNAMO = {"exporter": "dynamo", "opset": 18}
+DYNAMO23 = {"exporter": "dynamo", "opset": 23}  # scaled_dot_product_attention -> ONNX Attention
 OPTIMUM = {"exporter": "optimum", "opset": 17}
 
 # timm: tiny configs through create_model's keyword overrides.
@@ -64,6 +66,8 @@ TIMM = {
     "deit_distilled": dict(arch="deit_tiny_distilled_patch16_224", kw=_VIT, size=32),
     "beit": dict(arch="beit_base_patch16_224", kw=_VIT, size=32),
     "vit_reg4": dict(arch="vit_tiny_patch16_224", kw={**_VIT, "reg_tokens": 4}, size=32),
+    # timm's fused attention (F.scaled_dot_product_attention): no Softmax to read in the graph
+    "vit_sdpa": dict(arch="vit_tiny_patch16_224", kw=_VIT, size=32, fused=True, exporters=(DYNAMO23,)),
     "vit_reg4_gap": dict(arch="vit_tiny_patch16_224",
                          kw={**_VIT, "reg_tokens": 4, "global_pool": "avg", "class_token": False}, size=32),
     "swin": dict(arch="swin_tiny_patch4_window7_224",
@@ -105,7 +109,7 @@ HF = {
 # name: (library, family, exporter options); every pair is tried, FAILS are left out.
 CANDIDATES = {}
 for _family in TIMM:
-    for _opts in (TS, DYNAMO):
+    for _opts in TIMM[_family].get("exporters", (TS, DYNAMO)):
         CANDIDATES[f"timm_{_family}_{_opts['exporter']}"] = ("timm", _family, _opts)
 for _family in HF:
     for _opts in (TS, DYNAMO, OPTIMUM):
@@ -134,17 +138,17 @@ def _last(seq):
 
 
 def timm_spec(family: str, model) -> dict:
-    """Modules (last block, final norm, pooled tensor's producer) and the expected facts."""
-    if family in ("vit", "deit_distilled", "beit", "vit_reg4", "vit_reg4_gap"):
+    """Modules (last block, the pooled tensor's producer) and the expected facts."""
+    if family in ("vit", "deit_distilled", "beit", "vit_reg4", "vit_reg4_gap", "vit_sdpa"):
         prefix = model.num_prefix_tokens
-        pooling = {"vit": "cls", "vit_reg4": "cls", "deit_distilled": "cls_dist_mean",
+        pooling = {"vit": "cls", "vit_reg4": "cls", "vit_sdpa": "cls", "deit_distilled": "cls_dist_mean",
                    "beit": "token_mean_no_prefix", "vit_reg4_gap": "token_mean_no_prefix"}[family]
-        return dict(block=model.blocks[-1], norm=model.norm, pool_in=model.norm, pooling=pooling,
+        return dict(block=model.blocks[-1], pool_in=model.norm, pooling=pooling,
                     prefix=prefix, grid=tuple(model.patch_embed.grid_size), hidden=model.embed_dim,
-                    attention="global")
+                    attention="fused" if TIMM[family].get("fused") else "global")
     if family == "swin":
         # NHWC throughout; the head averages the normed map over H and W (channels-last).
-        return dict(block=model.layers[-1].blocks[-1], norm=model.norm, pool_in=model.norm,
+        return dict(block=model.layers[-1].blocks[-1], pool_in=model.norm,
                     pooling="spatial_mean", prefix=0, grid=None, hidden=model.num_features,
                     attention="windowed", spatial="nhwc")
     if family == "levit":
@@ -153,7 +157,7 @@ def timm_spec(family: str, model) -> dict:
         r = TIMM["levit"]["size"] // 16  # the stem's four stride-2 convs
         for _ in model.stages[1:]:
             r = (r - 1) // 2 + 1  # each later stage starts with a stride-2 subsampling attention
-        return dict(block=stage.blocks[-1], norm=None, pool_in=stage, pooling="token_mean", prefix=0,
+        return dict(block=stage.blocks[-1], pool_in=stage, pooling="token_mean", prefix=0,
                     grid=(r, r),
                     hidden=model.num_features, attention="global", spatial="tokens")
     raise KeyError(family)
@@ -170,7 +174,7 @@ def hf_spec(family: str, model) -> dict:
                    "dinov2": "cls_concat_mean", "dinov2_reg": "cls_concat_mean"}[family]
         g = cfg.image_size // cfg.patch_size
         # BEiT with mean pooling: the encoder's layernorm is Identity, the pooler norms the mean.
-        return dict(block=base.encoder.layer[-1], norm=base.layernorm, pool_in=base.layernorm,
+        return dict(block=base.encoder.layer[-1], pool_in=base.layernorm,
                     pooling=pooling, prefix=prefix, grid=(g, g), hidden=cfg.hidden_size, attention="global")
     if family in ("swin", "swinv2", "focalnet"):
         base = getattr(model, family)
@@ -179,7 +183,7 @@ def hf_spec(family: str, model) -> dict:
         block = last.blocks[-1] if family != "focalnet" else last.layers[-1]
         g = cfg.image_size // cfg.patch_size // 2 ** (len(cfg.depths) - 1)
         # (N, L, C) tokens, layernorm, then AdaptiveAvgPool1d over L: a mean over all tokens.
-        return dict(block=block, norm=base.layernorm, pool_in=base.layernorm, pooling="token_mean",
+        return dict(block=block, pool_in=base.layernorm, pooling="token_mean",
                     prefix=0, grid=(g, g), hidden=base.num_features,
                     attention="none" if family == "focalnet" else "windowed", spatial="tokens")
     if family == "cvt":
@@ -188,24 +192,24 @@ def hf_spec(family: str, model) -> dict:
         for p, s in zip(cfg.patch_sizes, cfg.patch_stride):
             g = (g + 2 * (p // 2) - p) // s + 1  # the conv embeddings' padding is patch_padding
         # The last stage carries a CLS token; the head norms it alone (the mean is over one token).
-        return dict(block=stage.layers[-1], norm=model.layernorm, pool_in=model.layernorm, pooling="cls",
+        return dict(block=stage.layers[-1], pool_in=model.layernorm, pooling="cls",
                     prefix=1, grid=(g, g), hidden=cfg.embed_dim[-1], attention="global")
     if family == "levit":
         # The last stage alternates attention and MLP residual layers: its last block starts at
         # layers[-2]. No final norm: the stage's tokens are averaged, then BN+Linear heads.
         stage = model.levit.encoder.stages[-1]
-        return dict(block=stage.layers[-2], block_last=stage.layers[-1], norm=None, pool_in=stage, pooling="token_mean",
+        return dict(block=stage.layers[-2], block_last=stage.layers[-1], pool_in=stage, pooling="token_mean",
                     prefix=0, grid=(stage.get_resolution(),) * 2,
                     hidden=cfg.hidden_sizes[-1], attention="global", spatial="tokens")
     if family == "pvt_v2":
         layer = model.pvt_v2.encoder.layers[-1]
         g = HF["pvt_v2"][2]["image_size"] // 32  # strides 4, 2, 2, 2
-        return dict(block=layer.blocks[-1], norm=layer.layer_norm, pool_in=layer.layer_norm,
+        return dict(block=layer.blocks[-1], pool_in=layer.layer_norm,
                     pooling="token_mean", prefix=0, grid=(g, g), hidden=cfg.hidden_sizes[-1],
                     attention="global", spatial="tokens")
     if family == "efficientnet":
         enc = model.efficientnet.encoder
-        return dict(block=None, norm=None, pool_in=enc.top_activation, pooling="gap", prefix=0, grid=None,
+        return dict(block=None, pool_in=enc.top_activation, pooling="gap", prefix=0, grid=None,
                     hidden=cfg.hidden_dim, attention="none", spatial="nchw")
     raise KeyError(family)
 
@@ -230,7 +234,7 @@ def _output_tensor(out):
 
 @contextlib.contextmanager
 def capture(spec: dict, replace=None):
-    """Record the block input, norm input, block output and the pooled tensor in ``store``, and
+    """Record the last block's input and output and the pooled tensor in ``store``, and
     every Softmax output; with ``replace``, the pooled tensor is swapped for it (the head alone)."""
     store = {"attn": []}
     handles = []
@@ -286,7 +290,9 @@ def build_model(lib: str, family: str, seed: int):
     torch.manual_seed(seed)
     if lib == "timm":
         cfg = TIMM[family]
+        timm.layers.set_fused_attn(cfg.get("fused", False))  # read by each Attention at init
         model = timm.create_model(cfg["arch"], pretrained=False, num_classes=NUM_CLASSES, **cfg["kw"])
+        timm.layers.set_fused_attn(False)
         size = cfg["size"]
     else:
         cls, config_cls, kw = HF[family]
@@ -470,7 +476,7 @@ def export(name: str, cfg: tuple, out: Path) -> None:
         TIMM[family]["arch"] if lib == "timm" else HF[family][0])
 
     attn = sorted(k for k in arrays if k.startswith("attn_") and not k.startswith("attn_grad_"))
-    targets = {k: {"shape": list(arrays[k].shape), "grad": f"grad_{k}"}
+    targets = {k: {"shape": list(arrays[k].shape), "grad": "grad" if k == "features" else f"grad_{k}"}
                for k in ("block_input", "norm_input", "spatial", "features") if k in arrays}
     facts = common.onnx_facts(path)
     np.savez(out / f"{name}.npz", **arrays)
