@@ -164,7 +164,8 @@ def _prepare_image(image, preprocess: Preprocess, keep_pixels: bool):
             x, geometry = preprocess(image)
             pixels = image
         else:  # decoded once; the array of the whole picture is made only when kept
-            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None)
+            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None,
+                                    exif_orientation=preprocess.exif_orientation)
             x, geometry = preprocess._from_picture(picture)
             pixels = np.asarray(picture) if keep_pixels else None
     except CamError as exc:

@@ -72,17 +72,31 @@ def _image_input(model):
 
 
 def _float32_storage(model):
-    """`model` with float16 initializers stored as float32 (their Casts to float become no-ops).
+    """`model` with each Cast of a float16 initializer replaced by the float32 initializer it makes.
 
     The embedded EfficientNet-Lite0 stores its weights in float16, each cast to float32 by a
     node; onnxconverter-common refuses a model that has float16 tensors already.
     """
-    from onnx import TensorProto, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
-    for i, tensor in enumerate(model.graph.initializer):
-        if tensor.data_type == TensorProto.FLOAT16:
-            value = numpy_helper.to_array(tensor).astype(np.float32)
-            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(value, tensor.name))
+    stored = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT16}
+    if not stored:
+        return model
+    kept, made = [], []
+    for node in model.graph.node:
+        to = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
+        if node.op_type == "Cast" and node.input[0] in stored and to == TensorProto.FLOAT:
+            made.append(numpy_helper.from_array(numpy_helper.to_array(stored[node.input[0]]).astype(np.float32),
+                                                node.output[0]))
+        else:
+            kept.append(node)
+    read = {i for n in kept for i in n.input}
+    initializers = [t for t in model.graph.initializer if t.name in read or t.name not in stored] + made
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
+    del model.graph.value_info[:]
     return model
 
 
