@@ -306,7 +306,11 @@ def _window_pool(g: _Graph, node) -> str | None:
     """Describe a 2-D AveragePool/MaxPool whose single output window covers the whole map.
 
     Padding may make the window larger than the map (GoogLeNet from Caffe2: a 7x7 kernel
-    with pads (0, 0, 1, 1) over a 6x6 map).  Returns None for a local pooling.
+    with pads (0, 0, 1, 1) over a 6x6 map), and so may ``ceil_mode`` (the dynamo export of
+    Hugging Face EfficientNet: a 640x640 kernel and stride, ``ceil_mode=1``, over a 7x7
+    map: one window, cut at the map's end).  Whatever the kernel, padding or rounding, the
+    pooling is global when it has one output window and that window starts at or before
+    the map's first pixel and ends at or after its last.  Returns None for a local pooling.
     """
     kernel = tuple(_attr(node, "kernel_shape", ()))
     if len(kernel) != 2:
@@ -327,8 +331,10 @@ def _window_pool(g: _Graph, node) -> str | None:
     for axis, size in enumerate(spatial):
         begin, end = pads[axis], pads[axis + 2]
         span = size + begin + end - kernel[axis]
+        # ONNX's output size; a negative span (kernel beyond the map) leaves one window only
+        # when rounding up, and none (a model onnxruntime refuses) when rounding down.
         out = (-(-span // strides[axis]) if ceil else span // strides[axis]) + 1
-        if span < 0 or out != 1 or kernel[axis] - begin < size:
+        if out != 1 or kernel[axis] - begin < size:
             return None
     padded = f" with pads {pads}" if any(pads) else ""
     return f"{node.op_type} {kernel[0]}x{kernel[1]}{padded} over the whole {spatial[0]}x{spatial[1]} map"
@@ -341,7 +347,7 @@ def _pool_scale(g: _Graph, node) -> float:
     in the divisor, so the pooled value is a constant times the mean.  Running the node
     under onnxruntime gives exactly the divisor the model will run with.
     """
-    if node.op_type != "AveragePool" or not any(_attr(node, "pads", None) or ()):
+    if node.op_type != "AveragePool" or not (any(_attr(node, "pads", None) or ()) or _attr(node, "ceil_mode", 0)):
         return 1.0
     from .ort_session import make_session
 

@@ -17,7 +17,7 @@ from ._validate import check_choice, check_ndim, check_size, float_array
 from .errors import CamError, InvalidInput
 from .maps import upsample
 
-__all__ = ["Preprocess", "Geometry", "EncodedImage", "read_image", "as_rgb", "bit_depth_scale"]
+__all__ = ["Preprocess", "Geometry", "EncodedImage", "read_image", "as_rgb", "bit_depth_scale", "as_input_dtype"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -307,6 +307,26 @@ class Preprocess:
         options.update(overrides)
         return cls(size, **options)
 
+    def for_input(self, dtype) -> "Preprocess":
+        """The preprocessing for a model input of `dtype`: this one, or pixels for integer inputs.
+
+        A model whose image input is an integer type (uint8 pixels, with its normalization
+        inside the graph) is fed the resized pixels on ``0..255``: no scale, mean or std on
+        the host (the geometry, channel order and EXIF handling are kept).  Float inputs
+        keep this preprocessing.
+
+        Examples
+        --------
+        >>> p = Preprocess.imagenet(8)
+        >>> p.for_input(np.float32) is p, p.for_input(np.uint8).mean, p.for_input(np.uint8).scale
+        (True, (0.0, 0.0, 0.0), 1.0)
+        """
+        if np.dtype(dtype).kind not in "ui":
+            return self
+        from dataclasses import replace
+
+        return replace(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=1.0)
+
     def geometry(self, original_size) -> Geometry:
         """The `Geometry` used for an image of size ``(H0, W0)``."""
         h0, w0 = check_size(original_size, "original_size")
@@ -402,12 +422,14 @@ class Preprocess:
         Returns
         -------
         x : (N, 3, H, W) or (N, H, W, 3) ndarray of `dtype`
+            For an integer `dtype`, the rounded pixels (see `for_input`).
         geometries : list of Geometry
         """
         check_choice(layout, ("NCHW", "NHWC"), "layout")
+        preprocess = self.for_input(dtype)
         arrays, geometries = [], []
         for image in images:
-            x, g = self(image)
+            x, g = preprocess(image)
             arrays.append(x)
             geometries.append(g)
         if not arrays:
@@ -415,7 +437,7 @@ class Preprocess:
         x = np.stack(arrays)
         if layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x, dtype=dtype), geometries
+        return as_input_dtype(x, dtype), geometries
 
 
 def _pillow_filter(name: str):
@@ -423,3 +445,18 @@ def _pillow_filter(name: str):
 
     return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
             "nearest": Image.Resampling.NEAREST}[name]
+
+
+def as_input_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    """`x` as a contiguous array of `dtype`; integer dtypes get the values rounded and clipped to their range.
+
+    Examples
+    --------
+    >>> as_input_dtype(np.array([-3.0, 0.4, 0.6, 254.5, 300.0]), np.uint8)
+    array([  0,   0,   1, 254, 255], dtype=uint8)
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        x = np.clip(np.rint(x), info.min, info.max)
+    return np.ascontiguousarray(x, dtype=dtype)
