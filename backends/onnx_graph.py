@@ -24,7 +24,7 @@ from onnx import helper, shape_inference
 from camcore.backend import Head, TensorSpec
 from camcore.errors import CamError, NotCamCompatible
 
-from .contrib_types import complete_types  # types of fused com.microsoft ops (onnxruntime's offline optimization)
+from .contrib_ops import complete_types  # types of fused com.microsoft ops (onnxruntime's offline optimization)
 
 __all__ = [
     "load_model",

@@ -252,7 +252,7 @@ class OrtBackend:
         cost k rows of K numbers instead of k copies of the feature map.
         """
         if gradients not in self._head_sessions:
-            from . import backprop, onnx_graph, precision
+            from . import backprop, contrib_ops, onnx_graph, precision
 
             model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
@@ -260,7 +260,8 @@ class OrtBackend:
             head, frontier = backprop.cut_head(model, start, self.head.logits)
             if gradients and precision.has_float16(head):  # float16 models: the backward pass in float32
                 head = precision.as_float32(head)
-            if gradients:
+            if gradients:  # onnxruntime's fused nodes (offline-optimized models) as the ops they fused
+                head = contrib_ops.as_standard_ops(head)
                 head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import camcore
 from backends import onnx_graph, precision
-from backends.contrib_types import complete_types
+from backends.contrib_ops import as_standard_ops, complete_types
 from camcore.preprocess import Preprocess
 
 K, C, IN = 6, 4, 3
@@ -281,3 +281,87 @@ def test_as_float32_keeps_the_function():
     x = np.array([1.5, -2.25, 4.0], np.float32)
     np.testing.assert_array_equal(_run(upcast, {"x": x}), _run(model, {"x": x}))
     assert precision.has_float16(model)  # the input model is not modified
+
+
+@pytest.mark.parametrize("activation, params", [
+    ("Relu", []), ("Sigmoid", []), ("Tanh", []), ("LeakyRelu", [0.1]), ("HardSigmoid", [0.3, 0.4]),
+    ("Clip", [-0.5, 0.7]),
+])
+@pytest.mark.parametrize("with_sum", [False, True])
+def test_as_standard_ops_fused_conv(activation, params, with_sum):
+    rng = _rng(13)
+    inputs = ["x", "w", "b"] + (["z"] if with_sum else [])
+    extra = {"activation_params": params} if params else {}
+    node = helper.make_node("FusedConv", inputs, ["y"], domain="com.microsoft", activation=activation,
+                            pads=[1, 1, 1, 1], strides=[2, 1], **extra)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b")]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 5])]
+    if with_sum:
+        graph_inputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [2, 4, 3, 5]))
+    graph = helper.make_graph([node], "g", graph_inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    standard = as_standard_ops(model)
+    assert all(n.domain == "" for n in standard.graph.node)
+    feed = {"x": rng.standard_normal((2, 3, 6, 5)).astype(np.float32)}
+    if with_sum:
+        feed["z"] = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
+    np.testing.assert_allclose(_run(standard, feed), _run(model, feed), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("op, attrs", [
+    ("FusedGemm", {"activation": "LeakyRelu", "activation_alpha": 0.2, "transB": 1, "alpha": 0.5}),
+    ("FusedGemm", {"activation": "Relu"}),
+    ("QuickGelu", {"alpha": 1.5}),
+    ("Gelu", {}),
+    ("BiasGelu", {}),
+])
+def test_as_standard_ops_other_fused_nodes(op, attrs):
+    rng = _rng(14)
+    if op == "FusedGemm":
+        w = rng.standard_normal((4, 5) if attrs.get("transB") else (5, 4)).astype(np.float32)
+        inputs, inits = ["x", "w", "c"], [numpy_helper.from_array(w, "w"),
+                                          numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "c")]
+    elif op == "BiasGelu":
+        inputs, inits = ["x", "bias"], [numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "bias")]
+    else:
+        inputs, inits = ["x"], []
+    node = helper.make_node(op, inputs, ["y"], domain="com.microsoft", **attrs)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    standard = as_standard_ops(model)
+    assert all(n.domain == "" for n in standard.graph.node)
+    x = rng.standard_normal((3, 5)).astype(np.float32) * 2
+    np.testing.assert_allclose(_run(standard, {"x": x}), _run(model, {"x": x}), rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_fused_activation_is_kept():
+    node = helper.make_node("FusedConv", ["x", "w"], ["y"], domain="com.microsoft", activation="Softsign")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 2, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.ones((1, 1, 1, 1), np.float32), "w")])
+    assert [n.op_type for n in as_standard_ops(helper.make_model(graph)).graph.node] == ["FusedConv"]
+
+
+def test_gradients_through_a_fused_head(tmp_path):
+    """A MobileNetV3-like head (pooling, 1x1 Conv + Relu, Gemm) fused by ORT_ENABLE_EXTENDED: Grad-CAM as the source's."""
+    b = _Builder(15)
+    conv_w = b.rng.standard_normal((K, IN, 3, 3)).astype(np.float32)
+    feature = b.node("Relu", [b.node("Conv", ["x", b.const(conv_w)], pads=[1, 1, 1, 1])])
+    pooled = b.node("GlobalAveragePool", [feature])
+    head_w = b.rng.standard_normal((8, K, 1, 1)).astype(np.float32)
+    hidden = b.node("Relu", [b.node("Conv", [pooled, b.const(head_w), b.const(np.ones(8, np.float32) * 0.1)])])
+    logits = b.node("Gemm", [b.node("Flatten", [hidden]), b.const(b.rng.standard_normal((C, 8)).astype(np.float32))],
+                    transB=1)
+    model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                    [helper.make_tensor_value_info(logits, TensorProto.FLOAT, ["N", C])])
+    optimized = _offline(model, tmp_path, "ORT_ENABLE_EXTENDED")
+    fused = [n for n in optimized.graph.node if n.op_type == "FusedConv"]
+    assert len(fused) == 2  # the backbone's and the head's
+    x = _rng(16).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    got = camcore.load(tmp_path / "ORT_ENABLE_EXTENDED.onnx").explain(x, classes=np.arange(C))
+    want = camcore.load(model).explain(x, classes=np.arange(C))
+    assert got.method == want.method == "gradcam"
+    np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
