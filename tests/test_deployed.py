@@ -155,7 +155,8 @@ def test_deployed_form_explains_or_refuses_in_one_line(built, model, transform):
     top1 = out.logits.argmax(axis=1)  # the deployed model's own top-1
     if transform in FLOAT16:
         assert np.abs(a - b).max() <= 2e-2 * scale
-        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.999
+        if a.std() > 0:  # Grad-CAM's ReLU leaves some random-weight maps all zero, in both forms
+            assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.999
         logits = np.sort(source.logits, axis=1)
         clear = logits[:, -1] - logits[:, -2] > 2e-2 * np.abs(logits).max(axis=1)
         np.testing.assert_array_equal(top1[clear], source.classes[clear, 0])
