@@ -61,7 +61,7 @@ def complete_types(model: onnx.ModelProto) -> onnx.ModelProto:
     missing = _untyped(model)
     if not missing:
         return model
-    from .ort_session import import_onnxruntime
+    from .ort_runtime import import_onnxruntime
 
     ort = import_onnxruntime()
     probe = onnx.ModelProto()

@@ -199,3 +199,36 @@ def test_unreadable_image_still_one_camerror(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(CamError, match="cannot read image"):
         read_image(tmp_path / "bad.jpg")
+
+
+def _camcore(*args):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "camcore.cli", *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def test_cli_results_refer_to_the_upright_image_and_no_exif_turns_it_off(tmp_path):
+    import json
+
+    upright = data.chelsea()
+    _stored_sideways(upright, tmp_path / "phone.jpg", 6)
+    _camcore("explain", tmp_path / "phone.jpg", "--out", tmp_path / "up", "--quiet")
+    record = json.loads((tmp_path / "up" / "results.json").read_text())["images"][0]
+    assert (record["height"], record["width"]) == (300, 451)
+    top = record["classes"][0]
+    assert top["index"] in CATS
+    x0, y0, x1, y1 = top["box"]
+    assert x0 <= 250 < x1 <= 451 and y0 <= 110 < y1 <= 300  # the cat's face, upright
+    overlay = np.asarray(Image.open(tmp_path / "up" / "phone.cam.jpg"))  # JPEG in, JPEG overlay out
+    assert overlay.shape[1] == 451  # drawn on the upright photo
+
+    _camcore("explain", tmp_path / "phone.jpg", "--out", tmp_path / "stored", "--quiet", "--no-exif")
+    record = json.loads((tmp_path / "stored" / "results.json").read_text())["images"][0]
+    assert (record["height"], record["width"]) == (451, 300)
