@@ -22,6 +22,8 @@ time in a temporary folder removed before the next model's.
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -110,6 +112,7 @@ class _Built:
 
     def __init__(self, root: Path):
         self.root, self.name, self.made, self.source = root, None, {}, None
+        self.outcomes = {}  # "model transform" -> method, or the refusal
 
     def get(self, model):
         name, path, info, hw, framework = model
@@ -127,9 +130,14 @@ class _Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    """The builder; with ``$CAMCORE_DEPLOYED_REPORT`` set, each case's outcome is written there as JSON."""
     root = tmp_path_factory.mktemp("deployed")
-    yield _Built(root)
+    builder = _Built(root)
+    yield builder
     shutil.rmtree(root, ignore_errors=True)
+    report = os.environ.get("CAMCORE_DEPLOYED_REPORT")
+    if report:
+        Path(report).write_text(json.dumps(builder.outcomes, indent=1))
 
 
 @pytest.mark.parametrize("model, transform", CASES, ids=[f"{m[0]}-{t}" for m, t in CASES])
@@ -144,10 +152,12 @@ def test_deployed_form_explains_or_refuses_in_one_line(built, model, transform):
         explainer, layers, method, out = _inspect_and_explain(target, x, classes=source.classes)
     except CamError as exc:  # anything else propagates and fails the test
         message = str(exc)
+        built.outcomes[f"{name} {transform}"] = f"refused: {type(exc).__name__}: {message}"
         assert "\n" not in message and message
         assert expected is not None, f"{name} {transform} refused: {type(exc).__name__}: {message}"
         assert expected in message
         return
+    built.outcomes[f"{name} {transform}"] = out.method
     assert expected is None, f"{name} {transform} is listed as refused but explains: update REFUSED"
     assert layers and method == source_method == out.method
     a, b = source.maps.astype(np.float64), out.maps.astype(np.float64)
@@ -163,3 +173,23 @@ def test_deployed_form_explains_or_refuses_in_one_line(built, model, transform):
     else:
         np.testing.assert_allclose(b, a, rtol=0, atol=1e-3 * scale)
         np.testing.assert_array_equal(top1, source.classes[:, 0])
+
+
+def test_lite0_with_pixels_in_explains_photos_as_the_float_model(tmp_path):
+    """Lite0 with a uint8 NHWC input and its normalization inside: `explain_images` feeds it the
+    resized pixels and gets the float model's classes, scores, maps and boxes."""
+    from skimage import data
+
+    lite = default_model.preprocess()
+    target = tmp_path / "lite0_pixels.onnx"
+    deployed.uint8_nhwc(default_model.path(), target, deployed.Source(mean=lite.mean, std=lite.std))
+    pixels = camcore.load(target, providers=["cpu"])
+    assert pixels.head.input.dtype == np.uint8 and pixels.input_layout == "NHWC" and pixels.head.affine
+    photos = [data.chelsea(), data.coffee(), data.astronaut()]
+    got = pixels.explain_images(photos, preprocess=lite, top_k=2)
+    want = camcore.load(providers=["cpu"]).explain_images(photos, top_k=2)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g.classes, w.classes)
+        np.testing.assert_allclose(g.scores, w.scores, atol=1e-5)
+        np.testing.assert_allclose(g.cams, w.cams, rtol=0, atol=1e-4 * np.abs(w.cams).max())
+        assert g.size == w.size and g.box(0) == w.box(0)
