@@ -17,8 +17,6 @@ import onnx
 import numpy as np
 from onnx import helper, numpy_helper, shape_inference
 
-from camcore.errors import CamError
-
 __all__ = ["complete_types", "as_standard_ops"]
 
 _ONNX_DOMAINS = ("", "ai.onnx")
@@ -49,32 +47,34 @@ def complete_types(model: onnx.ModelProto) -> onnx.ModelProto:
 
     Only models with nodes outside the ONNX domain and untyped tensors are changed: the
     types come from an onnxruntime session built (not run) on a copy exposing them, with
-    graph optimizations off.  Tensors onnxruntime cannot type either stay untyped.
-
-    Raises
-    ------
-    CamError
-        onnxruntime cannot load the model.
+    graph optimizations off.  Tensors onnxruntime cannot type stay untyped, and so does
+    every tensor when onnxruntime is not installed or cannot load the model (another
+    runtime's ops): what needs a type then says which one is missing.
     """
     if all(node.domain in _ONNX_DOMAINS for node in model.graph.node):
         return model
     missing = _untyped(model)
     if not missing:
         return model
-    from .ort_runtime import import_onnxruntime
+    from camcore.errors import CamError
 
-    ort = import_onnxruntime()
+    from .ort_runtime import import_onnxruntime, make_session
+
+    try:
+        ort = import_onnxruntime()
+    except CamError:  # not installed
+        return model
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {o.name for o in probe.graph.output}
     probe.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in missing if name not in present)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise CamError(f"onnxruntime cannot load the model to type its fused ops: {str(exc).splitlines()[0]}") from None
+        session = make_session(probe, ["CPUExecutionProvider"], options=options)
+    except CamError:  # not onnxruntime's ops: left to the runtime that knows them
+        return model
     out = onnx.ModelProto()
     out.CopyFrom(model)
     wanted = set(missing)

@@ -365,3 +365,12 @@ def test_gradients_through_a_fused_head(tmp_path):
     want = camcore.load(model).explain(x, classes=np.arange(C))
     assert got.method == want.method == "gradcam"
     np.testing.assert_allclose(got.maps, want.maps, rtol=1e-5, atol=1e-6)
+
+
+def test_complete_types_leaves_unknown_domains_alone():
+    node = helper.make_node("Mystery", ["x"], ["y"], domain="org.example")
+    after = helper.make_node("Relu", ["y"], ["z"])
+    graph = helper.make_graph([node, after], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("org.example", 1)])
+    assert complete_types(model) is model
