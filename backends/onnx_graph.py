@@ -317,9 +317,13 @@ def _pool_scale(g: _Graph, node) -> float:
     """
     if node.op_type != "AveragePool" or not (any(attr(node, "pads", None) or ()) or attr(node, "ceil_mode", 0)):
         return 1.0
+    h, w = (tuple(g.shape(node.input[0])[2:]) + (None, None))[:2]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        # A map of unknown size is read as whole only without padding (`_window_pool`); a
+        # window that ceil_mode cuts at the map's end divides by the cells it covers.
+        return 1.0
     from .ort_runtime import make_session
 
-    h, w = g.shape(node.input[0])[2:]
     elem = g.elem_type(node.input[0]) or onnx.TensorProto.FLOAT
     single = helper.make_node("AveragePool", ["x"], ["y"], name="cam_pool_scale",
                               **{a.name: helper.get_attribute_value(a) for a in node.attribute})

@@ -58,7 +58,8 @@ def _models() -> list:
     lite = default_model.preprocess()
     models = [(LITE0, default_model.path(), deployed.Source(mean=lite.mean, std=lite.std), tuple(lite.size), None)]
     for entry in corpus.manifest():
-        if entry["pooling"] == "token":  # a transformer: no CNN feature map (another issue)
+        # CNNs: a 4-D feature map pooled over space (transformers' token poolings are another issue's)
+        if entry["layout"] not in ("NCHW", "NHWC") or entry["pooling"] not in ("avg", "max", "gap"):
             continue
         shape = entry["input"]["shape"]
         hw = shape[2:4] if entry["layout"] == "NCHW" else shape[1:3]

@@ -150,8 +150,9 @@ def test_float16_keep_io_types_model():
 # --------------------------------------------------------------------------- pooling
 
 
-@pytest.mark.parametrize("hw", [(7, 7), (5, 9)])
-def test_ceil_mode_pool_with_a_huge_kernel_is_global_and_cam_is_exact(hw):
+@pytest.mark.parametrize("hw, size", [((7, 7), (7, 7)), ((5, 9), (5, 9)), (("H", "W"), (6, 11))])
+def test_ceil_mode_pool_with_a_huge_kernel_is_global_and_cam_is_exact(hw, size):
+    """Also with a map of unknown size (Hugging Face's optimum export has dynamic height and width)."""
     b = _Builder(5)
     feature, logits, weights, bias = _classifier(b, "x", pool="ceil")
     model = b.model([helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, *hw])],
@@ -159,10 +160,11 @@ def test_ceil_mode_pool_with_a_huge_kernel_is_global_and_cam_is_exact(hw):
     explainer = camcore.load(model)
     head = explainer.head
     assert head.affine and head.pooling == "AveragePool" and head.feature == feature
-    assert f"over the whole {hw[0]}x{hw[1]} map" in head.pooling_detail
-    x = _rng(6).standard_normal((2, 3, *hw)).astype(np.float32)
+    where = f"{hw[0]}x{hw[1]} map" if isinstance(hw[0], int) else "map"
+    assert f"over the whole {where}" in head.pooling_detail
+    x = _rng(6).standard_normal((2, 3, *size)).astype(np.float32)
     out = _check_cam(explainer, x, weights, bias, lambda v: _run(model, {"x": v}))
-    assert out.maps.shape == (2, C, *hw)
+    assert out.maps.shape == (2, C, *size)
 
 
 def test_ceil_mode_pool_with_two_windows_is_local():
