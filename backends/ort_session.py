@@ -193,13 +193,16 @@ class OrtBackend:
         cost k rows of K numbers instead of k copies of the feature map.
         """
         if gradients not in self._head_sessions:
-            from . import backprop, onnx_graph
+            from . import backprop, contrib_ops, onnx_graph, precision
 
             model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
             start, scale = shortcut if shortcut else (self.head.feature, None)
             head, frontier = backprop.cut_head(model, start, self.head.logits)
-            if gradients:
+            if gradients and precision.has_float16(head):  # float16 models: the backward pass in float32
+                head = precision.as_float32(head)
+            if gradients:  # onnxruntime's fused nodes (offline-optimized models) as the ops they fused
+                head = contrib_ops.as_standard_ops(head)
                 head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:
@@ -254,7 +257,7 @@ class OrtBackend:
             part = rows[i:i + step]
             n = len(part)
             pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
-            feed = {start.name: np.ascontiguousarray(_pad(part, pad))}
+            feed = {start.name: np.ascontiguousarray(_pad(part, pad), dtype=_ORT_DTYPES.get(start.type, part.dtype))}
             for spec in frontier:
                 dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
                 feed[spec.name] = np.zeros([n + pad, *dims[1:]], _ORT_DTYPES.get(spec.type, np.float32))

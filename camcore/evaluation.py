@@ -154,7 +154,7 @@ def grid_mask(mask, geometry: Geometry, size: int = GRID) -> np.ndarray:
 
 def _gray_mask(path: Path) -> np.ndarray:
     """A mask file as bool: gray value > 0.5 on 0..255 (OpenCV's gray weights for color files)."""
-    image = read_image(path)
+    image = read_image(path, exif_orientation=False)  # as the image it masks (see Evaluator.forward)
     if image.ndim == 3:
         rgb = image[..., :3].astype(np.float64)
         image = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))
@@ -200,7 +200,9 @@ class BatchScorer:
     def forward(self, explainer, batch):
         """Read and run a batch: ``(geometries, labels, top classes, 224 x 224 score maps, faithfulness sums)``."""
         head = explainer.head
-        x, geometries = self.preprocess.batch([read_image(self.images / s.image_id) for s in batch],
+        # Dataset boxes refer to the stored pixels (torchvision's loaders ignore EXIF orientation).
+        x, geometries = self.preprocess.batch([read_image(self.images / s.image_id, exif_orientation=False)
+                                               for s in batch],
                                               layout=explainer.input_layout, dtype=head.input.dtype)
         feed = {head.input.name: x}
         features, logits = explainer.forward(feed)

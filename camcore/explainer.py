@@ -15,7 +15,7 @@ from .errors import CamError, InvalidInput, NotCamCompatible
 from .localize import boxes as find_boxes
 from .maps import upsample
 from .methods import METHODS, REGISTRY, MethodInputs, MethodSpec, method_options
-from .preprocess import EncodedImage, Geometry, Preprocess, _read_picture
+from .preprocess import EncodedImage, Geometry, Preprocess, _read_picture, as_input_dtype
 from .scores import sigmoid, softmax
 from .scores import top_k as _top_k
 
@@ -154,7 +154,8 @@ def _prepare_image(image, preprocess: Preprocess, keep_pixels: bool):
             x, geometry = preprocess(image)
             pixels = image
         else:  # decoded once; the array of the whole picture is made only when kept
-            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None)
+            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None,
+                                    exif_orientation=preprocess.exif_orientation)
             x, geometry = preprocess._from_picture(picture)
             pixels = np.asarray(picture) if keep_pixels else None
     except CamError as exc:
@@ -464,7 +465,12 @@ class Explainer:
         in chunks, and its maps are put back onto the original image through the
         same resize/crop geometry.  Results keep only feature-resolution CAMs and
         the boxes, so memory stays bounded; ``ImageExplanation.maps`` rebuilds the
-        full-size maps on access.
+        full-size maps on access.  A model whose image input is an integer type (uint8
+        pixels, its normalization inside the graph) is fed the resized pixels on 0..255,
+        in its own layout, with no normalization on the host (`Preprocess.for_input`).
+        Image files are turned upright by their EXIF orientation unless the preprocessing
+        says otherwise (`Preprocess.exif_orientation`); sizes and boxes refer to the
+        image as turned.
 
         Parameters
         ----------
@@ -524,9 +530,9 @@ class Explainer:
         workers = _default_workers() if workers is None else workers
         if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 0:
             raise InvalidInput(f"workers must be an int >= 0, got {workers!r}")
-        preprocess = preprocess or self.default_preprocess()
-        chunk = self._chunk_size(batch_size)
         layout, dtype = self.input_layout, self.head.input.dtype
+        preprocess = (preprocess or self.default_preprocess()).for_input(dtype)  # integer inputs: pixels
+        chunk = self._chunk_size(batch_size)
         class_rows = None if classes is None else np.asarray(classes)
         options = (layout, dtype, top_k, threshold, upsample, class_rows, errors, method)
         if workers == 0:
@@ -586,7 +592,7 @@ class Explainer:
             x = np.stack([r[2] for r in ready])
             if layout == "NCHW":
                 x = x.transpose(0, 3, 1, 2)
-            x = np.ascontiguousarray(x, dtype=dtype)
+            x = as_input_dtype(x, dtype)
             sel = None
             if class_rows is not None:
                 sel = class_rows if class_rows.ndim == 1 else class_rows[[r[0] for r in ready]]

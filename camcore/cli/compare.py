@@ -56,11 +56,12 @@ def main(args) -> int:
     if args.max_channels is not None:
         explainer.method_options["max_channels"] = args.max_channels
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    images = [read_image(p) for p in files]
+    preprocess = preprocess_from_args(args, explainer)
+    images = [read_image(p, exif_orientation=preprocess.exif_orientation) for p in files]
     methods = _method_list(explainer, methods)
     bar = Progress(len(methods), "compare", quiet=args.quiet, min_items=1)
     try:
-        result = compare(explainer, images, methods=methods, preprocess=preprocess_from_args(args, explainer),
+        result = compare(explainer, images, methods=methods, preprocess=preprocess,
                          top_k=args.top_k, faithfulness=args.faithfulness, steps=args.steps,
                          threshold=args.threshold, progress=bar.update)
     finally:

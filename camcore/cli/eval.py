@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     add_method_arguments(parser)
     add_engine_arguments(parser)
-    add_preprocess_arguments(parser)
+    add_preprocess_arguments(parser, exif=False)  # dataset boxes refer to the stored pixels
 
 
 def _format(value) -> str:

@@ -46,8 +46,9 @@ def _size(text: str) -> tuple:
     return values * 2 if len(values) == 1 else values
 
 
-def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--size --resize --mean --std --scale --bgr --interpolation`` (each overrides the model's default)."""
+def add_preprocess_arguments(parser: argparse.ArgumentParser, *, exif: bool = True) -> None:
+    """Add ``--size --resize --mean --std --scale --bgr --interpolation`` (each overrides the model's default),
+    and ``--no-exif`` with `exif` (commands that read photos; `camcore eval` reads stored pixels)."""
     group = parser.add_argument_group(
         "preprocessing", "override the model's default preprocessing (the embedded model's own; "
                          "ImageNet's at the model's input size for other models)")
@@ -63,6 +64,10 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
                        help="Pillow's resize filter; bilinear and bicubic are anti-aliased, as torchvision's "
                             "Resize on PIL images (default: bilinear)")
+    if exif:
+        group.add_argument("--no-exif", dest="exif_orientation", action="store_false",
+                           help="read the stored pixels; by default a photo is turned upright as its EXIF "
+                                "orientation says, and sizes and boxes refer to the upright image")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +101,8 @@ def preprocess_from_args(args: argparse.Namespace, explainer):
                if getattr(args, name, None) is not None}
     if getattr(args, "bgr", False):
         changes["channel_order"] = "BGR"
+    if getattr(args, "exif_orientation", True) is False:
+        changes["exif_orientation"] = False
     return dataclasses.replace(base, **changes) if changes else base
 
 
