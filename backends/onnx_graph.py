@@ -53,6 +53,8 @@ _AFFINE_OPS = {
     "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Reshape", "Shape", "Size",
     "Slice", "Split", "Squeeze", "Sub", "Sum", "Tile", "Transpose", "Unsqueeze",
 }
+_INTEGER_TYPES = {onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+                  onnx.TensorProto.UINT16}
 _PROBE_BATCH = 512
 # Constant subgraphs larger than this are not folded (shape arithmetic is a few nodes).
 _MAX_FOLD_NODES = 64
@@ -588,7 +590,10 @@ def find_head(model: onnx.ModelProto, *, feature: str | None = None, logits: str
     NotCamCompatible
         With a one-line reason.
     """
-    g = _Graph.build(model)
+    # issue 20: a quantized head is read on the float view (dequantized classifier).
+    from .quant_graph import dequantized, is_quantized
+
+    g = _Graph.build(dequantized(model) if is_quantized(model) else model)
     output, logits, scoring = _resolve_logits(g, feature, logits, output)
     pooling = _find_pooling(g, logits, output, feature)
     feature = pooling.node.input[0]
@@ -695,7 +700,8 @@ def _candidates(g: _Graph, logits: str) -> list:
     seen, found = set(), []
     for node in _value_nodes(g, logits):
         for out in node.output:
-            if out in layouts and out not in seen:
+            # issue 20: integer tensors (int8 activations) are not feature maps
+            if out in layouts and out not in seen and g.elem_type(out) not in _INTEGER_TYPES:
                 seen.add(out)
                 found.append((out, g.shape(out), layouts[out]))
     return found

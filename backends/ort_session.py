@@ -77,10 +77,11 @@ class OrtBackend:
                 self.session = make_session(exposed, providers, options=session_options)
                 self._fetch = [self.head.feature, self.head.logits]
                 return
-        from . import onnx_graph
+        from . import onnx_graph, quant_graph
 
         proto, folder, external = onnx_graph.read_model(model, data)
         data = None  # the proto holds the model now
+        proto = quant_graph.runnable(proto)  # issue 20: QOperator ops as DQ -> float op -> Q
         self.__dict__.update(model=proto, folder=folder)  # what the cached properties would read
         head = find_any_head(proto, feature=feature, logits=logits, output=output)
         exposed = onnx_graph.expose_outputs(proto, [head.feature, head.logits]).SerializeToString()
@@ -101,7 +102,7 @@ class OrtBackend:
         CamError
             The file changed since the backend was made (its sha256 differs).
         """
-        from . import onnx_graph
+        from . import onnx_graph, quant_graph
 
         try:
             data = self._path.read_bytes()
@@ -112,7 +113,7 @@ class OrtBackend:
             raise CamError(f"model file {self._path} changed since it was loaded: sha256 {self._digest[:16]}... "
                            f"expected, {found[:16]}... found; load it again")
         proto, _, _ = onnx_graph.read_model(self._path, data)
-        return proto
+        return quant_graph.runnable(proto)  # issue 20: as in __init__
 
     @functools.cached_property
     def folder(self):
@@ -193,17 +194,19 @@ class OrtBackend:
         cost k rows of K numbers instead of k copies of the feature map.
         """
         if gradients not in self._head_sessions:
-            from . import backprop, contrib_ops, onnx_graph, precision
+            from . import backprop, contrib_ops, onnx_graph, precision, quant_graph
 
             model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
             start, scale = shortcut if shortcut else (self.head.feature, None)
-            head, frontier = backprop.cut_head(model, start, self.head.logits)
+            # int8 logits: the gradient is taken before their own output quantization
+            of = quant_graph.before_output_quantization(model, self.head.logits) if gradients else self.head.logits
+            head, frontier = backprop.cut_head(model, start, of)
             if gradients and precision.has_float16(head):  # float16 models: the backward pass in float32
                 head = precision.as_float32(head)
             if gradients:  # onnxruntime's fused nodes (offline-optimized models) as the ops they fused
                 head = contrib_ops.as_standard_ops(head)
-                head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
+                head = backprop.add_backward(head, start, of, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:
                 # No spinning: its idle threads would compete with the forward session's

@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from backends import _proto, backprop
-from backends.backprop import _graph, activation, arithmetic, linear, normalization, pooling, shape
+from backends.backprop import _graph, activation, arithmetic, linear, normalization, pooling, quantization, shape
 from camcore.errors import CamError, NotCamCompatible
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +36,9 @@ def test_proto_helpers_exist_once(helper_name):
 
 
 def test_rules_are_the_union_of_the_families():
-    families = (shape, arithmetic, activation, linear, normalization, pooling)
+    families = (shape, arithmetic, activation, linear, normalization, pooling, quantization)
     ops = [op for f in families for op in f.RULES]
-    assert len(ops) == len(set(ops)) == len(backprop.RULES) == 65
+    assert len(ops) == len(set(ops)) == len(backprop.RULES) == 70
     assert all(backprop.RULES[op] is f.RULES[op] for f in families for op in f.RULES)
 
 

@@ -25,7 +25,7 @@ LAYER_NAMES = ("array core", "methods", "backends", "application", "cli")
 CORE_MODULES = {"camcore", "camcore.errors", "camcore._validate", "camcore.backend", "camcore.maps",
                 "camcore.localize", "camcore.render", "camcore.preprocess", "camcore.metrics", "camcore.wsol",
                 "camcore.faithfulness", "camcore.scores", "camcore.default_model"}
-APPLICATION_MODULES = {"camcore.api", "camcore.explainer", "camcore.evaluation", "camcore.compare",
+APPLICATION_MODULES = {"camcore.api", "camcore.explainer", "camcore.evaluation", "camcore.compare", "camcore.drift",
                        "camcore.distributed", "camcore.outputs", "camcore.benchmark"}
 
 

@@ -50,7 +50,12 @@ module per family, each ending in its own ``RULES`` table that `RULES` merges be
 * `pooling`, with reductions: GlobalAveragePool, GlobalMaxPool, AveragePool (pads, strides,
   dilations, ceil_mode, count_include_pad; static spatial sizes), MaxPool (via its
   Indices; overlapping windows need opset 16), ReduceMean, ReduceSum, ReduceMax,
-  ReduceMin, ReduceL1, ReduceL2, ReduceSumSquare, ReduceLogSumExp (axes constant).
+  ReduceMin, ReduceL1, ReduceL2, ReduceSumSquare, ReduceLogSumExp (axes constant);
+* `quantization`, by the clipped straight-through estimator (onnxruntime's FakeQuantGrad):
+  QuantizeLinear, DequantizeLinear (per tensor or per axis), DynamicQuantizeLinear,
+  MatMulInteger, ConvInteger; integer tensors they produce carry float gradients, and other
+  integer kernels (QLinear*, fused ``com.microsoft`` ops) are refused in one line naming the
+  methods that need no gradient.
 
 Refused: opsets below 11; ops not listed, with subgraphs or outside the default domain;
 parameters (Conv weights, normalization scales and statistics) that depend on ``wrt``;
@@ -68,14 +73,14 @@ from __future__ import annotations
 
 import onnx
 
-from . import activation, arithmetic, linear, normalization, pooling, shape
+from . import activation, arithmetic, linear, normalization, pooling, quantization, shape
 from ._backward import add_backward as _add_backward
 from ._graph import MIN_OPSET, cut_head
 
 __all__ = ["cut_head", "add_backward", "gradient_model", "RULES", "MIN_OPSET"]
 
 # The rule families, merged in this order; an op in two families is an error.
-_FAMILIES = (shape, arithmetic, activation, linear, normalization, pooling)
+_FAMILIES = (shape, arithmetic, activation, linear, normalization, pooling, quantization)
 
 
 def merge_rules(families) -> dict:

@@ -11,7 +11,8 @@ from camcore.errors import NotCamCompatible
 
 from .._proto import copy_model, node_label
 from ._emit import _Context, _Emitter
-from ._graph import _FLOAT_TYPES, _check_opset, _descendants, _Index, _subgraph_inputs, _unknown_nonpositive_dims
+from ._graph import _FLOAT_TYPES, _check_opset, _Index, _subgraph_inputs, _unknown_nonpositive_dims
+from .quantization import carries_gradient, integer_rule
 
 
 def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, rules: dict, seed: str = "cam_seed",
@@ -29,7 +30,13 @@ def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, rules: dict, seed
         raise NotCamCompatible(f"cannot infer the type of '{of}'")
     nodes = list(ix.model.graph.node)
 
-    active = _descendants(nodes, wrt, lambda o: o != wrt and ix.elem_type(o) in _FLOAT_TYPES | {None})
+    # Float tensors carry the gradient, and the integer outputs of quantization ops (a
+    # QuantizeLinear's int8 result feeding its DequantizeLinear, see `quantization`).
+    active = {wrt}
+    for node in nodes:
+        if any(i in active for i in node.input) or _subgraph_inputs(node) & active:
+            active.update(o for o in node.output if o and o != wrt and ix.elem_type(o) in _FLOAT_TYPES | {None})
+            active.update(o for o in carries_gradient(node, active) if o != wrt)
     if of not in active:
         raise NotCamCompatible(f"'{of}' does not depend on '{wrt}'")
     useful, path = {of}, []
@@ -52,7 +59,7 @@ def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, rules: dict, seed
         grads_out = [total(o) if o else None for o in node.output]
         if all(g is None for g in grads_out):
             continue
-        rule = rules.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        rule = integer_rule(node) or (rules.get(node.op_type) if node.domain in ("", "ai.onnx") else None)
         if rule is None or _subgraph_inputs(node):
             raise NotCamCompatible(f"no gradient rule for {node_label(node)}")
         ctx = _Context(e, node, grads_out, useful)

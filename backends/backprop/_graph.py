@@ -140,7 +140,8 @@ def _descendants(nodes, start: str, follow=bool) -> set:
 
 _SAME_SHAPE = {"Identity", "Cast", "Dropout", "Neg", "Sqrt", "Reciprocal", "Exp", "Log", "Relu", "LeakyRelu", "Elu",
                "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Clip", "Erf", "Gelu", "Softplus", "Softsign", "Mish",
-               "Abs", "Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization"}
+               "Abs", "Softmax", "LogSoftmax", "BatchNormalization", "LayerNormalization",
+               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 _BROADCASTING = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"}
 
 
@@ -159,8 +160,8 @@ def _guess_dims(node, in_dims: list) -> tuple | None:
     if op == "Gemm" and all(d is not None and len(d) == 2 for d in in_dims[:2]):
         a, b = in_dims[0], in_dims[1]
         return (a[1] if attr(node, "transA", 0) else a[0], b[0] if attr(node, "transB", 0) else b[1])
-    if op == "MatMul" and all(d is not None and len(d) >= 2 for d in in_dims[:2]):
-        a, b = in_dims
+    if op in ("MatMul", "MatMulInteger") and all(d is not None and len(d) >= 2 for d in in_dims[:2]):
+        a, b = in_dims[:2]
         return (*_broadcast_dims(a[:-2], b[:-2]), a[-2], b[-1])
     if op == "Flatten" and in_dims[0] is not None:
         return None, None

@@ -14,6 +14,7 @@ import numpy as np
 
 from .._proto import attr, text_attr
 from ._emit import _SCATTER_ADD_OPSET, _normalize_axes
+from ._graph import _FLOAT_TYPES
 
 _INT64_MAX = np.iinfo(np.int64).max
 
@@ -27,6 +28,10 @@ def _identity(c):
 
 
 def _cast(c):
+    if c.e.ix.elem_type(c.x()) not in _FLOAT_TYPES | {None}:
+        # An integer tensor that carries a gradient (MatMulInteger's int32 product, see the
+        # `quantization` family): the gradient passes on unchanged, in float.
+        return {0: c.g()}
     return {0: c.e.typed(c.e.op("Cast", [c.g()], to=c.e.elem(c.x())), c.x())}
 
 

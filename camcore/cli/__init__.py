@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": ("camcore.cli.bench", "benchmark plain inference, explain and the fused graph per runtime"),
     "eval": ("camcore.cli.eval", "localization accuracy on a wsolevaluation-style dataset"),
     "compare": ("camcore.cli.compare", "every method side by side: grids, time per image, faithfulness"),
+    "drift": ("camcore.cli.drift", "how the explanations of a deployed form (int8, float16...) moved from the float model's"),
 }
 
 
