@@ -308,6 +308,20 @@ def _residual_adds(g: _Graph, nodes, shape: tuple) -> list:
     return found
 
 
+def _final_norm_input(g: _Graph, source: str) -> str | None:
+    """The input of the LayerNormalization that makes `source` (through reshapes), if one does."""
+    tensor = source
+    while True:
+        node = g.producer.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "LayerNormalization":
+            return node.input[0]
+        if node.op_type not in ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten"):
+            return None
+        tensor = node.input[0]
+
+
 def _has_attention(g: _Graph, branch: str, residual: str) -> bool:
     return any(n.op_type in ("Softmax", "Attention", "MultiHeadAttention")
                for n in g.ancestors(branch, stop=residual))
@@ -449,7 +463,7 @@ def _layout(g, nodes, kind, prefix, grid, source, shape, detail, spec, feed_shap
     adds = _residual_adds(g, nodes, stream_shape)
     here = _order_of(g, source)
     before = [a for a in adds if g.order[id(a[0])] <= here]
-    norm_input = before[-1][0].output[0] if before else source
+    norm_input = _final_norm_input(g, source) or (before[-1][0].output[0] if before else source)
     attended = [a for a in before if _has_attention(g, a[2], a[1])]
     if attended:
         block_input = attended[-1][1]
@@ -457,7 +471,7 @@ def _layout(g, nodes, kind, prefix, grid, source, shape, detail, spec, feed_shap
         block_input = before[-2][1]
     else:
         block_input = before[-1][1] if before else source
-    stream = [a[1] for a in adds[:1]] + [a[0].output[0] for a in adds] + [source, block_input]
+    stream = [a[1] for a in adds[:1]] + [a[0].output[0] for a in adds] + [source, block_input, norm_input]
     tensors = sorted(dict.fromkeys(t for t in stream if _fits(g.shape(t), stream_shape)),
                      key=lambda t: _order_of(g, t))
     size = ()
@@ -559,8 +573,18 @@ def find_token_head(model: onnx.ModelProto, *, feature=None, logits=None, output
             head = onnx_graph.find_head(model, feature=target, logits=logits, output=output)
         except NotCamCompatible as refusal:
             target = feature or layout.norm_input
-            head = onnx_graph.find_target(model, feature=target, logits=logits, output=output,
-                                          cam_refusal=str(refusal))
+            if target not in names:
+                head = onnx_graph.find_target(model, feature=target, logits=logits, output=output,
+                                              cam_refusal=str(refusal))
+                return dataclasses.replace(head, tokens=layout)
+            # a residual-stream map whose layout the CNN analysis cannot follow (made by a Reshape)
+            classes = g.shape(a.logits)[-1] if g.shape(a.logits) else 0
+            return Head(weights=None, bias=None, feature=target, logits=a.logits, layout="NHWC",
+                        pooling=a.reads[0].node.op_type, input=a.spec, inputs=graph_inputs(model),
+                        feature_shape=("N", *a.shape[1:]), scoring=a.scoring, output=a.output,
+                        pooling_node=a.reads[0].node.name or a.reads[0].out, pooling_detail=layout.detail,
+                        num_classes=classes if isinstance(classes, int) else 0, channels=int(a.shape[-1]),
+                        cam_refusal=str(refusal), tokens=layout)
         return dataclasses.replace(head, tokens=layout)
     if feature is not None and feature not in names:
         if len(g.shape(feature)) == 4:

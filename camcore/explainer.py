@@ -411,6 +411,10 @@ class Explainer:
             The model inputs that gave `features` (needed by methods that re-run the model).
         """
         method = self.resolve_method(method)
+        if self.head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
+            from .token_explain import token_maps
+
+            return token_maps(self, features, classes, method, inputs).astype(np.float32, copy=False)
         if method == "cam":
             maps = cam(features, self.head.weights, classes, layout=self.head.layout)
         elif method == "eigencam":
@@ -465,6 +469,8 @@ class Explainer:
         shape = self.head.input.shape
         hw = shape[2:4] if self.input_layout == "NCHW" else shape[1:3]
         size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else (224, 224)
+        if self.head.tokens is not None and self.head.tokens.input_size and size != tuple(hw):
+            size = tuple(self.head.tokens.input_size)  # the size the transformer was analysed at
         return Preprocess.imagenet(size)
 
     @property
