@@ -424,8 +424,6 @@ def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> T
                                f"graph holds {tokens - (prefix or 0)} patches")
     gh, gw, grid_tensor = found
     prefix = tokens - gh * gw
-    if kind == "token_mean" and prefix == 0:
-        kind, detail = "spatial_mean", detail.replace("mean over all", "mean over the patch grid of all")
     layout = _layout(g, nodes, kind, prefix, (gh, gw), source, shape, detail, spec, feed_shape)
     return TokenAnalysis(layout, tuple(reads), tuple(shape), g, logits, output, scoring, spec)
 
@@ -475,13 +473,13 @@ def _layout(g, nodes, kind, prefix, grid, source, shape, detail, spec, feed_shap
     tensors = sorted(dict.fromkeys(t for t in stream if _fits(g.shape(t), stream_shape)),
                      key=lambda t: _order_of(g, t))
     size = ()
+    _, image_layout = image_input(g.model)
     if feed_shape is not None:
-        _, image_layout = image_input(g.model)
         size = tuple(int(v) for v in (feed_shape[1:3] if image_layout == "NHWC" else feed_shape[2:4]))
     stride = (size[0] // grid[0], size[1] // grid[1]) if size else (1, 1)
     return TokenLayout(kind, int(prefix), tuple(int(v) for v in grid), stride, size, source, detail,
                        tuple((t, ("N", *stream_shape[1:])) for t in tensors),
-                       block_input, norm_input, _attention_probabilities(g, nodes))
+                       block_input, norm_input, _attention_probabilities(g, nodes), image_layout or "NCHW")
 
 
 def _analyse_channels_last(g, nodes, logits, output, scoring, spec, feed_shape) -> TokenAnalysis | None:
@@ -516,7 +514,9 @@ def _affine_patch_mean(a: TokenAnalysis):
     """``(weights, bias)`` when the pooling is one mean over exactly the patch tokens feeding an affine
     head (CAM is then exact on the grid), else ``(None, reason)``."""
     layout = a.layout
-    if layout.pooling not in ("spatial_mean", "token_mean_no_prefix") or len(a.reads) != 1:
+    patch_mean = layout.pooling in ("spatial_mean", "token_mean_no_prefix") or (
+        layout.pooling == "token_mean" and layout.prefix == 0)
+    if not patch_mean or len(a.reads) != 1:
         if layout.pooling == "token_mean":
             return None, f"the mean over tokens includes {layout.prefix} prefix tokens, which have no place on the grid"
         return None, f"the head pools tokens as {layout.pooling} ({layout.detail}), not as a mean over patch tokens"
@@ -587,8 +587,8 @@ def find_token_head(model: onnx.ModelProto, *, feature=None, logits=None, output
                         cam_refusal=str(refusal), tokens=layout)
         return dataclasses.replace(head, tokens=layout)
     if feature is not None and feature not in names:
-        if len(g.shape(feature)) == 4:
-            return None  # a 4-D map (the patch embedding): the CNN analysis takes it
+        if feature in _layouts(g):
+            return None  # a 4-D map made by spatial ops (the patch embedding): the CNN analysis takes it
         shown = ", ".join(repr(n) for n in names[-4:])
         raise NotCamCompatible(f"tensor {feature!r} is not a token tensor of shape {_shape_text(a.shape)} "
                                f"on the residual stream; the last ones are {shown} (camcore inspect lists them)")

@@ -481,6 +481,8 @@ class Explainer:
             return "NCHW"
         if len(shape) == 4 and shape[3] in (1, 3):
             return "NHWC"
+        if self.head.tokens is not None:  # read from the graph (the first Conv's input)
+            return self.head.tokens.input_layout
         return self.head.layout
 
     def explain_images(self, images, *, preprocess: Preprocess | None = None, top_k: int = 1,

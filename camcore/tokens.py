@@ -28,10 +28,11 @@ class TokenLayout:
     pooling : str
         How the head pools the tokens: ``"cls"`` (the CLS token), ``"cls_dist_mean"`` (CLS and
         distillation tokens, each through its head, averaged), ``"token_mean"`` (mean over all
-        tokens, prefix tokens included), ``"token_mean_no_prefix"`` (mean over the patch tokens
-        after the prefix tokens are sliced off), ``"cls_concat_mean"`` (CLS concatenated with the
-        mean of the patch tokens, as DINOv2) or ``"spatial_mean"`` (mean over the patch grid of a
-        sequence with no prefix tokens, or over H and W of a channels-last map, as Swin and PVTv2).
+        tokens of a ``(N, T, C)`` sequence: LeViT, PVTv2, Hugging Face's Swin; exact CAM when there
+        are no prefix tokens), ``"token_mean_no_prefix"`` (mean over the patch tokens after the
+        prefix tokens are sliced off), ``"cls_concat_mean"`` (CLS concatenated with the mean of the
+        patch tokens, as DINOv2) or ``"spatial_mean"`` (mean over H and W of a channels-last map
+        ``(N, h, w, C)``, as timm's Swin).
     prefix : int
         Tokens before the patch tokens (CLS, distillation, registers), at the target tensor.
     grid : (gh, gw)
@@ -58,6 +59,9 @@ class TokenLayout:
     attention : tuple of str
         Attention probabilities (Softmax outputs ``(N, heads, T, T)``) in graph order, for
         attention methods (rollout, GAE); empty where the export fuses attention or windows it.
+        (Swin's windowed attention is listed too: its ``T`` is a window's, not the image's.)
+    input_layout : {"NCHW", "NHWC"}
+        Where the image input keeps its channels.
     """
 
     pooling: str
@@ -71,6 +75,7 @@ class TokenLayout:
     block_input: str = ""
     norm_input: str = ""
     attention: tuple = ()
+    input_layout: str = "NCHW"
 
     def grid_for(self, tokens: int, input_size=None) -> tuple:
         """The grid of a sequence of `tokens` tokens (prefix included) for `input_size`."""
@@ -80,8 +85,8 @@ class TokenLayout:
 def grid_for(tokens: int, *, prefix: int, grid, stride=(1, 1), input_size=None) -> tuple:
     """The patch grid ``(gh, gw)`` of `tokens` tokens, `prefix` of them before the patches.
 
-    `grid` when it holds ``tokens - prefix`` cells; else (an input of another size) the grid
-    ``input_size // stride``, which must hold them.
+    The grid ``input_size // stride`` when `input_size` is given and that grid holds the
+    ``tokens - prefix`` patches (an input of another shape), else `grid`, which must hold them.
 
     >>> grid_for(197, prefix=1, grid=(14, 14))
     (14, 14)
@@ -90,12 +95,12 @@ def grid_for(tokens: int, *, prefix: int, grid, stride=(1, 1), input_size=None) 
     """
     patches = tokens - prefix
     gh, gw = (int(v) for v in grid)
-    if gh * gw == patches:
-        return gh, gw
     if input_size is not None:
         h, w = (int(input_size[0]) // int(stride[0]), int(input_size[1]) // int(stride[1]))
         if h * w == patches:
             return h, w
+    if gh * gw == patches:
+        return gh, gw
     raise InvalidInput(f"cannot place {patches} patch tokens ({tokens} tokens, {prefix} prefix) on the "
                        f"{gh}x{gw} patch grid" + (f" or on the grid of a {input_size[0]}x{input_size[1]} input"
                                                    if input_size is not None else ""))
