@@ -519,7 +519,8 @@ def _affine_patch_mean(a: TokenAnalysis):
     if not patch_mean or len(a.reads) != 1:
         if layout.pooling == "token_mean":
             return None, f"the mean over tokens includes {layout.prefix} prefix tokens, which have no place on the grid"
-        return None, f"the head pools tokens as {layout.pooling} ({layout.detail}), not as a mean over patch tokens"
+        return None, (f"no global average pooling over the patch tokens: the head pools tokens as "
+                      f"{layout.pooling} ({layout.detail})")
     read = a.reads[0]
     g = a.graph
     pooled = read.out

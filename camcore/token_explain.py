@@ -24,7 +24,7 @@ from .methods import GRADIENT_METHODS, eigencam
 from .perturbation import ablationcam, reciprocam, scorecam
 from .tokens import grid_to_tokens, tokens_to_grid
 
-__all__ = ["token_maps", "token_grid"]
+__all__ = ["token_maps", "token_grid", "token_info", "token_lines"]
 
 
 def _input_size(explainer, inputs):
@@ -89,3 +89,35 @@ def token_maps(explainer, features: np.ndarray, classes: np.ndarray, method: str
         kept = features[i:i + 1, :prefix]
         maps.append(one(f[i:i + 1], classes[i:i + 1], lambda g, kept=kept: run(grid_to_tokens(g, kept))))
     return np.concatenate(maps)
+
+
+def token_info(head) -> dict | None:
+    """What `camcore inspect` shows of a transformer's tokens (JSON-ready), or None for a CNN."""
+    t = head.tokens
+    if t is None:
+        return None
+    dims = [[d if isinstance(d, int) else None for d in shape] for _, shape in t.tensors]
+    return {
+        "pooling": t.pooling, "pooling_detail": t.detail, "prefix_tokens": t.prefix, "grid": list(t.grid),
+        "stride": list(t.stride), "input_size": list(t.input_size), "source": t.source,
+        "last_block_input": t.block_input, "final_norm_input": t.norm_input,
+        "tensors": [{"name": name, "shape": shape} for (name, _), shape in zip(t.tensors, dims)],
+        "attention": list(t.attention),
+    }
+
+
+def token_lines(info: dict) -> list:
+    """`token_info` as the lines of `camcore inspect`'s text output."""
+    def shape_text(shape):
+        return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+    gh, gw = info["grid"]
+    lines = [f"tokens       {info['pooling']}: {info['pooling_detail']}",
+             f"prefix       {info['prefix_tokens']} token(s) before the patches (kept in runs, dropped from maps)",
+             f"grid         {gh}x{gw} patches ({info['stride'][0]}x{info['stride'][1]} input pixels each)",
+             f"last block   input {info['last_block_input']} (the default target under CLS pooling)",
+             f"final norm   input {info['final_norm_input']} (the default target under mean pooling)",
+             f"attention    {len(info['attention'])} attention-probability tensor(s)",
+             f"token layers {len(info['tensors'])} token tensors (--feature NAME), last first:"]
+    lines += [f"  {t['name']} {shape_text(t['shape'])}" for t in reversed(info["tensors"])]
+    return lines
