@@ -156,9 +156,24 @@ def _reduce_axes(g: _Graph, node) -> tuple | None:
 def _token_reads(g: _Graph, nodes) -> list:
     """Every node on the logits' value path that reduces the token axis of a rank-3 tensor."""
     slices, transposed, reads = {}, {}, []
+    lifted = {}  # (N, C, 1, T) or (N, C, T, 1) views of transposed tokens -> (source, token axis)
     for node in nodes:
         op, x = node.op_type, node.input[0] if node.input else ""
         shape = g.shape(x)
+        if x in transposed and op == "Unsqueeze":  # dynamo's AdaptiveAvgPool1d: a 2-D pool of (N, C, 1, T)
+            axes = _attr(node, "axes") or (_const_ints(g, node.input[1]) if len(node.input) > 1 else None)
+            if axes is not None and len(axes) == 1 and axes[0] % 4 in (2, 3):
+                lifted[node.output[0]] = (transposed[x], 3 if axes[0] % 4 == 2 else 2)
+            continue
+        if x in lifted and op in ("ReduceMean", "GlobalAveragePool", "AveragePool"):
+            source, axis = lifted[x]
+            axes = (2, 3) if op != "ReduceMean" else _reduce_axes(g, node)
+            t = g.shape(source)[1]
+            if op == "AveragePool" and onnx_graph._window_pool(g, node) is None:
+                continue
+            if axes is not None and axis in axes and set(axes) <= {2, 3}:
+                reads.append(_Read("mean", source, 0, t if isinstance(t, int) else None, node, node.output[0]))
+            continue
         if len(shape) != 3:
             continue
         tokens = shape[1]
@@ -179,6 +194,16 @@ def _token_reads(g: _Graph, nodes) -> list:
                 continue
             base = slices.get(x, (x, 0, None))
             slices[node.output[0]] = (base[0], base[1] + start, None if end is None else base[1] + end)
+        elif op == "Split" and _attr(node, "axis", 0) % 3 == 1:
+            sizes = _attr(node, "split") or (_const_ints(g, node.input[1]) if len(node.input) > 1 else None)
+            if not sizes or len(sizes) != len(node.output):
+                continue
+            base, offset, _ = slices.get(x, (x, 0, None))
+            for out, size in zip(node.output, sizes):
+                slices[out] = (base, offset, offset + int(size))
+                offset += int(size)
+        elif op in ("LayerNormalization", "Identity", "Cast") and x in slices:
+            slices[node.output[0]] = slices[x]  # per-token ops keep the token range they read
         elif op == "Gather" and _attr(node, "axis", 0) % 3 == 1:
             index = _const_ints(g, node.input[1])
             if index is None or len(index) != 1 or (index[0] < 0 and not isinstance(tokens, int)):
@@ -259,7 +284,7 @@ def _grid(g: _Graph, candidates, shapes: dict, source: str, tokens: int, channel
             continue
         if (prefix is not None and extra != prefix) or not 0 <= extra <= _MAX_PREFIX:
             continue
-        found.append((h == 1 or w == 1, rank, abs(_order_of(g, name) - here), h, w, name))
+        found.append((h == 1 or w == 1, extra, rank, abs(_order_of(g, name) - here), h, w, name))
     if not found:
         return None
     *_, h, w, name = min(found)
@@ -430,8 +455,8 @@ def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> T
 
 def _pooling_kind(reads, tokens: int, source: str) -> tuple:
     """``(kind, prefix or None, detail)`` from the token reads of one source."""
-    picked = sorted({r.start for r in reads if r.kind == "token"})
-    means = [r for r in reads if r.kind == "mean"]
+    picked = sorted({r.start for r in reads if r.kind == "token" or r.end - r.start == 1})
+    means = [r for r in reads if r.kind == "mean" and r.end - r.start > 1]
     where = f"of {source!r} ({tokens} tokens)"
     if len(means) > 1 or (means and means[0].end != tokens):
         spans = ", ".join(f"[{m.start}:{m.end}]" for m in means)

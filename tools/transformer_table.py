@@ -60,6 +60,8 @@ def row(entry) -> dict:
                    error=f"{max(errors):.1e}" if errors else "-")
     except camcore.CamError as exc:
         out.update(pooling=f"ERROR: {exc}", prefix="", grid="", layer="", error="")
+    except Exception as exc:  # a raw exception is a camcore bug: shown as such
+        out.update(pooling=f"RAW {type(exc).__name__}: {exc}", prefix="", grid="", layer="", error="")
     return out
 
 
