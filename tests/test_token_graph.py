@@ -193,3 +193,19 @@ def test_token_count_must_fit_the_grid():
     assert grid_for(1 + 12, prefix=1, grid=(3, 2), stride=(2, 2), input_size=(8, 6)) == (4, 3)
     with pytest.raises(InvalidInput, match="cannot place"):
         grid_for(1 + 12, prefix=1, grid=(3, 2))
+
+
+@pytest.mark.parametrize("pooling,prefix", [("cls", 1), ("token_mean", 0), ("cls_concat_mean", 3)])
+def test_fused_graph_matches_the_numpy_path(pooling, prefix):
+    model = vit(pooling=pooling, prefix=prefix, grid=(2, 3))
+    x = _x(model)
+    explainer = camcore.load(model, providers=["cpu"])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    for method in ["auto", *GRADIENT_METHODS]:
+        fused = camcore.fuse(model, top_k=2, normalize=False, method=method)
+        session = ort.InferenceSession(fused.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        classes, maps = session.run(["cam_classes", "cam_maps"], {"x": x})
+        expected = explainer.explain(x, classes=classes, method=method).maps
+        assert maps.shape == (2, 2, 2, 3)
+        np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6, err_msg=method)
