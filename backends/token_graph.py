@@ -280,7 +280,7 @@ def _grid(g: _Graph, candidates, shapes: dict, source: str, tokens: int, channel
             continue
         c, h, w = (shape[1], *shape[2:]) if layout == "NCHW" else (shape[3], *shape[1:3])
         extra = tokens - h * w
-        if c != channels and rank > 0:
+        if channels is not None and c != channels and rank > 0:
             continue
         if (prefix is not None and extra != prefix) or not 0 <= extra <= _MAX_PREFIX:
             continue
@@ -303,8 +303,8 @@ def _depends(g: _Graph, tensor: str, on: str) -> bool:
             continue
         seen.add(t)
         node = g.producer.get(t)
-        if node is None or g.order[id(node)] <= floor:
-            continue
+        if node is None or g.order[id(node)] <= floor or node.op_type in ("Shape", "Size"):
+            continue  # a value read only for its shape is no data dependency
         stack.extend(i for i in node.input if i)
     return False
 
@@ -349,7 +349,7 @@ def _final_norm_input(g: _Graph, source: str) -> str | None:
 
 def _has_attention(g: _Graph, branch: str, residual: str) -> bool:
     return any(n.op_type in ("Softmax", "Attention", "MultiHeadAttention")
-               for n in g.ancestors(branch, stop=residual))
+               for n in g.ancestors(branch, stop=residual, shape_only_stops=True))
 
 
 def _attention_probabilities(g: _Graph, nodes) -> tuple:
@@ -439,11 +439,14 @@ def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> T
     kind, prefix, detail = _pooling_kind(reads, tokens, source)
     candidates = _grid_candidates(g, nodes)
     found = _grid(g, candidates, {}, source, tokens, channels, prefix)
+    if found is None:  # LeViT: the map of the stage is cut from the previous stage's (other channels)
+        found = _grid(g, candidates, {}, source, tokens, None, prefix)
     if found is None and feed_shape is not None:  # inference left the maps' sizes unknown: run once
         names = [c[0] for c in candidates if not all(isinstance(d, int) for d in g.shape(c[0])[1:])]
         if names:
-            found = _grid(g, candidates, _run_shapes(model, names, spec, feed_shape), source, tokens, channels,
-                          prefix)
+            shapes = _run_shapes(model, names, spec, feed_shape)
+            found = _grid(g, candidates, shapes, source, tokens, channels, prefix) or \
+                _grid(g, candidates, shapes, source, tokens, None, prefix)
     if found is None:
         raise NotCamCompatible(f"no patch grid found for the {tokens} tokens of {source!r}: no 4-D map in the "
                                f"graph holds {tokens - (prefix or 0)} patches")

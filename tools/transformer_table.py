@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import camcore  # noqa: E402
 from tests import corpus  # noqa: E402
+from tests.test_transformers import oracle_targets  # noqa: E402
 
 
 def _rel(a, b) -> float:
@@ -50,12 +51,10 @@ def row(entry) -> dict:
         if list(t.grid) != list(entry.get("grid", t.grid)):
             grid += f" (manifest: {'x'.join(map(str, entry['grid']))})"
         errors = []
-        for key, name in (("block_in", t.block_input), ("block_out", t.norm_input)):
-            if key not in d:
-                continue
+        for key, name, theirs, their_grad in oracle_targets(entry, d, t):
             e = camcore.load(case["path"], feature=name, **kw)
             g = e.gradients({e.head.input.name: d["x"]}, classes=d["grad_classes"][:, None])
-            errors.append(max(_rel(g.gradients[:, 0], d[f"grad_{key}"]), _rel(g.features, d[key])))
+            errors.append(max(_rel(g.gradients[:, 0], their_grad), _rel(g.features, theirs)))
         out.update(pooling=pooling, prefix=prefix, grid=grid, layer=f"{which} ({head.feature})",
                    error=f"{max(errors):.1e}" if errors else "-")
     except camcore.CamError as exc:
