@@ -467,7 +467,7 @@ def _pooling_kind(reads, tokens: int, source: str) -> tuple:
     mean = means[0] if means else None
     if mean is None:
         if picked == [0]:
-            return "cls", None, f"{_node_label(reads[0].node)} reads token 0 (CLS) {where}"
+            return "cls", None, f"token 0 (CLS) {where}"
         if picked == [0, 1]:
             return "cls_dist_mean", None, f"tokens 0 and 1 (CLS, distillation) {where}, each through its head"
         return "cls", None, f"tokens {picked} {where}"
