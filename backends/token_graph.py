@@ -34,7 +34,9 @@ from camcore.errors import CamError, NotCamCompatible
 from camcore.tokens import TokenLayout
 
 from . import onnx_graph
-from .onnx_graph import _Graph, _attr, _layouts, _node_label, _resolve_logits, _value_nodes, graph_inputs
+from ._proto import attr as _attr
+from ._proto import node_label as _node_label
+from .onnx_graph import _Graph, _layouts, _resolve_logits, _value_nodes, graph_inputs
 
 __all__ = ["analyse", "find_token_head", "image_input", "input_feed_shape"]
 
@@ -382,7 +384,7 @@ class TokenAnalysis:
 
 def _run_shapes(model: onnx.ModelProto, names, spec, feed_shape) -> dict:
     """Shapes of `names` from one onnxruntime run on zeros at `feed_shape` (inference left them unknown)."""
-    from .ort_session import make_session
+    from .ort_runtime import make_session
 
     exposed = onnx_graph.expose_outputs(model, names)
     feed = {s.name: np.zeros(feed_shape if s.name == spec.name else

@@ -2,26 +2,24 @@
 
 The backend returns the target token tensor ``(N, T, C)`` (`Head.layout` ``"NTC"``) and runs the
 head from it.  Here the patch tokens are viewed as a channels-last map ``(N, gh, gw, C)``
-(`camcore.tokens.tokens_to_grid`), the prefix tokens dropped from the map, and each method runs on
-that map as on a CNN's:
+(`camcore.tokens.tokens_to_grid`), the prefix tokens dropped from the map, and each registered
+method runs on that map as on a CNN's:
 
 - CAM (exact where the head is a mean over the patch tokens then affine), EigenCAM: on the map;
 - the gradient methods: gradients at the token tensor through `Backend.run_head`, viewed on the grid;
-- AblationCAM, Recipro-CAM: the edited copies of the patch tokens are put back behind the item's own
-  prefix tokens (kept unchanged in every run) before the head runs;
+- methods that re-run the head (AblationCAM, Recipro-CAM): the edited copies of the patch tokens
+  are put back behind the item's own prefix tokens, unchanged in every run, before the head runs
+  (one item at a time when there are prefix tokens);
 - ScoreCAM: the model is re-run on the input masked by the upsampled maps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import numpy as np
 
-from .errors import InvalidInput
-from .maps import cam
-from .methods import GRADIENT_METHODS, eigencam
-from .perturbation import ablationcam, reciprocam, scorecam
 from .tokens import grid_to_tokens, tokens_to_grid
 
 __all__ = ["token_maps", "token_grid", "token_info", "token_lines"]
@@ -41,53 +39,26 @@ def token_grid(explainer, features: np.ndarray, inputs=None) -> tuple:
     return explainer.head.tokens.grid_for(features.shape[1], _input_size(explainer, inputs))
 
 
-def token_maps(explainer, features: np.ndarray, classes: np.ndarray, method: str, inputs=None) -> np.ndarray:
-    """``(n, k, gh, gw)`` maps of `method` for token `features` ``(n, T, C)`` and `classes` ``(n, k)``."""
-    head = explainer.head
-    prefix = head.tokens.prefix
+def token_maps(explainer, spec, features: np.ndarray, classes: np.ndarray, inputs=None) -> np.ndarray:
+    """``(n, k, gh, gw)`` maps of the registered method `spec` for token `features` ``(n, T, C)``."""
+    prefix = explainer.head.tokens.prefix
     grid = token_grid(explainer, features, inputs)
-    f = tokens_to_grid(features, grid, prefix=prefix)
-    if method == "cam":
-        return cam(f, head.weights, classes, layout="NHWC")
-    if method == "eigencam":
-        return np.repeat(eigencam(f, layout="NHWC")[:, None], classes.shape[1], axis=1)
-    if method in GRADIENT_METHODS:
-        gradients = tokens_to_grid(explainer._class_gradients(features, classes), grid, prefix=prefix)
-        return GRADIENT_METHODS[method](f, gradients, layout="NHWC")
-    options = dict(explainer.method_options)
-    unknown = set(options) - {"batch_size", "max_channels", "scoring"}
-    if unknown:
-        raise InvalidInput(f"method_options takes 'batch_size', 'max_channels', 'scoring', got {sorted(unknown)}")
-    if method == "scorecam":
-        if inputs is None:
-            raise InvalidInput("scorecam re-runs the model: maps() needs the `inputs` that gave `features`")
-        feed, _ = explainer._feed(inputs)
-        name = head.input.name
-        rows = explainer.fixed_batch or options.get("batch_size", explainer.batch_size)
-
-        def run_model(masked, items):
-            return explainer.forward({k: masked if k == name else v[items] for k, v in feed.items()})[1]
-
-        return scorecam(feed[name], f, classes, run_model, layout="NHWC", input_layout=explainer.input_layout,
-                        max_channels=options.get("max_channels"), batch_size=rows)
-    rows = options.get("batch_size", 256)
-    run = explainer.backend.run_head
-    if method == "ablationcam":
-        def one(part, sel, run_head):
-            return ablationcam(part, sel, run_head, layout="NHWC", batch_size=rows)
-    elif method == "reciprocam":
-        scoring = options.get("scoring", head.scoring)
-
-        def one(part, sel, run_head):
-            return reciprocam(part, sel, run_head, layout="NHWC", batch_size=rows, scoring=scoring)
-    else:
-        raise InvalidInput(f"unknown method {method!r}")
-    if prefix == 0:
-        return one(f, classes, lambda g: run(g.reshape(len(g), -1, g.shape[-1])))
+    given = explainer._method_inputs(spec, features, classes, inputs)  # gradients at the tokens, etc.
+    view = dict(features=tokens_to_grid(features, grid, prefix=prefix), layout="NHWC")
+    if given.gradients is not None:
+        view["gradients"] = tokens_to_grid(given.gradients, grid, prefix=prefix)
+    run = given.run_head
+    if run is None or prefix == 0:
+        if run is not None:
+            view["run_head"] = lambda g: run(g.reshape(len(g), -1, g.shape[-1]))
+        return spec.compute(dataclasses.replace(given, **view))
     maps = []
-    for i in range(len(f)):  # each item's copies keep its own prefix tokens
+    for i in range(len(features)):  # each item's edited copies keep its own prefix tokens
         kept = features[i:i + 1, :prefix]
-        maps.append(one(f[i:i + 1], classes[i:i + 1], lambda g, kept=kept: run(grid_to_tokens(g, kept))))
+        part = {k: v[i:i + 1] for k, v in view.items() if isinstance(v, np.ndarray)}
+        maps.append(spec.compute(dataclasses.replace(
+            given, **{**view, **part}, classes=classes[i:i + 1],
+            run_head=lambda g, kept=kept: run(grid_to_tokens(g, kept)))))
     return np.concatenate(maps)
 
 
