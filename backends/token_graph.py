@@ -449,6 +449,9 @@ def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> T
             shapes = _run_shapes(model, names, spec, feed_shape)
             found = _grid(g, candidates, shapes, source, tokens, channels, prefix) or \
                 _grid(g, candidates, shapes, source, tokens, None, prefix)
+    if found is None and feed_shape is None:
+        raise CamError(f"the patch grid of the {tokens} tokens of {source!r} depends on the input size, which the "
+                       f"model leaves dynamic: give it (--size HxW)")
     if found is None:
         raise NotCamCompatible(f"no patch grid found for the {tokens} tokens of {source!r}: no 4-D map in the "
                                f"graph holds {tokens - (prefix or 0)} patches")

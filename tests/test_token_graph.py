@@ -209,3 +209,46 @@ def test_fused_graph_matches_the_numpy_path(pooling, prefix):
         expected = explainer.explain(x, classes=classes, method=method).maps
         assert maps.shape == (2, 2, 2, 3)
         np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6, err_msg=method)
+
+
+def _cli(*args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CAMCORE_CACHE_DIR": "off", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "camcore.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_inspect_and_explain_a_transformer(tmp_path):
+    import json
+
+    import onnx
+    from PIL import Image
+
+    model = vit(pooling="cls", prefix=5, grid=(2, 3))
+    for axis in (2, 3):  # dynamic height and width: --size is needed, and taken
+        dim = model.graph.input[0].type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = f"d{axis}"
+    path = tmp_path / "vit.onnx"
+    onnx.save(model, path)
+    refused = _cli("inspect", str(path))
+    assert refused.returncode != 0 and "--size" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    shown = _cli("inspect", str(path), "--size", "4x6", "--json")
+    assert shown.returncode == 0, shown.stderr
+    tokens = json.loads(shown.stdout)["tokens"]
+    assert (tokens["pooling"], tokens["prefix_tokens"], tokens["grid"]) == ("cls", 5, [2, 3])
+    assert tokens["last_block_input"] == "block1_in" and tokens["final_norm_input"] == "block1_out"
+    assert tokens["attention"] == ["attn0", "attn1"] and "block0_out" in [t["name"] for t in tokens["tensors"]]
+    text = _cli("inspect", str(path), "--size", "4x6")
+    assert "grid         2x3 patches" in text.stdout and "prefix       5 token(s)" in text.stdout
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "out"
+    run = _cli("explain", str(path), str(image), "--size", "4x6", "--out", str(out), "--method", "gradcam",
+               "--json", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert (out / "image.cam.png").exists() and json.loads(run.stdout)
