@@ -56,13 +56,15 @@ class Gradients:
     Attributes
     ----------
     features : (N, K, h, w) or (N, h, w, K) ndarray
-        The target layer's activations, in the model's own layout (`layout`).
+        The target layer's activations, in the model's own layout (`layout`); a vision
+        transformer's tokens ``(N, T, C)`` with ``layout="NTC"`` (prefix tokens included:
+        `camcore.tokens.tokens_to_grid` views the patch tokens on the grid).
     logits : (N, C) float32 ndarray
     classes : (N, k) int64 ndarray
     gradients : (N, k, *features.shape[1:]) ndarray
         ``gradients[n, j] = d logits[n, classes[n, j]] / d features[n]``, computed
         inside the ONNX graph by the runtime.
-    layout : {"NCHW", "NHWC"}
+    layout : {"NCHW", "NHWC", "NTC"}
     """
 
     features: np.ndarray
@@ -392,6 +394,10 @@ class Explainer:
             The model inputs that gave `features` (needed by methods that re-run the model).
         """
         spec = REGISTRY[self.resolve_method(method)]
+        if self.head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
+            from .token_explain import token_maps
+
+            return token_maps(self, spec, features, classes, inputs).astype(np.float32, copy=False)
         maps = spec.compute(self._method_inputs(spec, features, classes, inputs))
         return maps.astype(np.float32, copy=False)
 
@@ -444,6 +450,8 @@ class Explainer:
         shape = self.head.input.shape
         hw = shape[2:4] if self.input_layout == "NCHW" else shape[1:3]
         size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else (224, 224)
+        if self.head.tokens is not None and self.head.tokens.input_size and size != tuple(hw):
+            size = tuple(self.head.tokens.input_size)  # the size the transformer was analysed at
         return Preprocess.imagenet(size)
 
     @property
@@ -454,6 +462,8 @@ class Explainer:
             return "NCHW"
         if len(shape) == 4 and shape[3] in (1, 3):
             return "NHWC"
+        if self.head.tokens is not None:  # read from the graph (the first Conv's input)
+            return self.head.tokens.input_layout
         return self.head.layout
 
     def explain_images(self, images, *, preprocess: Preprocess | None = None, top_k: int = 1,
