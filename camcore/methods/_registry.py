@@ -16,8 +16,10 @@ import numpy as np
 from ..errors import InvalidInput
 
 # What a method may need: the head's class weights, the target layer's activations, their
-# gradients, re-runs of the head alone or of the whole model, or attention maps.
-NEEDS = frozenset({"weights", "features", "gradients", "head_runs", "model_runs", "attention"})
+# gradients, re-runs of the head alone or of the whole model, a transformer's attention
+# probabilities, or their gradients.
+NEEDS = frozenset({"weights", "features", "gradients", "head_runs", "model_runs", "attention",
+                   "attention_gradients"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,8 +51,9 @@ class MethodInputs:
     inputs : ndarray or None
         ``"model_runs"``: the image input that gave `features`, in `input_layout`.
     input_layout : {"NCHW", "NHWC"}
-    attention : object or None
-        ``"attention"``: reserved for attention methods.
+    attention : camcore.methods.attention.AttentionInputs or None
+        ``"attention"``: the attention probabilities, the prefix tokens, the patch grid and the
+        pooling; with ``"attention_gradients"``, the probabilities' gradients too.
     """
 
     features: np.ndarray
