@@ -482,7 +482,10 @@ def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: 
                 padded = np.concatenate([batch, np.repeat(batch[-1:], -len(batch) % b, axis=0)])
                 result = np.concatenate([run(np.ascontiguousarray(padded[i:i + b], dtype=dtype))
                                          for i in range(0, len(padded), b)])[:len(batch)]
-            out.append(np.asarray(result, dtype=np.float64).reshape(len(chunk), -1))
+            result = np.asarray(result, dtype=np.float64)
+            if result.size % len(chunk):  # not one row of logits per probe (a batch axis folded away)
+                raise NotCamCompatible(f"head after pooling does not keep the batch axis: {label}")
+            out.append(result.reshape(len(chunk), -1))
         return np.concatenate(out)
 
     probes = np.vstack([np.zeros((1, k)), np.eye(k)])

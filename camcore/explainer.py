@@ -391,6 +391,10 @@ class Explainer:
             The model inputs that gave `features` (needed by methods that re-run the model).
         """
         spec = REGISTRY[self.resolve_method(method)]
+        if self.head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
+            from .token_explain import token_maps
+
+            return token_maps(self, spec, features, classes, inputs).astype(np.float32, copy=False)
         maps = spec.compute(self._method_inputs(spec, features, classes, inputs))
         return maps.astype(np.float32, copy=False)
 
@@ -476,6 +480,8 @@ class Explainer:
         shape = self.head.input.shape
         hw = shape[2:4] if self.input_layout == "NCHW" else shape[1:3]
         size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else (224, 224)
+        if self.head.tokens is not None and self.head.tokens.input_size and size != tuple(hw):
+            size = tuple(self.head.tokens.input_size)  # the size the transformer was analysed at
         return Preprocess.imagenet(size)
 
     @property
@@ -486,6 +492,8 @@ class Explainer:
             return "NCHW"
         if len(shape) == 4 and shape[3] in (1, 3):
             return "NHWC"
+        if self.head.tokens is not None:  # read from the graph (the first Conv's input)
+            return self.head.tokens.input_layout
         return self.head.layout
 
     def explain_images(self, images, *, preprocess: Preprocess | None = None, top_k: int = 1,
