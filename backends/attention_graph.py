@@ -23,7 +23,7 @@ from camcore.errors import NotCamCompatible
 from . import backprop
 from .onnx_graph import _Graph, expose_outputs
 
-__all__ = ["attention_probabilities", "attention_model", "ATTENTION_SEED", "gradient_name"]
+__all__ = ["attention_probabilities", "attention_model", "refuse", "ATTENTION_SEED", "gradient_name"]
 
 ATTENTION_SEED = "cam_attention_seed"
 _FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedMultiHeadAttention")
@@ -57,25 +57,30 @@ def attention_probabilities(model: onnx.ModelProto, tokens: int | None = None) -
     g = _Graph.build(model)
     found, other = [], []
     for node in model.graph.node:
-        if node.op_type != "Softmax":
+        shape = g.shape(node.output[0]) if node.op_type == "Softmax" else ()
+        if len(shape) != 4:
             continue
-        shape = g.shape(node.output[0])
-        if len(shape) == 4 and (shape[-1] == shape[-2] or not isinstance(shape[-1], int)):
-            if tokens is None or not isinstance(shape[-1], int) or shape[-1] == tokens:
-                found.append(node.output[0])
-            else:
-                other.append(shape[-1])
+        square = shape[-1] == shape[-2] or not all(isinstance(d, int) for d in shape[-2:])
+        if square and (tokens is None or not isinstance(shape[-1], int) or shape[-1] == tokens):
+            found.append(node.output[0])
+        else:
+            other.append("x".join(str(d) for d in shape[-2:]))
+    fused = sorted({n.op_type for n in model.graph.node if n.op_type in _FUSED})
+    if other:
+        refuse(f"{len(other)} of its attention layers are not over the image's {tokens} tokens "
+               f"({', '.join(sorted(set(other)))}: windowed attention as in Swin, other stages' grids or "
+               f"spatially reduced keys), so no rollout spans the image")
     if found:
         return tuple(found)
-    fused = sorted({n.op_type for n in model.graph.node if n.op_type in _FUSED})
     if fused:
-        why = f"the export computes attention in a fused {'/'.join(fused)} op, which keeps its probabilities inside"
-    elif other:
-        why = (f"its attention is over {sorted(set(other))} tokens, not the image's {tokens} (windowed attention, "
-               f"as in Swin)")
-    else:
-        why = "the graph has no Softmax over tokens (N, heads, T, T)"
-    raise NotCamCompatible(f"rollout and gae need attention probabilities, and {why}; {_OTHER_METHODS}")
+        refuse(f"the export computes attention in a fused {'/'.join(fused)} op, which keeps its probabilities inside")
+    refuse("the graph has no Softmax over tokens (N, heads, T, T)")
+
+
+def refuse(why: str):
+    """Raise the one-line refusal of the attention methods, saying `why` and what applies instead."""
+    raise NotCamCompatible(f"rollout and gae need every attention layer's probabilities over the image's tokens, "
+                           f"and {why}; {_OTHER_METHODS}")
 
 
 def attention_model(model: onnx.ModelProto, attention, logits: str, *, gradients: bool = False) -> onnx.ModelProto:

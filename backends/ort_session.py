@@ -331,9 +331,15 @@ class OrtBackend:
             pad = step - m if isinstance(fixed, int) and fixed > 0 else 0  # a fixed-batch export: pad the last
             part = {key: np.ascontiguousarray(_pad(v, pad, zeros=key == ATTENTION_SEED)) for key, v in part.items()}
             try:
-                parts.append([v[:m] for v in session.run(fetch, part)])
+                got = session.run(fetch, part)
             except Exception as exc:
                 raise CamError(f"onnxruntime failed on the attention model: {str(exc).splitlines()[0]}") from None
+            for name, v in zip(names, got):
+                if v.shape[0] != m + pad or (tokens is not None and v.shape[-2:] != (tokens, tokens)):
+                    from .attention_graph import refuse
+
+                    refuse(f"{name!r} is {v.shape} for {m + pad} rows (attention per window, as in Swin)")
+            parts.append([v[:m] for v in got])
         values = [np.concatenate([p[j] for p in parts]) for j in range(len(fetch))]
         count = len(names)
         if seeds is None:

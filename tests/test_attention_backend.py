@@ -198,5 +198,5 @@ def test_cnn_and_fused_attention_are_refused_in_one_line():
 
 def test_windowed_attention_is_refused_naming_the_token_counts():
     model = vit(pooling="cls", prefix=1, grid=(2, 3), blocks=1)
-    with pytest.raises(NotCamCompatible, match=r"over \[7\] tokens, not the image's 13.*windowed"):
+    with pytest.raises(NotCamCompatible, match=r"1 of its attention layers are not over the image's 13 tokens \(7x7: windowed"):
         attention_graph.attention_probabilities(model, tokens=13)

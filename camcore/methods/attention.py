@@ -78,7 +78,7 @@ def pooled_token(pooling: str, *, prefix: int, tokens: int) -> np.ndarray:
 
 
 def _stack(attention, name: str, *, prefix: int, grid) -> np.ndarray:
-    """The layers' probabilities as one ``(L, N, H, T, T)`` array (dtype rule), checked."""
+    """The layers' probabilities ``(N, H_l, T, T)``, checked, in one dtype (the dtype rule)."""
     layers = list(attention)
     if not layers:
         raise InvalidInput(f"{name} must hold at least one layer's attention probabilities")
@@ -92,11 +92,11 @@ def _stack(attention, name: str, *, prefix: int, grid) -> np.ndarray:
                 f"{name}[{i}] is attention over {a.shape[-1]} tokens, not the image's {tokens} "
                 f"({prefix} prefix + {gh}x{gw} patches): windowed or pooled attention cannot be rolled out; "
                 f"use a feature method (gradcam, reciprocam, ...) instead")
-        if a.shape[:2] != arrays[0].shape[:2]:
+        if a.shape[0] != arrays[0].shape[0]:
             raise InvalidInput(f"{name}[{i}] has shape {a.shape}, {name}[0] {arrays[0].shape}: the layers must "
-                               f"share the batch and head counts")
+                               f"share the batch size")
     dtype = np.result_type(*arrays)
-    return np.stack([a.astype(dtype, copy=False) for a in arrays])
+    return [a.astype(dtype, copy=False) for a in arrays]  # the head count may differ between layers
 
 
 def rollout(attention, *, prefix: int, grid, pooling: str = "cls"):
@@ -132,9 +132,9 @@ def rollout(attention, *, prefix: int, grid, pooling: str = "cls"):
     array([[[0.25, 0.  ]]])
     """
     a = _stack(attention, "attention", prefix=prefix, grid=grid)
-    tokens = a.shape[-1]
-    p = pooled_token(pooling, prefix=prefix, tokens=tokens).astype(a.dtype)
-    eye = np.eye(tokens, dtype=a.dtype)
+    tokens = a[0].shape[-1]
+    p = pooled_token(pooling, prefix=prefix, tokens=tokens).astype(a[0].dtype)
+    eye = np.eye(tokens, dtype=a[0].dtype)
     rolled = None
     for layer in a:  # (N, H, T, T)
         mixed = 0.5 * layer.mean(axis=1) + 0.5 * eye
@@ -181,13 +181,14 @@ def gae(attention, gradients, *, prefix: int, grid, pooling: str = "cls"):
     grads = [float_array(g, f"gradients[{i}]") for i, g in enumerate(gradients)]
     if len(grads) != len(a):
         raise InvalidInput(f"gradients must hold one array per attention layer ({len(a)}), got {len(grads)}")
-    n, heads, tokens = a.shape[1], a.shape[2], a.shape[-1]
+    n, tokens = a[0].shape[0], a[0].shape[-1]
     for i, g in enumerate(grads):
         check_ndim(g, 5, f"gradients[{i}]", "(N, k, heads, T, T)")
+        heads = a[i].shape[1]
         if g.shape[0] != n or g.shape[2:] != (heads, tokens, tokens) or g.shape[1] != grads[0].shape[1]:
             raise InvalidInput(f"gradients[{i}] must be ({n}, k, {heads}, {tokens}, {tokens}) with one k for all "
                                f"layers, got shape {g.shape}")
-    dtype = np.result_type(a.dtype, *grads)
+    dtype = np.result_type(a[0].dtype, *grads)
     p = pooled_token(pooling, prefix=prefix, tokens=tokens).astype(dtype)
     k = grads[0].shape[1]
     relevance = np.broadcast_to(np.eye(tokens, dtype=dtype), (n, k, tokens, tokens)).copy()
