@@ -427,7 +427,8 @@ class Explainer:
             given["attention"] = self._attention_inputs(spec, features, classes, feed)
         return MethodInputs(features, classes, head.layout, options, scoring=head.scoring,
                             batch_size=self.batch_size, fixed_batch=self.fixed_batch,
-                            input_layout=self.input_layout, **given)
+                            input_layout=self.input_layout, token_model=getattr(head, "tokens", None) is not None,
+                            **given)
 
     def _attention_inputs(self, spec: MethodSpec, features, classes, feed):
         """The attention probabilities of the items of `feed` (and their gradients for `classes`

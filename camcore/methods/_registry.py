@@ -51,6 +51,8 @@ class MethodInputs:
     inputs : ndarray or None
         ``"model_runs"``: the image input that gave `features`, in `input_layout`.
     input_layout : {"NCHW", "NHWC"}
+    token_model : bool
+        The features are a vision transformer's patch tokens on the patch grid.
     attention : camcore.methods.attention.AttentionInputs or None
         ``"attention"``: the attention probabilities, the prefix tokens, the patch grid and the
         pooling; with ``"attention_gradients"``, the probabilities' gradients too.
@@ -69,6 +71,7 @@ class MethodInputs:
     run_model: Callable | None = None
     inputs: np.ndarray | None = None
     input_layout: str = "NCHW"
+    token_model: bool = False
     attention: Any = None
 
 
