@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
 def run(path: Path, args) -> list:
     explainer = camcore.load(str(path), providers=["cpu"])
-    plain_session = make_session(str(path), ["CPUExecutionProvider"])
+    plain_session = make_session(path.read_bytes(), ["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     big = rng.standard_normal((args.batch, 3, 224, 224)).astype(np.float32)
     small = big[:args.recipro_batch]
