@@ -212,6 +212,10 @@ class OrtBackend:
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
             start, scale = shortcut if shortcut else (self.head.feature, None)
             head, frontier = backprop.cut_head(model, start, self.head.logits)
+            if self.head.tokens is not None:  # a one-token head: its MLP on that token alone
+                from .token_gather import push_token_gather
+
+                head = push_token_gather(head)
             if gradients:
                 head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
             options = self._session_options
