@@ -399,6 +399,22 @@ def _run_shapes(model: onnx.ModelProto, names, spec, feed_shape) -> dict:
     return {name: ("N", *v.shape[1:]) for name, v in zip(names, values)}
 
 
+def _maybe_transformer(model: onnx.ModelProto) -> bool:
+    """A cheap first look (no shape inference): a layer norm (fused, or as a ReduceMean over the last
+    axis) or a MatMul of two computed tensors (attention's ``q @ k``).  A CNN has neither, and skips
+    the token analysis."""
+    constants = {t.name for t in model.graph.initializer}
+    constants.update(o for n in model.graph.node if n.op_type == "Constant" for o in n.output)
+    for node in model.graph.node:
+        if node.op_type == "LayerNormalization":
+            return True
+        if node.op_type == "ReduceMean" and list(_attr(node, "axes", None) or []) in ([-1], [2]):
+            return True
+        if node.op_type == "MatMul" and not any(i in constants for i in node.input[:2]):
+            return True
+    return False
+
+
 def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> TokenAnalysis | None:
     """Find how a vision transformer's head pools its tokens; None when the graph pools no tokens.
 
@@ -415,7 +431,7 @@ def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> T
     TokenAnalysis or None
     """
     spec, _ = image_input(model)
-    if spec is None:
+    if spec is None or not _maybe_transformer(model):
         return None
     static = all(isinstance(d, int) for d in spec.shape[1:])
     try:
@@ -449,6 +465,9 @@ def analyse(model: onnx.ModelProto, *, logits=None, output=None, size=None) -> T
             shapes = _run_shapes(model, names, spec, feed_shape)
             found = _grid(g, candidates, shapes, source, tokens, channels, prefix) or \
                 _grid(g, candidates, shapes, source, tokens, None, prefix)
+    if found is None and feed_shape is None:
+        raise CamError(f"the patch grid of the {tokens} tokens of {source!r} depends on the input size, which the "
+                       f"model leaves dynamic: give it (--size HxW)")
     if found is None:
         raise NotCamCompatible(f"no patch grid found for the {tokens} tokens of {source!r}: no 4-D map in the "
                                f"graph holds {tokens - (prefix or 0)} patches")

@@ -71,7 +71,7 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
     factory = get_backend(backend)
     if size is None and preprocess is not None:
         size = preprocess.size
-    extra = {"size": size} if size is not None else {}  # backends registered before `size` existed take none
+    extra = {"size": size} if size is not None and _takes(factory, "size") else {}
     runtime = factory(model, providers=providers, feature=feature, logits=logits, output=output, **extra)
     source = str(model) if not hasattr(model, "SerializeToString") else None
     return Explainer(runtime, preprocess=preprocess, class_names=class_names, batch_size=batch_size,
@@ -107,3 +107,14 @@ def available_providers() -> list:
     """The onnxruntime execution providers available here, by their full names."""
     ort_session = importlib.import_module("backends.ort_session")
     return ort_session.import_onnxruntime().get_available_providers()
+
+
+def _takes(factory, name: str) -> bool:
+    """Whether a backend factory accepts the keyword `name` (backends made before it existed do not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

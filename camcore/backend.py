@@ -118,8 +118,9 @@ class Backend(Protocol):
     def run(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Run one batch of model-ready inputs.
 
-        Returns ``(features, logits)``: features ``(N, K, h, w)`` or ``(N, h, w, K)``
-        as `head.layout` says, and logits ``(N, C)`` (pre-activation).
+        Returns ``(features, logits)``: features ``(N, K, h, w)``, ``(N, h, w, K)`` or a
+        transformer's tokens ``(N, T, C)`` as `head.layout` says (``"NTC"``), and logits
+        ``(N, C)`` (pre-activation).
         """
         ...
 

@@ -155,7 +155,9 @@ class ExplainBatch:
                  image_format: str = "auto"):
         from .api import load
 
-        self.explainer = load(model, providers=providers, feature=feature)
+        preprocess = options.get("preprocess")  # a dynamic-size transformer is analysed at its size
+        self.explainer = load(model, providers=providers, feature=feature,
+                              size=preprocess.size if preprocess is not None else None)
         self.options, self.maps, self.output, self.image_format = options, maps, output, image_format
 
     def __call__(self, batch: dict):
@@ -471,10 +473,10 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
 class EvaluateBatch:
     """The ``map_batches`` callable of ``camcore eval --engine ray``: the counts of pickled sample batches."""
 
-    def __init__(self, model, *, providers, feature, scorer):
+    def __init__(self, model, *, providers, feature, scorer, size=None):
         from .api import load
 
-        self.explainer = load(model, providers=providers, feature=feature)
+        self.explainer = load(model, providers=providers, feature=feature, size=size)
         self.scorer = scorer
 
     def __call__(self, batch: dict):
@@ -488,7 +490,7 @@ class EvaluateBatch:
         return pa.table({"counts": pa.array(counts, pa.binary())})
 
 
-def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None):
+def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None, size=None):
     """An `engine` for `camcore.evaluation.evaluate` that runs the batches on a Ray actor pool.
 
     Call it inside `ray_session`.  Images (and masks, and ``save_maps``) are read from
@@ -502,7 +504,7 @@ def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None
         ray = import_ray()
         ds = ray.data.from_items([{"samples": pickle.dumps((i, b))} for i, b in enumerate(batches)])
         ds = _map(ds, EvaluateBatch, batch_size=1, concurrency=concurrency, num_gpus=num_gpus, model=model,
-                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer)
+                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer, size=size)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for blob in batch.column("counts").to_pylist():
                 yield pickle.loads(blob)

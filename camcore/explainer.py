@@ -56,13 +56,15 @@ class Gradients:
     Attributes
     ----------
     features : (N, K, h, w) or (N, h, w, K) ndarray
-        The target layer's activations, in the model's own layout (`layout`).
+        The target layer's activations, in the model's own layout (`layout`); a vision
+        transformer's tokens ``(N, T, C)`` with ``layout="NTC"`` (prefix tokens included:
+        `camcore.tokens.tokens_to_grid` views the patch tokens on the grid).
     logits : (N, C) float32 ndarray
     classes : (N, k) int64 ndarray
     gradients : (N, k, *features.shape[1:]) ndarray
         ``gradients[n, j] = d logits[n, classes[n, j]] / d features[n]``, computed
         inside the ONNX graph by the runtime.
-    layout : {"NCHW", "NHWC"}
+    layout : {"NCHW", "NHWC", "NTC"}
     """
 
     features: np.ndarray

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("torch", "keras", "paddle")
+FRAMEWORKS = ("torch", "keras", "paddle")  # the CNN corpus: what manifest() gives by default
+TRANSFORMERS = "transformers"
 BUILD = "python3 tools/corpus/build.py"
 
 
@@ -33,15 +34,17 @@ def home() -> Path:
     return Path(os.environ.get("CAMCORE_CORPUS_HOME") or ROOT / ".corpus")
 
 
-def manifest() -> list:
-    """The manifest's entries (empty when the corpus was never built)."""
+def manifest(*frameworks: str) -> list:
+    """The manifest's entries of ``frameworks`` (default: the CNN ones, ``FRAMEWORKS``); empty
+    when the corpus was never built."""
     path = home() / "manifest.json"
-    return json.loads(path.read_text())["models"] if path.exists() else []
+    entries = json.loads(path.read_text())["models"] if path.exists() else []
+    return [e for e in entries if e["framework"] in (frameworks or FRAMEWORKS)]
 
 
 def missing(framework: str) -> str | None:
     """Why ``framework``'s part of the corpus cannot be tested, or None."""
-    entries = [e for e in manifest() if e["framework"] == framework]
+    entries = manifest(framework)
     command = f"{BUILD} --framework {framework}"
     if not entries:
         return f"no {framework} exports in {home()}: run `{command}`"
@@ -71,8 +74,8 @@ def load(entry: dict) -> dict:
 
 
 def corpus_entries(framework: str | None = None) -> list:
-    """Every entry (of ``framework``, when given) with ``path`` and loaded ``data``."""
-    return [load(e) for e in manifest() if framework in (None, e["framework"])]
+    """Every entry of ``framework`` (default: the CNN ones) with ``path`` and loaded ``data``."""
+    return [load(e) for e in (manifest(framework) if framework else manifest())]
 
 
 def entry_id(entry: dict) -> str:

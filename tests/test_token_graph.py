@@ -209,3 +209,98 @@ def test_fused_graph_matches_the_numpy_path(pooling, prefix):
         expected = explainer.explain(x, classes=classes, method=method).maps
         assert maps.shape == (2, 2, 2, 3)
         np.testing.assert_allclose(maps, expected, rtol=1e-4, atol=1e-6, err_msg=method)
+
+
+def _cli(*args, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CAMCORE_CACHE_DIR": "off", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "camcore.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_inspect_and_explain_a_transformer(tmp_path):
+    import json
+
+    import onnx
+    from PIL import Image
+
+    model = vit(pooling="cls", prefix=5, grid=(2, 3))
+    for axis in (2, 3):  # dynamic height and width: --size is needed, and taken
+        dim = model.graph.input[0].type.tensor_type.shape.dim[axis]
+        dim.Clear()
+        dim.dim_param = f"d{axis}"
+    path = tmp_path / "vit.onnx"
+    onnx.save(model, path)
+    refused = _cli("inspect", str(path))
+    assert refused.returncode != 0 and "--size" in refused.stderr and "Traceback" not in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    shown = _cli("inspect", str(path), "--size", "4x6", "--json")
+    assert shown.returncode == 0, shown.stderr
+    tokens = json.loads(shown.stdout)["tokens"]
+    assert (tokens["pooling"], tokens["prefix_tokens"], tokens["grid"]) == ("cls", 5, [2, 3])
+    assert tokens["last_block_input"] == "block1_in" and tokens["final_norm_input"] == "block1_out"
+    assert tokens["attention"] == ["attn0", "attn1"] and "block0_out" in [t["name"] for t in tokens["tensors"]]
+    text = _cli("inspect", str(path), "--size", "4x6")
+    assert "grid         2x3 patches" in text.stdout and "prefix       5 token(s)" in text.stdout
+    image = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((30, 40, 3)) * 255).astype(np.uint8)).save(image)
+    out = tmp_path / "out"
+    run = _cli("explain", str(path), str(image), "--size", "4x6", "--out", str(out), "--method", "gradcam",
+               "--json", "--quiet")
+    assert run.returncode == 0, run.stderr
+    assert (out / "image.cam.png").exists() and json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("wrt", ["q", "k", "v"])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_fused_attention_gradient_matches_finite_differences(wrt, scale):
+    """The opset-23 Attention op (torch's SDPA export): its backward pass against finite differences."""
+    from onnx import TensorProto, helper
+
+    from backends.backprop import add_backward
+
+    shapes = {"q": [2, 2, 5, 3], "k": [2, 2, 4, 3], "v": [2, 2, 4, 6]}
+    attrs = {} if scale is None else {"scale": scale}
+    node = helper.make_node("Attention", ["q", "k", "v"], ["a"], name="attention", **attrs)
+    tanh = helper.make_node("Tanh", ["a"], ["y"], name="tanh")  # a nonlinear read of the output
+    graph = helper.make_graph([node, tanh], "attention",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    back = add_backward(model, wrt, "y")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    forward = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    backward = ort.InferenceSession(back.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    seed = rng.standard_normal((2, 2, 5, 6)).astype(np.float32)
+    grad = backward.run(["cam_grad"], {**feeds, "cam_seed": seed})[0]
+    eps, expected = 1e-2, np.zeros(shapes[wrt])
+    for i in np.ndindex(*shapes[wrt]):
+        plus, minus = feeds[wrt].copy(), feeds[wrt].copy()
+        plus[i] += eps
+        minus[i] -= eps
+        up = forward.run(None, {**feeds, wrt: plus})[0].astype(np.float64)
+        down = forward.run(None, {**feeds, wrt: minus})[0].astype(np.float64)
+        expected[i] = ((up - down) * seed).sum() / (2 * eps)
+    np.testing.assert_allclose(grad, expected, rtol=1e-2, atol=1e-3 * max(1.0, np.abs(expected).max()))
+
+
+def test_masked_attention_is_refused_in_one_line():
+    from onnx import TensorProto, helper
+
+    from backends.backprop import add_backward
+
+    shapes = {"q": [1, 1, 3, 2], "k": [1, 1, 3, 2], "v": [1, 1, 3, 2], "m": [3, 3]}
+    node = helper.make_node("Attention", ["q", "k", "v", "m"], ["y"], name="attention")
+    graph = helper.make_graph([node], "attention",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in shapes.items()],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    with pytest.raises(NotCamCompatible, match="no gradient rule for Attention.*mask"):
+        add_backward(model, "q", "y")

@@ -22,7 +22,7 @@ from camcore.perturbation import FORWARD_METHODS
 corpus = pytest.importorskip("tests.corpus", reason="tests/corpus.py (the real-export corpus) is not in this checkout")
 
 FRAMEWORK = "transformers"
-ENTRIES = [e for e in corpus.manifest() if e["framework"] == FRAMEWORK]
+ENTRIES = corpus.manifest(FRAMEWORK)
 TOKENS = [e for e in ENTRIES if e["pooling"] != "gap"]
 RTOL = 1e-4
 CLS = ("cls", "cls_dist_mean", "cls_concat_mean")

@@ -65,7 +65,7 @@ def row(entry) -> dict:
 
 
 def main() -> None:
-    entries = [e for e in corpus.manifest() if e["framework"] == "transformers"]
+    entries = corpus.manifest("transformers")
     rows = [row(e) for e in entries]
     keys = ("family", "exporter", "pooling", "prefix", "grid", "layer", "error")
     print("| " + " | ".join(keys) + " |")

@@ -80,7 +80,7 @@ def main(args) -> int:
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
               f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature)
+    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature, size=args.size)
     preprocess = preprocess_from_args(args, explainer)
     method = explainer.resolve_method(args.method)
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
@@ -89,7 +89,7 @@ def main(args) -> int:
         from ..distributed import evaluate_engine, ray_session
 
         engine = evaluate_engine(args.model, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                 providers=provider_list(args.providers), feature=args.feature)
+                                 providers=provider_list(args.providers), feature=args.feature, size=args.size)
         session = ray_session(args.address)
     try:
         with session:

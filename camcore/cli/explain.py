@@ -21,10 +21,10 @@ from .options import (PROVIDERS_HELP, WORKERS_HELP, add_engine_arguments, add_me
 __all__ = ["add_arguments", "main"]
 
 
-def _load(model, providers, feature=None):
+def _load(model, providers, feature=None, size=None):
     from ..api import load
 
-    return load(model, providers=providers, feature=feature)
+    return load(model, providers=providers, feature=feature, size=size)
 
 
 def _table(records) -> str:
@@ -133,7 +133,7 @@ def main(args) -> int:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
     check_engine_arguments(args)
     images = collect_images(paths)
-    explainer = _load(model, provider_list(args.providers), args.feature)
+    explainer = _load(model, provider_list(args.providers), args.feature, args.size)
     explainer.batch_size = args.batch_size or explainer.batch_size
     method = explainer.resolve_method(args.method)
     preprocess = preprocess_from_args(args, explainer)

@@ -17,6 +17,7 @@ __all__ = [
     "add_engine_arguments",
     "add_method_arguments",
     "add_preprocess_arguments",
+    "input_size",
     "check_engine_arguments",
     "collect_images",
     "fraction",
@@ -34,7 +35,7 @@ WORKERS_HELP = ("threads that read images ahead of the model, and as many that d
 
 # ----------------------------------------------------------------- preprocessing, engine and method flags
 
-def _size(text: str) -> tuple:
+def input_size(text: str) -> tuple:
     """``224`` -> (224, 224); ``256x192`` or ``256,192`` -> (256, 192) as (H, W)."""
     parts = text.lower().replace(",", "x").split("x")
     try:
@@ -51,7 +52,7 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "preprocessing", "override the model's default preprocessing (the embedded model's own; "
                          "ImageNet's at the model's input size for other models)")
-    group.add_argument("--size", type=_size, metavar="S|HxW", help="model input size, e.g. 224 or 256x192")
+    group.add_argument("--size", type=input_size, metavar="S|HxW", help="model input size, e.g. 224 or 256x192")
     group.add_argument("--resize", choices=("stretch", "crop"),
                        help="stretch the whole image, or center-crop (resize 256 / crop 224 style)")
     group.add_argument("--mean", type=float, nargs="+", metavar="M",
