@@ -215,6 +215,10 @@ class OrtBackend:
             # int8 logits: the gradient is taken before their own output quantization
             of = quant_graph.before_output_quantization(model, self.head.logits) if gradients else self.head.logits
             head, frontier = backprop.cut_head(model, start, of)
+            if self.head.tokens is not None:  # a one-token head: its MLP on that token alone
+                from .token_gather import push_token_gather
+
+                head = push_token_gather(head)
             if gradients and precision.has_float16(head):  # float16 models: the backward pass in float32
                 head = precision.as_float32(head)
             if gradients:  # onnxruntime's fused nodes (offline-optimized models) as the ops they fused
@@ -282,6 +286,77 @@ class OrtBackend:
         per_channel = (grads.reshape(n, k, -1) * (scale / (h * w))).astype(features.dtype)
         per_channel = per_channel[..., None, None] if self.head.layout == "NCHW" else per_channel[:, :, None, None]
         return np.broadcast_to(per_channel, (n, k, *features.shape[1:]))
+
+    def _attention_session(self, gradients: bool, tokens: int | None):
+        """The whole model with its attention probabilities (and their gradients) as outputs; built once."""
+        key = ("attention", gradients, tokens)
+        if key not in self._head_sessions:
+            from . import attention_graph
+
+            model = self.folded_model
+            names = attention_graph.attention_probabilities(model, tokens)
+            built = attention_graph.attention_model(model, names, self.head.logits, gradients=gradients)
+            session = make_session(built, self._providers, options=self._session_options)
+            self._head_sessions[key] = (session, names)
+        return self._head_sessions[key]
+
+    def run_attention(self, inputs, seeds: np.ndarray | None = None, *, tokens: int | None = None):
+        """The attention probabilities of `inputs` and, with `seeds`, their gradients.
+
+        Parameters
+        ----------
+        inputs : ndarray or dict of ndarray
+            Model-ready inputs for ``N`` items.
+        seeds : (N, k, C) ndarray, optional
+            ``k`` seeds per item (one-hot rows for the top-k classes).
+        tokens : int, optional
+            The image's token count: attention over other counts (windows) is left out.
+
+        Returns
+        -------
+        probabilities : tuple of (N, heads, T, T) ndarray
+            Every self-attention layer's, first layer first.
+        gradients : tuple of (N, k, heads, T, T) ndarray, or None
+            ``gradients[l][n, j] = d (seeds[n, j] . logits[n]) / d probabilities[l][n]``.
+        """
+        from .attention_graph import ATTENTION_SEED, gradient_name
+
+        feed = self.check_inputs(inputs)
+        session, names = self._attention_session(seeds is not None, tokens)
+        fetch = list(names)
+        n = len(next(iter(feed.values())))
+        if seeds is not None:
+            k = seeds.shape[1]
+            fetch += [gradient_name(a) for a in names]
+            feed = {key: np.repeat(v, k, axis=0) for key, v in feed.items()}  # row i*k + j: item i, seed j
+            seed_spec = next(i for i in session.get_inputs() if i.name == ATTENTION_SEED)
+            feed[ATTENTION_SEED] = seeds.reshape(n * k, -1).astype(_ORT_DTYPES.get(seed_spec.type, np.float32))
+        fixed = self.head.input.shape[0] if self.head.input.shape else None
+        rows = len(next(iter(feed.values())))
+        step = fixed if isinstance(fixed, int) and fixed > 0 else max(rows, 1)
+        parts = []
+        for i in range(0, rows, step):
+            part = {key: v[i:i + step] for key, v in feed.items()}
+            m = len(next(iter(part.values())))
+            pad = step - m if isinstance(fixed, int) and fixed > 0 else 0  # a fixed-batch export: pad the last
+            part = {key: np.ascontiguousarray(_pad(v, pad, zeros=key == ATTENTION_SEED)) for key, v in part.items()}
+            try:
+                got = session.run(fetch, part)
+            except Exception as exc:
+                raise CamError(f"onnxruntime failed on the attention model: {str(exc).splitlines()[0]}") from None
+            for name, v in zip(names, got):
+                if v.shape[0] != m + pad or (tokens is not None and v.shape[-2:] != (tokens, tokens)):
+                    from .attention_graph import refuse
+
+                    refuse(f"{name!r} is {v.shape} for {m + pad} rows (attention per window, as in Swin)")
+            parts.append([v[:m] for v in got])
+        values = [np.concatenate([p[j] for p in parts]) for j in range(len(fetch))]
+        count = len(names)
+        if seeds is None:
+            return tuple(values), None
+        probabilities = tuple(v[::k] for v in values[:count])
+        grads = tuple(v.reshape(n, k, *v.shape[1:]) for v in values[count:])
+        return probabilities, grads
 
     def _run_rows(self, session, start, rows, frontier, fetch, seeds=None) -> np.ndarray:
         """Run `session` on `rows` (fed as `start`), chunked for fixed-batch models; `fetch` only."""

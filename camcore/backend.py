@@ -104,7 +104,14 @@ class Head:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What `Explainer` needs from a runtime: a forward pass, and the head on its own."""
+    """What `Explainer` needs from a runtime: a forward pass, and the head on its own.
+
+    A backend may also offer ``run_attention(inputs, seeds=None, *, tokens=None)``: a vision
+    transformer's attention probabilities ``(N, heads, T, T)`` per layer and, with ``seeds``
+    ``(N, k, C)``, their gradients ``(N, k, heads, T, T)`` (see
+    `backends.ort_session.OrtBackend.run_attention`); without it, the attention methods
+    (``"rollout"``, ``"gae"``) are refused.
+    """
 
     head: Head
 

@@ -427,10 +427,44 @@ class Explainer:
 
             given.update(run_model=run_model, inputs=feed[name])
         if "attention" in spec.needs:
-            raise NotCamCompatible(f"{spec.name} needs attention maps, which this backend does not give")
+            given["attention"] = self._attention_inputs(spec, features, classes, feed)
         return MethodInputs(features, classes, head.layout, options, scoring=head.scoring,
                             batch_size=self.batch_size, fixed_batch=self.fixed_batch,
-                            input_layout=self.input_layout, **given)
+                            input_layout=self.input_layout, token_model=getattr(head, "tokens", None) is not None,
+                            **given)
+
+    def _attention_inputs(self, spec: MethodSpec, features, classes, feed):
+        """The attention probabilities of the items of `feed` (and their gradients for `classes`
+        when `spec` needs them), with the transformer's prefix tokens, grid and pooling."""
+        from .methods.attention import POOLINGS, AttentionInputs
+
+        others = ("the feature methods apply (gradcam and its family, eigencam, ablationcam, scorecam, "
+                  "reciprocam)")
+        tokens = getattr(self.head, "tokens", None)
+        run = getattr(self.backend, "run_attention", None)
+        if tokens is None or run is None:
+            why = "this backend does not give them" if run is None else "this model pools no tokens"
+            raise NotCamCompatible(f"{spec.name} needs attention maps of a vision transformer, and {why}; {others}")
+        if tokens.pooling not in POOLINGS:
+            raise NotCamCompatible(f"{spec.name} needs attention over the image's tokens, and this model pools a "
+                                   f"{tokens.pooling!r} map (windowed attention, as in Swin); {others}")
+        if feed is None:
+            raise InvalidInput(f"{spec.name} reads the attention of the model run: maps() needs the `inputs` "
+                               f"that gave `features`")
+        feed, _ = self._feed(feed)
+        x = feed.get(self.head.input.name)
+        size = None
+        if x is not None and np.ndim(x) == 4:
+            size = x.shape[2:4] if self.input_layout == "NCHW" else x.shape[1:3]
+        count = np.shape(features)[1] if np.ndim(features) == 3 else None
+        grid = tokens.grid_for(count, size) if count is not None else tuple(tokens.grid)
+        seeds = None
+        if "attention_gradients" in spec.needs:
+            n, k = classes.shape
+            seeds = np.zeros((n, k, self.head.num_classes), np.float32)
+            seeds[np.arange(n)[:, None], np.arange(k), classes] = 1
+        probabilities, gradients = run(feed, seeds, tokens=tokens.prefix + grid[0] * grid[1])
+        return AttentionInputs(probabilities, gradients, tokens.prefix, tuple(grid), tokens.pooling)
 
     def _explain_chunk(self, feed, sel, top_k, method):
         head = self.head
