@@ -176,6 +176,8 @@ def _class_selection(classes, n: int, num_classes: int):
     """Validate `classes` -> None (top-k) or an (n, k) int64 array."""
     if classes is None:
         return None
+    if hasattr(classes, "select"):  # --- targets: a camcore.targets.Targets validates itself
+        return classes.validate(n, num_classes)
     try:
         sel = np.asarray(classes)
     except Exception:
@@ -326,6 +328,8 @@ class Explainer:
                                              method))
         if n == 0:
             raise InvalidInput("inputs must hold at least one item")
+        if len({p[1].shape[1] for p in parts}) > 1:  # --- targets: chunks of fewer classes padded with -1
+            parts = _same_width(parts)
         return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)), method=method)
 
     def gradients(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None) -> Gradients:
@@ -397,7 +401,8 @@ class Explainer:
         seeds[np.arange(n)[:, None], np.arange(k), sel] = 1
         return np.asarray(self.backend.run_head(features, seeds))
 
-    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None) -> np.ndarray:
+    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None,
+             seeds: np.ndarray | None = None) -> np.ndarray:
         """Class maps from a forward pass already made (`forward`): ``(n, k, h, w)`` float32.
 
         Parameters
@@ -409,8 +414,15 @@ class Explainer:
             As in `explain`.
         inputs : dict of ndarray, optional
             The model inputs that gave `features` (needed by methods that re-run the model).
+        seeds : (n, k, C) float ndarray, optional
+            Explain ``seeds[i, j] . logits[i]`` instead of the logit of ``classes[i, j]``
+            (contrastive and negated targets, `camcore.targets`): CAM with the weights
+            ``seeds @ W`` (exact by linearity), a gradient method with these seeds in the
+            same backward pass.  Other methods refuse it.
         """
         method = self.resolve_method(method)
+        if seeds is not None:  # --- targets: a linear combination of logits
+            return _seeded_maps(self, features, seeds, method)
         if method == "cam":
             maps = cam(features, self.head.weights, classes, layout=self.head.layout)
         elif method == "eigencam":
@@ -453,6 +465,10 @@ class Explainer:
         if sel is None:
             sel = _top_k(logits, top_k)
         probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
+        if hasattr(sel, "select"):  # --- targets: chosen from the logits (camcore.targets.Targets.select)
+            chosen = sel.select(logits, probabilities)
+            maps = self.maps(features, chosen.compute, method=method, inputs=feed, seeds=chosen.seeds)
+            return logits, chosen.classes, chosen.scores, np.where((chosen.classes < 0)[..., None, None], 0, maps)
         scores = np.take_along_axis(probabilities, sel, axis=1).astype(np.float32)
         return logits, sel, scores, self.maps(features, sel, method=method, inputs=feed)
 
@@ -549,7 +565,8 @@ class Explainer:
         preprocess = preprocess or self.default_preprocess()
         chunk = self._chunk_size(batch_size)
         layout, dtype = self.input_layout, self.head.input.dtype
-        class_rows = None if classes is None else np.asarray(classes)
+        # --- targets: a camcore.targets.Targets is indexed per image, as an (N, k) array
+        class_rows = None if classes is None else classes if hasattr(classes, "select") else np.asarray(classes)
         options = (layout, dtype, top_k, threshold, upsample, class_rows, errors, method)
         if workers == 0:
             prepared = (_prepare_image(image, preprocess, keep_pixels) for image in images)
@@ -614,10 +631,41 @@ class Explainer:
                 sel = class_rows if class_rows.ndim == 1 else class_rows[[r[0] for r in ready]]
             out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x), method=method)
             for j, (index, source, _, geometry, pixels) in enumerate(ready):
-                args = (source, out.classes[j], out.scores[j], out.maps[j], geometry, pixels, threshold, resize,
-                        method)
+                keep = out.classes[j] >= 0  # --- targets: -1 pads a row of fewer classes (multi-label)
+                args = (source, out.classes[j][keep], out.scores[j][keep], out.maps[j][keep], geometry, pixels,
+                        threshold, resize, method)
                 results[index] = _finish_image(*args) if pool is None else pool.submit(_finish_image, *args)
         return [results[index] for index, _ in batch]
+
+
+def _same_width(parts):
+    """--- targets: chunk results ``(logits, classes, scores, maps)`` padded to the widest k (classes -1)."""
+    k = max(p[1].shape[1] for p in parts)
+
+    def pad(a, value):
+        return np.pad(a, [(0, 0), (0, k - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+
+    return [(logits, pad(classes, -1), pad(scores, 0), pad(maps, 0)) for logits, classes, scores, maps in parts]
+
+
+def _seeded_maps(explainer, features, seeds, method):
+    """--- targets: ``(n, k, h, w)`` float32 maps of ``seeds[i, j] . logits[i]`` (see `Explainer.maps`)."""
+    head = explainer.head
+    seeds = np.asarray(seeds, np.float32)
+    n = len(features)
+    if seeds.ndim != 3 or seeds.shape[0] != n or seeds.shape[2] != head.num_classes:
+        raise InvalidInput(f"seeds must have shape ({n}, k, {head.num_classes}), got {seeds.shape}")
+    if method == "cam":
+        k = seeds.shape[1]
+        weights = seeds.reshape(n * k, -1) @ head.weights  # w_c - w_ref: CAM is linear in the weights
+        maps = cam(features, weights, np.arange(n * k).reshape(n, k), layout=head.layout)
+    elif method in GRADIENT_METHODS:
+        gradients = np.asarray(explainer.backend.run_head(features, seeds))
+        maps = GRADIENT_METHODS[method](features, gradients, layout=head.layout)
+    else:
+        supported = ", ".join(["cam", *GRADIENT_METHODS])
+        raise InvalidInput(f"contrastive and negated targets need one of {supported}, got method {method!r}")
+    return maps.astype(np.float32, copy=False)
 
 
 def _finish_image(source, classes, scores, cams, geometry, pixels, threshold, resize, method):
