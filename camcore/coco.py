@@ -36,7 +36,9 @@ def coco_detections(results: Sequence[ImageExplanation], *, class_name: Callable
 
     Parameters
     ----------
-    results : sequence of ImageExplanation
+    results : sequence of ImageExplanation, or of results.json records
+        Records (``{"path", "width", "height", "error", "classes": [{"index", "name",
+        "score", "box"}]}``) carry their class names.
     class_name : callable, optional
         Class index -> name (``explainer.class_name``); default the index as text.
     num_classes : int, optional
@@ -60,28 +62,40 @@ def coco_detections(results: Sequence[ImageExplanation], *, class_name: Callable
     ([{'id': 1, 'width': 451, 'height': 300, 'file_name': 'cat.jpg'}], [10, 20, 100, 200])
     """
     name = class_name or str
-    images, annotations, used = [], [], set()
+    images, annotations, used, names = [], [], set(), {}
     for result in results:
-        if not isinstance(result, ImageExplanation):
-            raise InvalidInput(f"results must be ImageExplanation objects, got {type(result).__name__}")
-        if result.error is not None:
-            continue
+        if isinstance(result, ImageExplanation):
+            if result.error is not None:
+                continue
+            source, (height, width) = result.source, (int(v) for v in result.size)
+            found = [(int(c), float(s), result.box(j), None) for j, (c, s) in enumerate(zip(result.classes,
+                                                                                               result.scores))]
+        elif isinstance(result, dict) and "path" in result and "classes" in result:  # a results.json record
+            if result.get("error") is not None:
+                continue
+            source, height, width = result["path"], int(result["height"]), int(result["width"])
+            found = [(int(c["index"]), float(c["score"]), None if c.get("box") is None else tuple(c["box"]),
+                      c.get("name")) for c in result["classes"]]
+        else:
+            raise InvalidInput(f"results must be ImageExplanation objects or results.json records, "
+                               f"got {type(result).__name__}")
         image_id = len(images) + 1
-        height, width = (int(v) for v in result.size)
-        source = "" if result.source is None else str(result.source)
+        source = "" if source is None else str(source)
         file_name = os.path.relpath(source, root) if root is not None and source else source
         images.append({"id": image_id, "width": width, "height": height, "file_name": file_name})
-        for j, (c, score) in enumerate(zip(result.classes, result.scores)):
-            used.add(int(c))
-            box = result.box(j)
+        for c, score, box, known in found:
+            used.add(c)
+            if known is not None:
+                names.setdefault(c, known)
             if box is None:
                 continue
             x0, y0, x1, y1 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(c),
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": c,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
                                 "iscrowd": 0, "score": round(float(score), 6)})
     ids = range(num_classes) if num_classes is not None else sorted(used)
-    categories = [{"id": int(c), "name": str(name(int(c))), "supercategory": ""} for c in ids]
+    categories = [{"id": int(c), "name": str(names[c] if class_name is None and c in names else name(int(c))),
+                   "supercategory": ""} for c in ids]
     return {"info": {"description": description, "root": None if root is None else str(root)},
             "images": images, "categories": categories, "annotations": annotations}
 

@@ -30,8 +30,8 @@ import numpy as np
 
 from .errors import InvalidInput
 
-__all__ = ["Targets", "Selection", "class_indices", "read_targets", "finer_references", "SEEDED_METHODS",
-           "NEGATIVE"]
+__all__ = ["Targets", "Selection", "class_indices", "read_targets", "targets_from_options", "finer_references",
+           "SEEDED_METHODS", "NEGATIVE"]
 
 # Methods that explain any linear combination of logits (a seed vector): CAM and the gradient methods.
 SEEDED_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
@@ -307,6 +307,51 @@ def _int_list(values, name) -> list:
                                f"camcore.targets.class_indices")
         out.append(int(v))
     return out
+
+
+def targets_from_options(*, class_names=None, num_classes: int, classes=None, targets_file=None,
+                         multilabel: float | None = None, contrast=None, alpha: float = 1.0, references: int = 3,
+                         top_k: int = 1, images: Sequence = (), roots: Sequence = ()) -> "Targets | None":
+    """The `Targets` of command-line style options, or None when none is given (plain top-k).
+
+    Parameters
+    ----------
+    class_names, num_classes
+        The model's (``explainer.class_names``, ``explainer.head.num_classes``).
+    classes : str or sequence, optional
+        Class names or indices (`class_indices`), the same for every image.
+    targets_file : path, optional
+        A CSV or JSON of image -> class(es) (`read_targets`), matched against `images`.
+    multilabel : float, optional
+        Every class whose sigmoid score is at least this.
+    contrast : str or int, optional
+        ``"finer"``, or the reference class (a name or an index).
+    alpha, references, top_k
+        As in `Targets`.
+    images, roots : sequences of paths
+        The images of the run, in order, and the folders they were found in.
+
+    Raises
+    ------
+    InvalidInput
+        Two ways of choosing the classes at once, or a bad entry (named).
+    """
+    given = [flag for flag, value in (("classes", classes), ("targets", targets_file), ("multilabel", multilabel))
+             if value is not None]
+    if len(given) > 1:
+        raise InvalidInput(f"give one of classes, targets or multilabel, got {' and '.join(given)}")
+    if contrast is not None and contrast != "finer":
+        [contrast] = class_indices([contrast] if isinstance(contrast, (int, np.integer)) else [str(contrast)],
+                                   class_names=class_names, num_classes=num_classes, where="contrast: ")
+    if not given and contrast is None:
+        return None
+    chosen = None
+    if classes is not None:
+        chosen = class_indices(classes, class_names=class_names, num_classes=num_classes)
+    elif targets_file is not None:
+        chosen = read_targets(targets_file, images, class_names=class_names, num_classes=num_classes, roots=roots)
+    return Targets(chosen, top_k=top_k if chosen is None and multilabel is None else 1, multilabel=multilabel,
+                   contrast=contrast, alpha=alpha, references=references)
 
 
 # ----------------------------------------------------------------- names

@@ -60,5 +60,10 @@ def test_constant_maps_give_no_annotation_and_categories_default_to_the_used_cla
     coco = coco_detections([r])
     assert [c["id"] for c in coco["categories"]] == [2, 7]
     assert [(a["category_id"], a["bbox"]) for a in coco["annotations"]] == [(7, [0, 1, 3, 3])]
+    record = {"path": "a.png", "width": 4, "height": 4, "error": None, "classes": [
+        {"index": 2, "name": "two", "score": 0.5, "box": None}, {"index": 7, "name": "seven", "score": 0.25,
+                                                                  "box": [0, 1, 3, 4]}]}
+    assert coco_detections([record]) == {**coco, "categories": [{"id": 2, "name": "two", "supercategory": ""},
+                                                                 {"id": 7, "name": "seven", "supercategory": ""}]}
     with pytest.raises(InvalidInput, match="ImageExplanation"):
         coco_detections([{"path": "a.png"}])

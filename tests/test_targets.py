@@ -320,3 +320,22 @@ def test_targets_validated_against_the_model(kwargs, message):
 def test_targets_arguments(kwargs, message):
     with pytest.raises(InvalidInput, match=message):
         Targets(**kwargs)
+
+
+def test_targets_from_options(tmp_path):
+    from camcore.targets import targets_from_options
+
+    common = dict(class_names=NAMES, num_classes=4)
+    assert targets_from_options(**common) is None
+    t = targets_from_options(classes="lynx,0", contrast="Persian", **common)
+    assert (t.fixed, t.contrast) == ([3, 0], 2)
+    assert targets_from_options(multilabel=0.3, **common).multilabel == 0.3
+    t = targets_from_options(contrast="finer", top_k=2, **common)
+    assert (t.fixed, t.top_k, t.contrast) == (None, 2, "finer")
+    paths = [str(p) for p in _images(tmp_path, ["a.png"])]
+    (tmp_path / "t.csv").write_text("a.png,tiger cat\n")
+    assert targets_from_options(targets_file=tmp_path / "t.csv", images=paths, **common).rows == [[1]]
+    with pytest.raises(InvalidInput, match="give one of classes, targets or multilabel, got classes and multilabel"):
+        targets_from_options(classes="0", multilabel=0.5, **common)
+    with pytest.raises(InvalidInput, match="contrast: unknown class 'zebra'"):
+        targets_from_options(contrast="zebra", **common)
