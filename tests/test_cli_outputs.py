@@ -1,0 +1,134 @@
+"""The command line's targets and outputs: --classes, --targets, --multilabel, --contrast, --save-maps,
+--coco, --report and `camcore report`, end to end in subprocesses."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+from skimage import data
+
+import camcore
+from camcore.saved_maps import load_maps
+from camcore.targets import Targets
+from tests.test_cli import camcore_cli, error_lines
+from tests.test_targets import tiny_model
+
+LABELS = {"chelsea": "Egyptian cat", "coffee": "espresso", "rocket": "space shuttle"}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    folder = root / "photos"
+    folder.mkdir()
+    for name in LABELS:
+        Image.fromarray(getattr(data, name)()).save(folder / f"{name}.png")
+    (root / "labels.csv").write_text("image,label\n" + "".join(f"photos/{n}.png,{c}\n" for n, c in LABELS.items()))
+    return root
+
+
+def test_explain_true_classes_with_maps_coco_and_report(photos, tmp_path):
+    out = tmp_path / "out"
+    proc = camcore_cli("explain", photos / "photos", "--targets", photos / "labels.csv", "--save-maps",
+                       "--coco", tmp_path / "coco.json", "--report", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["targets"] == "targets from labels.csv"
+    assert results["seconds_per_image"] > 0
+    records = results["images"]
+    assert [r["classes"][0]["name"] for r in records] == [LABELS[n] for n in sorted(LABELS)]
+    explainer = camcore.load()
+    paths = [r["path"] for r in records]
+    want = explainer.explain_images(paths, classes=Targets([[explainer.class_names.index(LABELS[n])]
+                                                            for n in sorted(LABELS)]))
+    for record, expected in zip(records, want):
+        [saved] = load_maps(out / record["maps"])
+        np.testing.assert_allclose(saved.cams, expected.cams, rtol=1e-5, atol=1e-5)
+        assert saved.box(0) == expected.box(0) == tuple(record["classes"][0]["box"])
+        assert (out / record["overlay"]).is_file()
+    coco = COCO(str(tmp_path / "coco.json"))
+    for image_id, record in zip(coco.getImgIds(), records):
+        assert (photos / "photos" / coco.loadImgs(image_id)[0]["file_name"]).resolve() == \
+            (photos / "photos" / f"{record['path'].rsplit('/', 1)[1]}").resolve()
+        [ann] = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        x, y, w, h = ann["bbox"]
+        assert [x, y, x + w, y + h] == record["classes"][0]["box"]
+        assert coco.loadCats(ann["category_id"])[0]["name"] == record["classes"][0]["name"]
+    assert len(coco.getCatIds()) == 1000
+    page = (out / "report.html").read_text()
+    assert "Egyptian cat" in page and "chelsea.cam.png" in page
+
+    (out / "report.html").unlink()
+    proc = camcore_cli("report", out)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "report.html").read_text() == page
+
+
+def test_classes_by_name_and_float16_maps(photos, tmp_path):
+    out = tmp_path / "out"
+    proc = camcore_cli("explain", photos / "photos" / "chelsea.png", "--classes", "tabby,285", "--save-maps",
+                       "--maps-dtype", "float16", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    [record] = json.loads((out / "results.json").read_text())["images"]
+    assert [c["index"] for c in record["classes"]] == [281, 285]
+    [saved] = load_maps(out / record["maps"])
+    assert np.load(out / record["maps"])["cams"].dtype == np.float16
+    assert saved.classes.tolist() == [281, 285]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", "tabby,zebra"], "unknown class 'zebra'"),
+    (["--classes", "1000"], "class '1000' is out of range"),
+    (["--targets", "{labels}"], r"image .*rocket.png has no entry in targets file"),
+    (["--targets", "{bad}"], r"bad.csv line 3: expected IMAGE,CLASS"),
+    (["--targets", "{unknown}"], r"unknown.csv line 2: unknown class 'kitten'"),
+    (["--contrast", "finer", "--method", "ablationcam"], "contrastive targets need one of cam, gradcam"),
+    (["--classes", "tabby", "--top-k", "2"], "--top-k and --classes both choose the classes"),
+    (["--maps-dtype", "float16"], "--maps-dtype needs --save-maps"),
+])
+def test_bad_input_one_line_and_no_outputs(photos, tmp_path, args, message):
+    (tmp_path / "labels.csv").write_text("chelsea.png,tabby\ncoffee.png,espresso\n")
+    (tmp_path / "bad.csv").write_text("chelsea.png,tabby\ncoffee.png,espresso\nrocket.png\n")
+    (tmp_path / "unknown.csv").write_text("chelsea.png,tabby\ncoffee.png,kitten\nrocket.png,1\n")
+    args = [a.format(labels=tmp_path / "labels.csv", bad=tmp_path / "bad.csv", unknown=tmp_path / "unknown.csv")
+            for a in args]
+    out = tmp_path / "out"
+    proc = camcore_cli("explain", photos / "photos", *args, "--save-maps" if "--maps-dtype" not in args else "--quiet",
+                       "--coco", tmp_path / "coco.json", "--report", "--out", out)
+    assert proc.returncode != 0
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    import re
+    assert re.search(message, lines[0]), lines[0]
+    assert not out.exists() and not (tmp_path / "coco.json").exists()
+
+
+def test_multilabel_on_a_sigmoid_model(tmp_path):
+    model, _, _ = tiny_model(6, sigmoid=True, seed=11)
+    onnx.save(model, tmp_path / "m.onnx")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (12, 16, 3), np.uint8)).save(tmp_path / f"im{i}.png")
+    out = tmp_path / "out"
+    proc = camcore_cli("explain", tmp_path / "m.onnx", *[tmp_path / f"im{i}.png" for i in range(4)],
+                       "--multilabel", "0.4", "--size", "8", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    explainer = camcore.load(tmp_path / "m.onnx")
+    from camcore import Preprocess
+
+    for record in json.loads((out / "results.json").read_text())["images"]:
+        x, _ = Preprocess.imagenet((8, 8))(np.asarray(Image.open(record["path"])))
+        logits = explainer.forward({"x": x.transpose(2, 0, 1)[None].astype(np.float32)})[1][0]
+        p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+        assert sorted(c["index"] for c in record["classes"]) == sorted(np.nonzero(p >= 0.4)[0].tolist())
+        assert all(c["score"] >= 0.4 for c in record["classes"])
+
+
+def test_report_command_needs_results(tmp_path):
+    proc = camcore_cli("report", tmp_path)
+    assert proc.returncode == 1
+    assert error_lines(proc.stderr) == [f"camcore: error: {tmp_path} holds no results.json or compare.json: "
+                                        f"run camcore explain or compare --out {tmp_path}"]
