@@ -49,8 +49,8 @@ def save_maps(path, results: Sequence[ImageExplanation], *, dtype="float32", cla
 
     Parameters
     ----------
-    path : str or Path
-        The file to write (``.npz`` is not appended).
+    path : str, Path or None
+        The file to write (``.npz`` is not appended); None returns the file's bytes instead.
     results : sequence of ImageExplanation
         Images of one run: their maps share one feature resolution.
     dtype : {"float32", "float16"}
@@ -61,7 +61,7 @@ def save_maps(path, results: Sequence[ImageExplanation], *, dtype="float32", cla
 
     Returns
     -------
-    Path
+    Path, or bytes when `path` is None
 
     Examples
     --------
@@ -112,11 +112,13 @@ def save_maps(path, results: Sequence[ImageExplanation], *, dtype="float32", cla
         raise InvalidInput("each result must have as many maps and boxes as classes")
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
+    if path is None:
+        return buffer.getvalue()
     return _atomic_write(Path(path), buffer.getvalue())
 
 
 def load_maps(path) -> list[ImageExplanation]:
-    """Read a file written by `save_maps` (or ``camcore explain --save-maps``).
+    """Read a file written by `save_maps` (or ``camcore explain --save-maps``): a path or a binary file object.
 
     Returns
     -------
@@ -125,7 +127,7 @@ def load_maps(path) -> list[ImageExplanation]:
         ``.maps`` and ``.box()`` as the originals'.
     """
     try:
-        data = np.load(Path(path), allow_pickle=False)
+        data = np.load(path if hasattr(path, "read") else Path(path), allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise InvalidInput(f"cannot read maps file {path}: {str(exc).strip().splitlines()[0]}") from None
     with data:

@@ -192,14 +192,46 @@ class Targets:
         what = (f"rows of {len(self.rows)} items" if self.rows is not None else
                 f"classes={self.fixed}" if self.fixed is not None else
                 f"multilabel={self.multilabel}" if self.multilabel is not None else f"top_k={self.top_k}")
-        return f"Targets({what}, contrast={self.contrast!r})"
+        return f"Targets({what}, contrast={self.contrast!r}, {self.fingerprint()})"
+
+    def keyed(self, keys: Sequence) -> "Targets":
+        """A copy whose rows are looked up by key (`for_keys`): `keys` names each row (image paths)."""
+        part = self[slice(None)]
+        if self.rows is not None:
+            if len(keys) != len(self.rows):
+                raise InvalidInput(f"keys must name each of the {len(self.rows)} rows, got {len(keys)}")
+            part.by_key = dict(zip(map(str, keys), self.rows))
+        return part
+
+    def for_keys(self, keys: Sequence) -> "Targets":
+        """The rows of `keys` (a Ray block's paths), in their order; targets without rows are returned as they are."""
+        if self.rows is None:
+            return self
+        by_key = getattr(self, "by_key", None)
+        if by_key is None:
+            raise InvalidInput("these targets are not keyed: call keyed(paths) first")
+        missing = [k for k in keys if str(k) not in by_key]
+        if missing:
+            raise InvalidInput(f"no targets for {missing[0]}")
+        part = self[slice(None)]
+        part.rows = [by_key[str(k)] for k in keys]
+        return part
+
+    def fingerprint(self) -> str:
+        """A digest of everything that chooses the classes (a resumed run's blocks are reused only when equal)."""
+        import hashlib
+
+        what = json.dumps([self.rows, self.fixed, self.top_k, self.multilabel, self.contrast, self.alpha,
+                           self.references, sorted(getattr(self, "by_key", {}).items())], default=str)
+        return hashlib.sha256(what.encode()).hexdigest()[:16]
 
     def __getitem__(self, index) -> "Targets":
-        if self.rows is None:
+        if self.rows is None and not isinstance(index, slice):
             return self
         part = object.__new__(Targets)
         part.__dict__.update(self.__dict__)
-        part.rows = self.rows[index] if isinstance(index, slice) else [self.rows[int(i)] for i in index]
+        if self.rows is not None:
+            part.rows = self.rows[index] if isinstance(index, slice) else [self.rows[int(i)] for i in index]
         return part
 
     def __len__(self) -> int:

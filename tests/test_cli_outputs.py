@@ -80,7 +80,7 @@ def test_classes_by_name_and_float16_maps(photos, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--classes", "tabby,zebra"], "unknown class 'zebra'"),
+    (["--classes", "tabby,unicorn"], "unknown class 'unicorn'"),
     (["--classes", "1000"], "class '1000' is out of range"),
     (["--targets", "{labels}"], r"image .*rocket.png has no entry in targets file"),
     (["--targets", "{bad}"], r"bad.csv line 3: expected IMAGE,CLASS"),

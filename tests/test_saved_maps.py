@@ -93,3 +93,13 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(InvalidInput, match="not a camcore maps file"):
         load_maps(tmp_path / "other.npz")
     assert not list(tmp_path.glob(".m.npz*"))  # no temporary file left
+
+
+def test_bytes_and_file_objects(tmp_path):
+    import io
+
+    explainer, results = _results(tmp_path, bad=False)
+    blob = save_maps(None, results)
+    assert isinstance(blob, bytes)
+    for got, want in zip(load_maps(io.BytesIO(blob)), results):
+        np.testing.assert_array_equal(got.maps, want.maps)

@@ -339,3 +339,15 @@ def test_targets_from_options(tmp_path):
         targets_from_options(classes="0", multilabel=0.5, **common)
     with pytest.raises(InvalidInput, match="contrast: unknown class 'zebra'"):
         targets_from_options(contrast="zebra", **common)
+
+
+def test_keyed_targets_follow_their_keys():
+    t = Targets([[0], [1, 2], [3]]).keyed(["a.png", "b.png", "c.png"])
+    assert t.for_keys(["c.png", "a.png"]).rows == [[3], [0]]
+    assert Targets([1]).for_keys(["x"]).fixed == [1]
+    assert t.fingerprint() != Targets([[0], [1, 2], [2]]).keyed(["a.png", "b.png", "c.png"]).fingerprint()
+    assert t.fingerprint() in repr(t)
+    with pytest.raises(InvalidInput, match="no targets for d.png"):
+        t.for_keys(["d.png"])
+    with pytest.raises(InvalidInput, match="not keyed"):
+        Targets([[0]]).for_keys(["a.png"])
