@@ -48,8 +48,9 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, contrast_only: bool
                             "FinerCAM's most similar classes; cam and the gradient methods only")
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, *, maps: bool = True, report: bool = True) -> None:
-    """Add ``--save-maps --maps-dtype --coco --report``."""
+def add_output_arguments(parser: argparse.ArgumentParser, *, maps: bool = True, coco: bool = True,
+                         report: bool = True) -> None:
+    """Add ``--save-maps --maps-dtype --coco --report`` (those asked for)."""
     group = parser.add_argument_group("outputs", "written beside the overlays and results.json")
     if maps:
         group.add_argument("--save-maps", action="store_true",
@@ -58,7 +59,9 @@ def add_output_arguments(parser: argparse.ArgumentParser, *, maps: bool = True, 
                                 "reads them")
         group.add_argument("--maps-dtype", choices=("float32", "float16"), default=None,
                            help="how --save-maps stores the maps (default: float32)")
-    group.add_argument("--coco", metavar="FILE", help="write the boxes as COCO detections (pycocotools, FiftyOne)")
+    if coco:
+        group.add_argument("--coco", metavar="FILE",
+                           help="write the boxes as COCO detections (pycocotools, FiftyOne)")
     if report:
         group.add_argument("--report", action="store_true",
                            help="write report.html to browse the images, maps, classes and boxes offline")

@@ -132,3 +132,83 @@ def test_report_command_needs_results(tmp_path):
     assert proc.returncode == 1
     assert error_lines(proc.stderr) == [f"camcore: error: {tmp_path} holds no results.json or compare.json: "
                                         f"run camcore explain or compare --out {tmp_path}"]
+
+
+def test_ray_engine_targets_and_maps_per_block(photos, tmp_path):
+    from tests.test_distributed import ROOT
+
+    ray = pytest.importorskip("ray", reason="ray is not installed (pip install 'camcore[ray]')")
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(ROOT)  # Ray puts the driver's working directory on the workers' path: make it this checkout
+    ray.init(num_cpus=2, object_store_memory=300 * 2**20, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        common = ["--targets", photos / "labels.csv", "--save-maps", "--contrast", "tabby", "--quiet"]
+        local, remote = tmp_path / "local", tmp_path / "ray"
+        assert camcore_cli("explain", photos / "photos", *common, "--out", local).returncode == 0
+        proc = camcore_cli("explain", photos / "photos", *common, "--out", remote, "--engine", "ray",
+                           "--address", address, "--batch-size", "2")
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        ray.shutdown()
+        os.chdir(cwd)
+    want = json.loads((local / "results.json").read_text())["images"]
+    got = json.loads((remote / "results.json").read_text())["images"]
+    assert [r["classes"] for r in got] == [r["classes"] for r in want]
+    assert [(r["maps"], r["maps_index"]) for r in got] == [("maps-000000.npz", 0), ("maps-000000.npz", 1),
+                                                           ("maps-000001.npz", 0)]
+    for g, w in zip(got, want):
+        saved = load_maps(remote / g["maps"])[g["maps_index"]]
+        [expected] = load_maps(local / w["maps"])
+        np.testing.assert_array_equal(saved.cams, expected.cams)
+        assert saved.source == g["path"] or saved.source.endswith(g["path"].rsplit("/", 1)[1])
+
+
+def test_compare_with_targets_contrast_and_report(photos, tmp_path):
+    out = tmp_path / "cmp"
+    proc = camcore_cli("compare", photos / "photos", "--targets", photos / "labels.csv", "--contrast", "finer",
+                       "--report", "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["methods"] == ["cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam"]
+    assert [r["classes"][0]["name"] for r in summary["images"]] == [LABELS[n] for n in sorted(LABELS)]
+    page = (out / "report.html").read_text()
+    assert "chelsea.compare.png" in page and "hirescam" in page
+    proc = camcore_cli("compare", photos / "photos", "--contrast", "finer", "--methods", "gradcam,eigencam",
+                       "--out", tmp_path / "refused")
+    assert proc.returncode == 1
+    assert error_lines(proc.stderr) == ["camcore: error: contrastive targets need one of cam, gradcam, gradcam++, "
+                                        "xgradcam, hirescam, layercam; method 'eigencam' cannot explain a "
+                                        "combination of logits"]
+    assert not (tmp_path / "refused").exists()
+
+
+def test_eval_contrast_maps_the_ground_truth_against_the_reference(tmp_path, capsys):
+    from camcore.cli import main
+    from camcore.evaluation import GRID, evaluate
+    from camcore.maps import normalize, upsample
+    from camcore.preprocess import read_image
+    from camcore.wsol import read_dataset
+    from tests.test_evaluation import WEIGHTS, explainer, textured_items, write_dataset
+
+    items = textured_items(4, seed=5)
+    meta = write_dataset(tmp_path, items)
+    dataset = read_dataset(meta)
+    model = explainer(size=64, cell=8)
+    result = evaluate(model, dataset, tmp_path / "images", save_maps=tmp_path / "maps", contrast=4, method="cam")
+    assert result["contrast"] == 4
+    x, _ = model.preprocess.batch([read_image(tmp_path / "images" / s.image_id) for s in dataset.samples],
+                                  layout="NCHW", dtype=np.float32)
+    features, _ = model.forward({"x": x})
+    for n, sample in enumerate(dataset.samples):
+        by_hand = np.einsum("k,khw->hw", WEIGHTS[sample.label] - WEIGHTS[4], features[n])
+        want = normalize(upsample(by_hand.astype(np.float64), (GRID, GRID), method="bicubic"))
+        np.testing.assert_allclose(np.load(tmp_path / "maps" / f"{sample.image_id}.npy"), want, atol=1e-6)
+    with pytest.raises(camcore.InvalidInput, match="contrastive targets need one of"):
+        evaluate(model, dataset, tmp_path / "images", contrast="finer", method="eigencam")
+    assert main(["eval", "--metadata", str(meta), "--images", str(tmp_path / "images"), "--contrast", "unicorn",
+                 "--quiet"]) == 1
+    assert capsys.readouterr().err.strip() == "camcore: error: contrast: unknown class 'unicorn'"  # embedded model
