@@ -132,8 +132,8 @@ def test_python_blocks_run(workdir, capsys):
 def test_export_snippets_compile():
     """The exporter snippets need torch / tf2onnx, which the tests do not install: they must parse."""
     python = blocks("python", run=False)
-    assert len(python) == 3 and "torch.onnx.export" in python[0] and "explain_dataset" in python[2]
-    assert "fo.types.COCODetectionDataset" in python[1]  # FiftyOne's database cannot start here
+    assert len(python) == 3 and "torch.onnx.export" in python[1] and "explain_dataset" in python[2]
+    assert "fo.types.COCODetectionDataset" in python[0]  # FiftyOne's database cannot start here
     for body in python:
         compile(body, "README.md", "exec")
     shell, ray = blocks("sh", run=False)
