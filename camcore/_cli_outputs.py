@@ -115,8 +115,9 @@ def coco_root(images) -> str | None:
     return os.path.commonpath(folders) if folders else None
 
 
-def write_extras(out: Path, records: list, args, *, images=(), num_classes=None, class_name=None) -> None:
-    """After results.json: the ``--coco`` file and the ``--report`` page, when asked."""
+def write_extras(out: Path, records: list, args, *, images=(), num_classes=None, class_name=None,
+                 seconds_per_image=None) -> None:
+    """After results.json: the ``--coco`` file and the ``--report`` page (with the time per image), when asked."""
     if getattr(args, "coco", None):
         from .coco import write_coco
 
@@ -126,4 +127,4 @@ def write_extras(out: Path, records: list, args, *, images=(), num_classes=None,
     if getattr(args, "report", False):
         from .report import write_report
 
-        write_report(out)
+        write_report(out, summary={"seconds_per_image": seconds_per_image})

@@ -120,12 +120,18 @@ def render_report(data: dict) -> str:
             .replace("__DATA__", payload))
 
 
-def write_report(out, *, name: str = "report.html") -> Path:
-    """Write ``report.html`` into the output folder `out`, atomically; returns its path."""
+def write_report(out, *, name: str = "report.html", summary: dict | None = None) -> Path:
+    """Write ``report.html`` into the output folder `out`, atomically; returns its path.
+
+    `summary` adds to the run's summary what its files do not hold (``seconds_per_image``,
+    measured by the command that wrote them: results.json stays the same from run to run).
+    """
     from .saved_maps import _atomic_write
 
     out = Path(out)
-    text = render_report(report_data(out))
+    data = report_data(out)
+    data["summary"].update({k: v for k, v in (summary or {}).items() if v is not None})
+    text = render_report(data)
     path = _atomic_write(out / name, text.encode("utf-8"))
     os.chmod(path, 0o644)
     return path
