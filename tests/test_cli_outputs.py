@@ -67,7 +67,7 @@ def test_explain_true_classes_with_maps_coco_and_report(photos, tmp_path):
     proc = camcore_cli("report", out)
     assert proc.returncode == 0, proc.stderr
     again = (out / "report.html").read_text()
-    assert re.sub(r'"seconds_per_image":[0-9.e-]+,?', "", page) == again
+    assert re.sub(r',?"seconds_per_image":[0-9.e-]+', "", page) == again
 
 
 def test_classes_by_name_and_float16_maps(photos, tmp_path):
