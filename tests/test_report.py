@@ -191,3 +191,19 @@ def test_report_data_and_errors(tmp_path):
     text = render_report(data)
     assert "</script><script>alert" not in text  # the data cannot close its script element
     assert text.count("<script") == 2
+
+
+def test_report_data_of_a_compare_folder(tmp_path):
+    (tmp_path / "compare.json").write_text(json.dumps({
+        "model": "m.onnx", "methods": ["cam", "gradcam"], "seconds_per_image": {"cam": 0.01, "gradcam": 0.02},
+        "faithfulness": {"cam": {"average_drop": 12.5}, "gradcam": {"average_drop": 10.0}},
+        "images": [{"path": "a.png", "width": 4, "height": 3, "grid": "a.compare.png",
+                    "classes": [{"index": 2, "name": "two", "score": 0.75}],
+                    "boxes": {"cam": [[0, 0, 2, 2]], "gradcam": [None]}}]}))
+    data = report_data(tmp_path)
+    [item] = data["items"]
+    assert item["c"] == [[2, "two", 0.75, [0, 0, 2, 2]]]  # the first method's box
+    assert item["v"] == [["methods: cam, gradcam", "a.compare.png"]] and item["o"] == "a.compare.png"
+    assert item["b"] == {"cam": [[0, 0, 2, 2]], "gradcam": [None]}
+    assert data["summary"]["faithfulness"]["cam"]["average_drop"] == 12.5
+    assert data["summary"]["methods"] == ["cam", "gradcam"] and data["summary"]["images"] == 1
