@@ -296,9 +296,11 @@ class Explainer:
         ----------
         inputs : ndarray or dict of ndarray
             In the model's own dtype and layout, batch first; a dict for multi-input models.
-        classes : None, (k,) sequence or (N, k) array of int, optional
+        classes : None, (k,) sequence or (N, k) array of int, or camcore.targets.Targets, optional
             None: the `top_k` classes by logit.  1-D: the same classes for every item.
-            2-D: per item.
+            2-D: per item.  A `camcore.targets.Targets` chooses them from the logits
+            (multi-label, contrastive, negated targets, any number per item); rows with
+            fewer classes are padded with class -1, score 0 and a zero map.
         top_k : int
         batch_size : int, optional
             Chunk size (default: the explainer's).
