@@ -30,7 +30,7 @@ from camcore.errors import CamError, InvalidInput, NotCamCompatible
 from camcore.maps import resize_matrix
 from camcore.methods import GRADIENT_METHODS
 
-from . import onnx_graph
+from . import _proto, onnx_graph
 from .ort_session import OrtBackend
 
 __all__ = ["fuse", "OUTPUTS"]
@@ -43,15 +43,6 @@ _MIN_OPSET = 7
 _WHERE_OPSET = 9
 # Resize with coordinate_transformation_mode="half_pixel" (needed for dynamic spatial sizes only).
 _RESIZE_OPSET = 11
-# Opset from which a reduction takes `axes` as an input instead of an attribute.
-_AXES_INPUT_OPSET = {"ReduceSum": 13, "ReduceMean": 18, "ReduceMin": 18, "ReduceMax": 18, "ReduceLogSumExp": 18}
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            return int(entry.version)
-    raise CamError("the model imports no default-domain ONNX opset")
 
 
 class _Builder:
@@ -75,7 +66,7 @@ class _Builder:
         return outputs[0]
 
     def reduce(self, op_type: str, x: str, axes, name: str, keepdims: int = 1) -> str:
-        if self.opset >= _AXES_INPUT_OPSET[op_type]:
+        if self.opset >= _proto.axes_input_opset(op_type):
             return self.op(op_type, [x, self.const(f"{name}_axes", axes)], name, keepdims=keepdims)
         return self.op(op_type, [x], name, axes=list(axes), keepdims=keepdims)
 
@@ -419,7 +410,7 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, metho
     # the feature shape concrete where shape inference left it symbolic.
     backend = OrtBackend(model, providers=["CPUExecutionProvider"], feature=feature)
     proto, head = backend.model, backend.head
-    opset = _opset(proto)
+    opset = _proto.opset(proto, error=CamError)
     method = _resolve_method(method, head)
     top_k, size, normalize = _validate(top_k, size, normalize, head.num_classes, opset)
     g = onnx_graph._Graph.build(proto)

@@ -24,6 +24,8 @@ from onnx import helper, shape_inference
 from camcore.backend import Head, TensorSpec
 from camcore.errors import CamError, NotCamCompatible
 
+from ._proto import SHAPE_ONLY, attr, copy_model, dims, node_label, text_attr, value_types
+
 __all__ = [
     "load_model",
     "read_model",
@@ -50,7 +52,6 @@ _AFFINE_OPS = {
     "MatMul", "Mul", "Neg", "Pad", "ReduceMean", "ReduceSum", "Reshape", "Shape", "Size",
     "Slice", "Split", "Squeeze", "Sub", "Sum", "Tile", "Transpose", "Unsqueeze",
 }
-_SHAPE_ONLY = {"Shape", "Size"}
 _PROBE_BATCH = 512
 # Constant subgraphs larger than this are not folded (shape arithmetic is a few nodes).
 _MAX_FOLD_NODES = 64
@@ -58,20 +59,6 @@ _MAX_FOLD_NODES = 64
 
 def np_dtype(elem_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem_type))
-
-
-def _dims(type_proto) -> tuple:
-    """Declared dims: ints for fixed axes, str or None for dynamic ones.
-
-    Older PaddlePaddle exports write ``dim_value: -1`` (not a ``dim_param``) for every
-    dynamic axis, so a ``dim_value <= 0`` is read as dynamic too.
-    """
-    if not type_proto.tensor_type.HasField("shape"):
-        return ()
-    return tuple(
-        (d.dim_value if d.dim_value > 0 else None) if d.HasField("dim_value") else (d.dim_param or None)
-        for d in type_proto.tensor_type.shape.dim
-    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -115,8 +102,7 @@ def read_model(model, data: bytes | None = None) -> tuple[onnx.ModelProto, Path 
     from onnx import external_data_helper as edh
 
     if isinstance(model, onnx.ModelProto):
-        proto = onnx.ModelProto()
-        proto.CopyFrom(model)
+        proto = copy_model(model)
         if any(edh.uses_external_data(t) for t in edh._get_all_tensors(proto)):
             raise CamError("the in-memory model refers to external data; pass the .onnx path instead")
         return proto, None, False
@@ -185,16 +171,11 @@ class _Graph:
                 producer[out] = node
             for inp in node.input:
                 consumers.setdefault(inp, []).append(node)
-        types = {}
-        for vi in list(g.value_info) + list(g.input) + list(g.output):
-            types[vi.name] = vi.type
         constants = {t.name: t for t in g.initializer}
-        for t in g.initializer:
-            types.setdefault(t.name, helper.make_tensor_type_proto(t.data_type, list(t.dims)))
-        return cls(inferred, producer, consumers, order, types, constants)
+        return cls(inferred, producer, consumers, order, value_types(g), constants)
 
     def shape(self, name: str) -> tuple:
-        return _dims(self.types[name]) if name in self.types else ()
+        return (dims(self.types[name]) or ()) if name in self.types else ()  # () for an unknown rank
 
     def elem_type(self, name: str) -> int | None:
         t = self.types.get(name)
@@ -245,7 +226,7 @@ class _Graph:
             if node is None:
                 continue
             nodes.append(node)
-            if shape_only_stops and node.op_type in _SHAPE_ONLY:
+            if shape_only_stops and node.op_type in SHAPE_ONLY:
                 continue
             stack.extend(i for i in node.input if i)
         unique = {id(n): n for n in nodes}
@@ -256,21 +237,10 @@ def graph_inputs(model: onnx.ModelProto) -> tuple[TensorSpec, ...]:
     """The real inputs of a model (initializers excluded)."""
     initializers = {t.name for t in model.graph.initializer}
     return tuple(
-        TensorSpec(vi.name, _dims(vi.type), np_dtype(vi.type.tensor_type.elem_type))
+        TensorSpec(vi.name, dims(vi.type) or (), np_dtype(vi.type.tensor_type.elem_type))
         for vi in model.graph.input
         if vi.name not in initializers
     )
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _node_label(node) -> str:
-    return f"{node.op_type} at node {node.name or node.output[0]!r}"
 
 
 # --------------------------------------------------------------------------- pooling
@@ -288,7 +258,7 @@ class _Pooling:
 
 def _spatial_axes(g: _Graph, node) -> tuple | None:
     """``(axes, rank)`` of a ReduceMean/ReduceMax node, axes normalized; None if unknown."""
-    axes = _attr(node, "axes")
+    axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         value = g.constant(node.input[1])
         if value is None:
@@ -296,7 +266,7 @@ def _spatial_axes(g: _Graph, node) -> tuple | None:
         axes = value.ravel().tolist()
     rank = len(g.shape(node.input[0])) or 4
     if axes is None:
-        return None if _attr(node, "noop_with_empty_axes", 0) else (tuple(range(rank)), rank)
+        return None if attr(node, "noop_with_empty_axes", 0) else (tuple(range(rank)), rank)
     return tuple(sorted(int(a) % rank for a in axes)), rank
 
 
@@ -306,22 +276,21 @@ def _window_pool(g: _Graph, node) -> str | None:
     Padding may make the window larger than the map (GoogLeNet from Caffe2: a 7x7 kernel
     with pads (0, 0, 1, 1) over a 6x6 map).  Returns None for a local pooling.
     """
-    kernel = tuple(_attr(node, "kernel_shape", ()))
+    kernel = tuple(attr(node, "kernel_shape", ()))
     if len(kernel) != 2:
         return None
-    auto_pad = _attr(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    pads = tuple(_attr(node, "pads", None) or (0, 0, 0, 0))
+    auto_pad = text_attr(node, "auto_pad", "NOTSET")
+    pads = tuple(attr(node, "pads", None) or (0, 0, 0, 0))
     if auto_pad not in ("NOTSET", "VALID") or (auto_pad == "VALID" and any(pads)):
         return None
-    if any(d != 1 for d in _attr(node, "dilations", None) or (1, 1)):
+    if any(d != 1 for d in attr(node, "dilations", None) or (1, 1)):
         return None  # a dilated window skips pixels
     spatial = g.shape(node.input[0])[2:]
     if len(spatial) != 2 or not all(isinstance(s, int) for s in spatial):
         # Unknown map size: only an unpadded kernel can be read as the whole map.
         return None if any(pads) else f"{node.op_type} {kernel[0]}x{kernel[1]} over the whole map"
-    strides = tuple(_attr(node, "strides", None) or (1, 1))
-    ceil = bool(_attr(node, "ceil_mode", 0))
+    strides = tuple(attr(node, "strides", None) or (1, 1))
+    ceil = bool(attr(node, "ceil_mode", 0))
     for axis, size in enumerate(spatial):
         begin, end = pads[axis], pads[axis + 2]
         span = size + begin + end - kernel[axis]
@@ -339,9 +308,9 @@ def _pool_scale(g: _Graph, node) -> float:
     in the divisor, so the pooled value is a constant times the mean.  Running the node
     under onnxruntime gives exactly the divisor the model will run with.
     """
-    if node.op_type != "AveragePool" or not any(_attr(node, "pads", None) or ()):
+    if node.op_type != "AveragePool" or not any(attr(node, "pads", None) or ()):
         return 1.0
-    from .ort_session import make_session
+    from .ort_runtime import make_session
 
     h, w = g.shape(node.input[0])[2:]
     elem = g.elem_type(node.input[0]) or onnx.TensorProto.FLOAT
@@ -371,7 +340,7 @@ def _as_global_pool(g: _Graph, node) -> _Pooling | None:
         if layout is None:
             return None
         kind = "average" if op == "ReduceMean" else "max"
-        keepdims = bool(_attr(node, "keepdims", 1))
+        keepdims = bool(attr(node, "keepdims", 1))
         return _Pooling(node, kind, layout, keepdims, f"{op} over H and W (axes {axes[0]}, {axes[1]})")
     if op in ("AveragePool", "MaxPool"):
         description = _window_pool(g, node)
@@ -431,7 +400,7 @@ def _find_pooling(g: _Graph, logits: str, output: str, feature: str | None) -> _
         pooling = candidates[-1]  # the last one; earlier ones sit in SE blocks
     if pooling.kind == "max":
         raise NotCamCompatible(
-            f"global max pooling ({_node_label(pooling.node)}) does not satisfy the CAM identity"
+            f"global max pooling ({node_label(pooling.node)}) does not satisfy the CAM identity"
         )
     return pooling
 
@@ -441,18 +410,18 @@ def _check_head_structure(g: _Graph, pooled: str, logits: str, output: str) -> l
     nodes = g.ancestors(logits, stop=pooled)
     dependent = {pooled}
     for node in nodes:
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in SHAPE_ONLY:
             continue
         if any(i in dependent for i in node.input):
             dependent.update(node.output)
             if node.op_type not in _AFFINE_OPS:
-                raise NotCamCompatible(f"head after pooling is not affine: {_node_label(node)}")
+                raise NotCamCompatible(f"head after pooling is not affine: {node_label(node)}")
     if logits not in dependent:
         raise NotCamCompatible(f"output {output!r} does not depend on the pooled features {pooled!r}")
     # Value paths that reach a graph input without passing through the pooling.
     inputs = {vi.name for vi in g.model.graph.input} - set(g.constants)
     for node in g.ancestors(logits, stop=pooled, shape_only_stops=True):
-        if node.op_type in _SHAPE_ONLY:
+        if node.op_type in SHAPE_ONLY:
             continue
         bypass = [i for i in node.input if i in inputs]
         if bypass:
@@ -466,8 +435,7 @@ def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.Model
     """The sub-graph pooled -> logits, with a free batch axis on the pooled input."""
     from onnx.utils import Extractor
 
-    model = onnx.ModelProto()
-    model.CopyFrom(g.model)
+    model = copy_model(g.model)
     # Extractor needs a type for every cut tensor; shape inference may not have found one.
     for name in (pooled, logits):
         if name not in g.types:
@@ -477,7 +445,7 @@ def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.Model
     # Inputs reached only through Shape ops (computed reshapes) are fed as dummies.
     needed = [i.name for i in extractor.model.graph.input
               if i.name not in g.constants and any(
-                  n.op_type in _SHAPE_ONLY and i.name in n.input
+                  n.op_type in SHAPE_ONLY and i.name in n.input
                   for n in g.ancestors(logits, stop=pooled))]
     sub = extractor.extract_model([pooled, *needed], [logits])
     # Free the batch axis of the cut: probes come in batches.
@@ -538,8 +506,8 @@ def _product_label(g: _Graph, nodes: list, pooled: str) -> str:
     for node in nodes:
         hits = [i for i in node.input if i in dependent]
         if node.op_type in ("Mul", "Div", "MatMul", "Gemm", "Einsum") and len(hits) > 1:
-            return _node_label(node)
-        if hits and node.op_type not in _SHAPE_ONLY:
+            return node_label(node)
+        if hits and node.op_type not in SHAPE_ONLY:
             dependent.update(node.output)
     return "the numerical probe found a nonlinear response"
 
@@ -650,7 +618,7 @@ def _layouts(g: _Graph) -> dict:
             for i in four[:1]:
                 layouts[i] = "NCHW"
         elif node.op_type == "Transpose" and four and four[0] in layouts:
-            perm = _attr(node, "perm", (3, 2, 1, 0))
+            perm = attr(node, "perm", (3, 2, 1, 0))
             layout = "".join(layouts[four[0]][p] for p in perm)
         else:
             layout = next((layouts[i] for i in four if i in layouts), None)
@@ -668,7 +636,7 @@ def _spatial_size(shape: tuple, layout: str) -> int | None:
 def _value_nodes(g: _Graph, logits: str, stop: str | None = None) -> list:
     """Nodes on value paths to `logits` (not through Shape/Size), fed by a graph input."""
     inputs = {s.name for s in graph_inputs(g.model)}
-    nodes = [n for n in g.ancestors(logits, stop=stop, shape_only_stops=True) if n.op_type not in _SHAPE_ONLY]
+    nodes = [n for n in g.ancestors(logits, stop=stop, shape_only_stops=True) if n.op_type not in SHAPE_ONLY]
     fed, kept = set(inputs), []
     for node in nodes:
         if any(i in fed for i in node.input):
@@ -740,7 +708,7 @@ def find_target(model: onnx.ModelProto, *, feature: str | None = None, logits: s
         bypass = [i for i in node.input if i in inputs]
         if bypass and feature not in inputs:
             raise NotCamCompatible(f"layer {feature!r} is bypassed: the logits depend on input {bypass[0]!r} "
-                                   f"other than through it ({_node_label(node)})")
+                                   f"other than through it ({node_label(node)})")
     shape = g.shape(feature)
     channels = shape[1 if layout == "NCHW" else 3] if len(shape) == 4 else None
     classes = g.shape(logits)[-1] if g.shape(logits) else None
@@ -761,7 +729,7 @@ def _feature_shape_by_running(model: onnx.ModelProto, feature: str) -> tuple:
 
     Dynamic input axes are set to 1 (batch) and 224 (others).
     """
-    from .ort_session import import_onnxruntime
+    from .ort_runtime import import_onnxruntime
 
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -792,7 +760,7 @@ def _image_input(g: _Graph, inputs, feature: str) -> TensorSpec:
 
 def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
     """A function pooled-batch -> logits running `probe` under onnxruntime (CPU)."""
-    from .ort_session import import_onnxruntime
+    from .ort_runtime import import_onnxruntime
 
     ort = import_onnxruntime()
     options = ort.SessionOptions()
@@ -840,11 +808,9 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     rules need.  Values come from `onnx.reference` (`_Graph.constant`).
     """
     g = _Graph.build(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
     known = set(g.constants)
     kept, folded = [], []
-    for node in out.graph.node:
+    for node in model.graph.node:
         if node.op_type != "Constant" and node.input and all(i in known or not i for i in node.input):
             values = [g.constant(o) for o in node.output]
             if all(v is not None for v in values):
@@ -854,12 +820,7 @@ def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type == "Constant" and g.constant(node.output[0]) is not None:
             known.add(node.output[0])
         kept.append(node)
-    if not folded:
-        return out
-    del out.graph.node[:]
-    out.graph.node.extend(kept)
-    out.graph.initializer.extend(folded)
-    return out
+    return copy_model(model, nodes=kept if folded else None, initializers=folded)
 
 
 # --------------------------------------------------------------------------- editing
@@ -871,8 +832,7 @@ def expose_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     Types come from shape inference; tensors that already are outputs are kept once.
     """
     g = _Graph.build(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = copy_model(model)
     present = {o.name for o in out.graph.output}
     for name in names:
         if name in present:

@@ -4,7 +4,7 @@ Target (issue 5): explaining 10,000 images keeps the peak resident set size with
 1.5x of the peak for a single chunk.
 
 Each measurement runs in a fresh Python subprocess, because a process's peak RSS
-(``VmHWM``, see `backends.bench.peak_rss_mib`) never goes down.  The subprocess loads the embedded
+(``VmHWM``, see `camcore.benchmark.peak_rss_mib`) never goes down.  The subprocess loads the embedded
 EfficientNet-Lite0, then calls ``explain_images`` (which returns the list of every
 result, so it is the stricter of the two image entry points) on a generator that
 makes random 375x500x3 uint8 images one at a time, so the inputs are never all in
@@ -45,7 +45,7 @@ def child(count: int, sample: int, method: str = "auto", top_k: int = 1) -> dict
     import numpy as np
 
     import camcore
-    from backends.bench import peak_rss_mib
+    from camcore.benchmark import peak_rss_mib
 
     explainer = camcore.load(None, providers=["cpu"])
     samples = []
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(ROOT))
-    from backends.bench import machine
+    from camcore.benchmark import machine
     from bench_runtimes import write_section
 
     single = measure(CHUNK, args.sample, args.method, args.top_k)

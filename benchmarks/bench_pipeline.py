@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     result = measure(args)
     sys.path.insert(0, str(ROOT))
-    from backends.bench import machine
+    from camcore.benchmark import machine
     from bench_runtimes import machine_line, write_section
 
     text = markdown(result, machine_line(machine()))

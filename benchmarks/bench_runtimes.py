@@ -1,6 +1,6 @@
 """Headline comparison on EfficientNet-Lite0 (camcore's embedded model, real ImageNet weights), CPU.
 
-One interleaved run (see `backends.bench.time_interleaved`) of, per batch size:
+One interleaved run (see `camcore.benchmark.time_interleaved`) of, per batch size:
 
 * ``plain``: onnxruntime inference of the unmodified model;
 * ``explain``: camcore's NumPy path, ``Explainer.explain(top_k=1)``, the map upsampled to
@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 # image, against 0.13 s when passive).  Passive waiting is the fair setting for torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from backends import bench, onnx_graph  # noqa: E402
+from backends import onnx_graph  # noqa: E402
+from camcore import benchmark as bench  # noqa: E402
 from camcore import boxes, default_model, normalize, upsample  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

@@ -1,4 +1,4 @@
-"""Entry points that reach a backend: `load` and `fuse` (backends are imported lazily)."""
+"""Entry points that reach a backend: `load`, `fuse` and what `camcore inspect` shows (backends are imported lazily)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from .backend import get_backend
 from .explainer import Explainer
 from .preprocess import Preprocess
 
-__all__ = ["load", "fuse"]
+__all__ = ["load", "fuse", "candidate_layers", "available_providers"]
 
 
 def load(model=None, *, providers=None, feature=None, logits=None, backend: str = "onnxruntime",
@@ -83,3 +83,20 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, metho
     """
     fuse_graph = importlib.import_module("backends.fuse_graph")
     return fuse_graph.fuse(model, top_k=top_k, size=size, normalize=normalize, method=method, feature=feature)
+
+
+def candidate_layers(explainer: Explainer) -> list:
+    """The target layers of `explainer`'s model: ``(name, shape, layout)``, in graph order.
+
+    The 4-D tensors its logits depend on (`backends.onnx_graph.candidate_layers`);
+    any of them can be ``load(model, feature=name)``.
+    """
+    onnx_graph = importlib.import_module("backends.onnx_graph")
+    head = explainer.head
+    return onnx_graph.candidate_layers(explainer.backend.model, logits=head.logits, output=head.output)
+
+
+def available_providers() -> list:
+    """The onnxruntime execution providers available here, by their full names."""
+    ort_session = importlib.import_module("backends.ort_session")
+    return ort_session.import_onnxruntime().get_available_providers()

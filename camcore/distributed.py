@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ._cli_util import _umask, overlay_format
 from .errors import InvalidInput, missing_dependency
 from .methods import METHODS
+from .outputs import _record, _umask, _unique_name, encode_image, overlay_format, render
 from .preprocess import EncodedImage, Preprocess
 
 __all__ = ["explain_dataset", "path_dataset", "read_options"]
@@ -185,9 +185,6 @@ class ExplainBatch:
 
     def _row(self, path, pixels, result):
         if self.output == "cli":
-            from ._cli_util import encode_image, overlay_format
-            from .cli import _record, render
-
             overlay = None
             if result.error is None:
                 overlay = encode_image(render(pixels, result, self.explainer), overlay_format(path, self.image_format))
@@ -415,7 +412,6 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
     `address` (and no Ray already initialized) a local Ray instance is started and
     shut down.  `progress` is called with the number of images done.
     """
-    from .cli import _record, _unique_name
     from .explainer import ImageExplanation
 
     import_ray()

@@ -1,4 +1,4 @@
-"""Localization evaluation on weakly-supervised localization datasets (`camcore eval`).
+"""Localization evaluation on weakly-supervised localization datasets (the library behind `camcore eval`).
 
 `evaluate` runs an `Explainer` over a `camcore.wsol.Dataset` in batches and
 reports, in percent: classification top-1/top-5, the CAM paper's top-1/top-5
@@ -65,27 +65,25 @@ Differences from the published protocol
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import hashlib
 import io
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CamError, InvalidInput
+from .errors import InvalidInput
 from .faithfulness import (auc, average_drop, confidence_scores, deletion_insertion,  # noqa: F401 (re-exported)
                            increase_in_confidence)
 from .localize import boxes as heuristic_boxes
 from .maps import normalize, upsample
 from .metrics import box_accuracies, localization_accuracy, pointing_game, pxap_counts
 from .preprocess import Geometry, Preprocess, read_image
-from .wsol import Dataset, read_dataset
+from .scores import top_k as _top_classes
+from .wsol import Dataset
 
-__all__ = ["GRID", "IOU_THRESHOLDS", "evaluate", "grid_boxes", "grid_mask", "add_arguments", "main",
+__all__ = ["GRID", "IOU_THRESHOLDS", "evaluate", "grid_boxes", "grid_mask",
            "average_drop", "increase_in_confidence", "confidence_scores", "deletion_insertion", "auc",
            "pointing_game"]
 
@@ -178,16 +176,11 @@ def _model_info(explainer) -> dict:
 
 
 def _save_map(folder: Path, image_id: str, scoremap: np.ndarray) -> None:
-    from ._cli_util import atomic_write_bytes
+    from .outputs import atomic_write_bytes
 
     buffer = io.BytesIO()
     np.save(buffer, scoremap.astype(np.float64))
     atomic_write_bytes(folder / f"{image_id}.npy", buffer.getvalue())
-
-
-def _top_classes(logits: np.ndarray, k: int) -> np.ndarray:
-    """The k best classes per row, best first (ties: lower index first)."""
-    return np.argsort(-logits, axis=1, kind="stable")[:, :k]
 
 
 FAITHFULNESS = ("average_drop", "increase_in_confidence", "deletion_auc", "insertion_auc", "pointing_game")
@@ -444,113 +437,3 @@ def _add_faithfulness(sums: dict, explainer, x, maps, labels, scoremaps, boxes, 
     sums["insertion_auc"] += float(curves["insertion_auc"].sum())
     if boxes is not None:
         sums["pointing_game"] += int(pointing_game(scoremaps, boxes, tolerance=tolerance).sum())
-
-
-# ----------------------------------------------------------------- command line
-
-def _thresholds(text: str) -> np.ndarray:
-    """``start:stop:step`` -> ``np.arange(start, stop, step)`` within [0, 1)."""
-    try:
-        start, stop, step = (float(v) for v in text.split(":"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected start:stop:step, e.g. 0:1:0.01, got {text!r}") from None
-    if not (0 <= start < stop <= 1 and step > 0):
-        raise argparse.ArgumentTypeError(f"expected 0 <= start < stop <= 1 and step > 0, got {text!r}")
-    return np.arange(start, stop, step)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `camcore eval` arguments (the CLI calls this when `eval` is chosen)."""
-    from ._cli_util import (add_engine_arguments, add_method_arguments, add_preprocess_arguments, fraction,
-                            positive_int)
-
-    parser.description = ("Localization accuracy of a model's CAMs on a wsolevaluation metadata folder or "
-                          "Pascal-VOC XML annotations, following wsolevaluation's protocol (224x224 maps).")
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="MODEL.onnx (default: the embedded EfficientNet-Lite0)")
-    parser.add_argument("--metadata", required=True, metavar="DIR",
-                        help="image_ids.txt + class_labels.txt + localization.txt, or VOC .xml files")
-    parser.add_argument("--images", required=True, metavar="DIR", help="image root")
-    parser.add_argument("--synsets", metavar="FILE",
-                        help="VOC only: synset per line, line i = class i (default: synsets.txt or "
-                             "LOC_synset_mapping.txt in the metadata folder)")
-    parser.add_argument("--mask-root", metavar="DIR", help="root of the mask paths (default: --images)")
-    parser.add_argument("--thresholds", type=_thresholds, default=np.arange(0, 1, 0.01), metavar="A:B:STEP",
-                        help="score-map thresholds for MaxBoxAcc and PxAP (default: 0:1:0.01)")
-    parser.add_argument("--top-k", type=positive_int, default=5, metavar="K",
-                        help="predicted classes per image (default: 5)")
-    parser.add_argument("--threshold", type=fraction, default=0.2, metavar="T",
-                        help="box threshold of the top-k/GT-known heuristic, fraction of the max (default: 0.2)")
-    parser.add_argument("--json", metavar="FILE", help="write every figure and setting to FILE")
-    parser.add_argument("--save-maps", metavar="DIR", help="write score maps as DIR/<image_id>.npy")
-    parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per model run")
-    parser.add_argument("--providers", metavar="LIST",
-                        help="onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names")
-    parser.add_argument("--faithfulness", action="store_true",
-                        help="also report Average Drop, Increase in Confidence, deletion/insertion AUC and the "
-                             "pointing game of the CAMs (2 * (steps + 2) more model runs per image)")
-    parser.add_argument("--steps", type=positive_int, default=16, metavar="S",
-                        help="deletion/insertion steps (default: 16)")
-    parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
-    add_method_arguments(parser)
-    add_engine_arguments(parser)
-    add_preprocess_arguments(parser)
-
-
-def _format(value) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def main(args) -> int:
-    """Run `camcore eval` with parsed `args`; returns the exit status."""
-    from ._cli_util import (EXIT_OK, Progress, check_engine_arguments, preprocess_from_args, provider_list,
-                            write_json)
-    from .api import load
-
-    if args.model is not None and not args.model.lower().endswith(".onnx"):
-        raise CamError(f"MODEL must be an .onnx file, got {args.model!r}: "
-                       "camcore eval [MODEL.onnx] --metadata DIR --images DIR")
-    check_engine_arguments(args)
-    dataset = read_dataset(args.metadata, synsets=args.synsets, images_root=args.images)
-    if dataset.unannotated:
-        print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
-              f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature)
-    preprocess = preprocess_from_args(args, explainer)
-    method = explainer.resolve_method(args.method)
-    bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
-    engine, session = None, contextlib.nullcontext()
-    if args.engine == "ray":
-        from .distributed import evaluate_engine, ray_session
-
-        engine = evaluate_engine(args.model, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                 providers=provider_list(args.providers), feature=args.feature)
-        session = ray_session(args.address)
-    try:
-        with session:
-            results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
-                               top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
-                               mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
-                               method=method, faithfulness=args.faithfulness, steps=args.steps, engine=engine)
-    finally:
-        bar.close()
-    results["dataset"].update(metadata=str(args.metadata), images=str(args.images))
-    if args.json:
-        write_json(args.json, results)
-    if not args.quiet:
-        rows = [("top1_loc", "top-1 loc"), ("top5_loc", "top-5 loc"), ("gt_known_loc", "GT-known loc"),
-                ("max_box_acc_v1", "MaxBoxAcc"), ("max_box_acc_v2", "MaxBoxAccV2"), ("pxap", "PxAP"),
-                ("top1_cls", "top-1 cls"), ("top5_cls", "top-5 cls")]
-        for key, name in rows:
-            print(f"{name:<14}{_format(results[key]):>8}")
-        if results["faithfulness"] is not None:
-            for key, name in (("average_drop", "Average Drop"), ("increase_in_confidence", "Incr. in Conf."),
-                              ("deletion_auc", "deletion AUC"), ("insertion_auc", "insertion AUC"),
-                              ("pointing_game", "pointing game")):
-                value = results["faithfulness"][key]
-                text = "-" if value is None else f"{value:.4f}" if key.endswith("auc") else f"{value:.2f}"
-                print(f"{name:<14}{text:>8}")
-        counts = results["counts"]
-        print(f"{counts['evaluated']} images in {results['seconds']:.1f} s"
-              + (f", {counts['unannotated']} without annotations" if counts["unannotated"] else ""))
-    return EXIT_OK

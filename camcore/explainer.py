@@ -13,23 +13,13 @@ import numpy as np
 from .backend import Backend, Head
 from .errors import CamError, InvalidInput, NotCamCompatible
 from .localize import boxes as find_boxes
-from .maps import cam, upsample
-from .methods import GRADIENT_METHODS, METHODS, eigencam
-from .perturbation import FORWARD_METHODS, ablationcam, reciprocam, scorecam
+from .maps import upsample
+from .methods import METHODS, REGISTRY, MethodInputs, MethodSpec, method_options
 from .preprocess import EncodedImage, Geometry, Preprocess, _read_picture
+from .scores import sigmoid, softmax
+from .scores import top_k as _top_k
 
 __all__ = ["Explainer", "Explanation", "Gradients", "ImageExplanation", "softmax", "sigmoid"]
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, computed stably."""
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))
 
 
 @dataclass(frozen=True, eq=False)
@@ -196,16 +186,6 @@ def _class_selection(classes, n: int, num_classes: int):
     return sel.astype(np.int64)
 
 
-def _top_k(logits: np.ndarray, k: int) -> np.ndarray:
-    if k == 1:  # the common case, without the partition and sort
-        return np.argmax(logits, axis=1)[:, None]
-    if k >= logits.shape[1]:
-        return np.argsort(-logits, axis=1, kind="stable")
-    part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(logits, part, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, axis=1)
-
-
 class Explainer:
     """Explain a model's predictions with CAM.
 
@@ -277,7 +257,7 @@ class Explainer:
             raise InvalidInput(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
         if method == "auto":
             return "cam" if self.head.affine else "gradcam"
-        if method == "cam" and not self.head.affine:
+        if "weights" in REGISTRY[method].needs and not self.head.affine:
             raise NotCamCompatible(self.head.cam_refusal or "the head is not global average pooling + affine")
         return method
 
@@ -422,44 +402,42 @@ class Explainer:
             ``seeds @ W`` (exact by linearity), a gradient method with these seeds in the
             same backward pass.  Other methods refuse it.
         """
-        method = self.resolve_method(method)
+        spec = REGISTRY[self.resolve_method(method)]
         if seeds is not None:  # --- targets: a linear combination of logits
-            return _seeded_maps(self, features, seeds, method)
-        if method == "cam":
-            maps = cam(features, self.head.weights, classes, layout=self.head.layout)
-        elif method == "eigencam":
-            maps = np.repeat(eigencam(features, layout=self.head.layout)[:, None], classes.shape[1], axis=1)
-        elif method in FORWARD_METHODS:
-            maps = self._forward_only_maps(method, inputs, features, classes)
-        else:
-            gradients = self._class_gradients(features, classes)
-            maps = GRADIENT_METHODS[method](features, gradients, layout=self.head.layout)
+            return _seeded_maps(self, spec, features, seeds)
+        maps = spec.compute(self._method_inputs(spec, features, classes, inputs))
         return maps.astype(np.float32, copy=False)
 
-    def _forward_only_maps(self, method, feed, features, sel):
-        """Maps of a `camcore.perturbation` method, with `method_options` applied."""
+    def _method_inputs(self, spec: MethodSpec, features, classes, feed) -> MethodInputs:
+        """What `spec` needs, gathered for one chunk: nothing is run that the method does not use."""
         options = dict(self.method_options)
-        unknown = set(options) - {"batch_size", "max_channels", "scoring"}
-        if unknown:
-            raise InvalidInput(f"method_options takes 'batch_size', 'max_channels', 'scoring', got {sorted(unknown)}")
-        layout = self.head.layout
-        if method == "scorecam":
+        if spec.options:
+            known = method_options()
+            unknown = set(options) - set(known)
+            if unknown:
+                raise InvalidInput(f"method_options takes {', '.join(map(repr, known))}, got {sorted(unknown)}")
+        head, given = self.head, {}
+        if "weights" in spec.needs:
+            given["weights"] = head.weights
+        if "gradients" in spec.needs:
+            given["gradients"] = self._class_gradients(features, classes)
+        if "head_runs" in spec.needs:
+            given["run_head"] = self.backend.run_head
+        if "model_runs" in spec.needs:
             if feed is None:
-                raise InvalidInput("scorecam re-runs the model: maps() needs the `inputs` that gave `features`")
+                raise InvalidInput(f"{spec.name} re-runs the model: maps() needs the `inputs` that gave `features`")
             feed, _ = self._feed(feed)
-            name = self.head.input.name
-            rows = self.fixed_batch or options.get("batch_size", self.batch_size)
+            name = head.input.name
 
             def run_model(masked, items):
                 return self.forward({k: masked if k == name else v[items] for k, v in feed.items()})[1]
 
-            return scorecam(feed[name], features, sel, run_model, layout=layout, input_layout=self.input_layout,
-                            max_channels=options.get("max_channels"), batch_size=rows)
-        rows = options.get("batch_size", 256)
-        if method == "ablationcam":
-            return ablationcam(features, sel, self.backend.run_head, layout=layout, batch_size=rows)
-        return reciprocam(features, sel, self.backend.run_head, layout=layout, batch_size=rows,
-                          scoring=options.get("scoring", self.head.scoring))
+            given.update(run_model=run_model, inputs=feed[name])
+        if "attention" in spec.needs:
+            raise NotCamCompatible(f"{spec.name} needs attention maps, which this backend does not give")
+        return MethodInputs(features, classes, head.layout, options, scoring=head.scoring,
+                            batch_size=self.batch_size, fixed_batch=self.fixed_batch,
+                            input_layout=self.input_layout, **given)
 
     def _explain_chunk(self, feed, sel, top_k, method):
         head = self.head
@@ -650,24 +628,32 @@ def _same_width(parts):
     return [(logits, pad(classes, -1), pad(scores, 0), pad(maps, 0)) for logits, classes, scores, maps in parts]
 
 
-def _seeded_maps(explainer, features, seeds, method):
-    """--- targets: ``(n, k, h, w)`` float32 maps of ``seeds[i, j] . logits[i]`` (see `Explainer.maps`)."""
+def _seeded_maps(explainer, spec, features, seeds):
+    """--- targets: ``(n, k, h, w)`` float32 maps of ``seeds[i, j] . logits[i]`` (see `Explainer.maps`).
+
+    CAM gets the weights ``seeds @ W`` (one row per map), a gradient method the gradients of
+    the seeded logits from the same backward pass; methods that score one class refuse.
+    """
+    from .targets import SEEDED_METHODS, seedable
+
     head = explainer.head
     seeds = np.asarray(seeds, np.float32)
     n = len(features)
     if seeds.ndim != 3 or seeds.shape[0] != n or seeds.shape[2] != head.num_classes:
         raise InvalidInput(f"seeds must have shape ({n}, k, {head.num_classes}), got {seeds.shape}")
-    if method == "cam":
-        k = seeds.shape[1]
-        weights = seeds.reshape(n * k, -1) @ head.weights  # w_c - w_ref: CAM is linear in the weights
-        maps = cam(features, weights, np.arange(n * k).reshape(n, k), layout=head.layout)
-    elif method in GRADIENT_METHODS:
-        gradients = np.asarray(explainer.backend.run_head(features, seeds))
-        maps = GRADIENT_METHODS[method](features, gradients, layout=head.layout)
-    else:
-        supported = ", ".join(["cam", *GRADIENT_METHODS])
-        raise InvalidInput(f"contrastive and negated targets need one of {supported}, got method {method!r}")
-    return maps.astype(np.float32, copy=False)
+    if not seedable(spec):
+        raise InvalidInput(f"contrastive and negated targets need one of {', '.join(SEEDED_METHODS)}, "
+                           f"got method {spec.name!r}")
+    k = seeds.shape[1]
+    given = {}
+    if "weights" in spec.needs:  # w_c - w_ref: CAM is linear in the weights
+        given["weights"] = seeds.reshape(n * k, -1) @ head.weights
+    if "gradients" in spec.needs:
+        given["gradients"] = np.asarray(explainer.backend.run_head(features, seeds))
+    inputs = MethodInputs(features, np.arange(n * k).reshape(n, k), head.layout, dict(explainer.method_options),
+                          scoring=head.scoring, batch_size=explainer.batch_size, fixed_batch=explainer.fixed_batch,
+                          input_layout=explainer.input_layout, **given)
+    return spec.compute(inputs).astype(np.float32, copy=False)
 
 
 def _finish_image(source, classes, scores, cams, geometry, pixels, threshold, resize, method):

@@ -23,6 +23,7 @@ import numpy as np
 from ._validate import check_choice, check_ndim, float_array
 from .errors import InvalidInput
 from .maps import normalize
+from .scores import sigmoid, softmax
 
 __all__ = ["confidence_scores", "average_drop", "increase_in_confidence", "deletion_insertion", "auc",
            "BASELINES"]
@@ -57,8 +58,6 @@ def _expand(m: np.ndarray, layout: str) -> np.ndarray:
 
 def _score_rows(explainer, make_rows, classes_of_rows, n_rows: int, batch_size, progress) -> np.ndarray:
     """The class score of each of `n_rows` built inputs, run in chunks: ``(n_rows,)`` float64."""
-    from .explainer import sigmoid, softmax
-
     chunk = explainer.fixed_batch or int(batch_size or explainer.batch_size)
     if chunk < 1:
         raise InvalidInput(f"batch_size must be >= 1, got {batch_size!r}")

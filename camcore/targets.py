@@ -29,12 +29,21 @@ from typing import Sequence
 import numpy as np
 
 from .errors import InvalidInput
+from .methods import REGISTRY
+from .scores import sigmoid, softmax, top_k
 
 __all__ = ["Targets", "Selection", "class_indices", "read_targets", "targets_from_options", "finer_references",
-           "SEEDED_METHODS", "NEGATIVE"]
+           "seedable", "SEEDED_METHODS", "NEGATIVE"]
 
-# Methods that explain any linear combination of logits (a seed vector): CAM and the gradient methods.
-SEEDED_METHODS = ("cam", "gradcam", "gradcam++", "xgradcam", "hirescam", "layercam")
+
+def seedable(spec) -> bool:
+    """Whether a registered method explains any linear combination of logits (a seed vector): a
+    class-specific method that needs only the head's weights, the features and gradients."""
+    return spec.class_specific and spec.needs <= {"weights", "features", "gradients"}
+
+
+# CAM and the gradient methods, in the registry's order.
+SEEDED_METHODS = tuple(name for name, spec in REGISTRY.items() if seedable(spec))
 
 # The class index of a single-logit binary model's negative class: its negated logit.
 NEGATIVE = 1
@@ -63,16 +72,6 @@ class Selection:
     compute: np.ndarray
     seeds: np.ndarray | None
     scores: np.ndarray
-
-
-def _softmax(logits):
-    z = logits - logits.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _sigmoid(logits):
-    return 0.5 * (1.0 + np.tanh(0.5 * logits))
 
 
 def finer_references(logits: np.ndarray, target: int, *, count: int = 3) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +114,7 @@ def finer_references(logits: np.ndarray, target: int, *, count: int = 3) -> tupl
     distance = np.abs(y - y[target])
     distance[target] = np.inf
     references = np.argsort(distance, kind="stable")[:count]
-    p = _softmax(y)[references]
+    p = softmax(y)[references]
     return references.astype(np.int64), p / p.sum()
 
 
@@ -280,10 +279,9 @@ class Targets:
         if self.fixed is not None:
             return [self.fixed] * n
         if self.multilabel is not None:
-            scores = _sigmoid(logits)
+            scores = sigmoid(logits)
             return [[int(c) for c in np.argsort(-s, kind="stable") if s[c] >= self.multilabel] for s in scores]
-        order = np.argsort(-logits, axis=1, kind="stable")[:, :self.top_k]
-        return [row.tolist() for row in order]
+        return [row.tolist() for row in top_k(logits, self.top_k)]
 
     def select(self, logits: np.ndarray, probabilities: np.ndarray) -> Selection:
         """Choose the classes, their seeds and scores for a chunk.
@@ -310,9 +308,9 @@ class Targets:
         negative = valid & (classes == NEGATIVE) if single else np.zeros_like(valid)
         compute = np.where(valid & ~negative, classes, 0)
         if self.multilabel is not None:
-            source = _sigmoid(logits)
+            source = sigmoid(logits)
         else:
-            source = _sigmoid(logits) if single else probabilities
+            source = sigmoid(logits) if single else probabilities
         scores = np.take_along_axis(np.asarray(source, np.float32), compute, axis=1)
         scores = np.where(negative, 1 - scores, scores)
         scores = np.where(valid, scores, 0).astype(np.float32)

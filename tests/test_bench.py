@@ -1,4 +1,4 @@
-"""`camcore bench` (backends/bench.py): structure and consistency of the figures, never their speed."""
+"""`camcore bench` (camcore/benchmark.py, camcore/cli/bench.py): the figures' structure, never their speed."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 import camcore
-from backends import bench
+from camcore import benchmark as bench
+from camcore.cli import bench as bench_command
 from backends.ort_session import make_session
 from camcore.errors import InvalidInput
 from tests.zoo import CASES
@@ -81,11 +82,11 @@ def test_table_lists_every_run_and_skip(result):
 
 def test_command_line_writes_json(model_path, tmp_path, capsys):
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_command.add_arguments(parser)
     out = tmp_path / "bench.json"
     args = parser.parse_args([str(model_path), "--batch", "2", "--providers", "cpu,cuda", "--repeat", "1",
                               "--warmup", "0", "--no-memory", "--json", str(out)])
-    assert bench.main(args) == 0
+    assert bench_command.main(args) == 0
     written = json.loads(out.read_text())
     assert written["settings"]["batches"] == [2] and written["settings"]["memory"] is False
     run = written["providers"][0]["runs"][0]
@@ -95,9 +96,9 @@ def test_command_line_writes_json(model_path, tmp_path, capsys):
 
 def test_command_line_defaults():
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_command.add_arguments(parser)
     args = parser.parse_args([])
-    assert args.model is None and bench._int_list(args.batch) == (1, 16, 64)
+    assert args.model is None and bench_command._int_list(args.batch) == (1, 16, 64)
     assert args.providers == "cpu" and args.repeat == 10 and args.warmup == 2 and args.json is None
 
 

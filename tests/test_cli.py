@@ -15,7 +15,9 @@ from skimage import data
 from skimage import io as skio
 
 import camcore
-from camcore import _cli_util, cli, default_model
+from camcore import cli, default_model, outputs
+from camcore.cli import console, options
+from camcore.cli.demo import DEMO_IMAGES
 from camcore.errors import CamError, NotCamCompatible
 from tests.zoo import CASES, REFUSED, vector_classifier
 
@@ -118,18 +120,18 @@ def test_demo_table_json_and_overlays(demo, default_explainer):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == ["image", "class", "score", "box"]
-    for name in cli.DEMO_IMAGES:
+    for name in DEMO_IMAGES:
         assert any(line.startswith(f"skimage.data.{name}") for line in lines)
     results = json.loads((out / "results.json").read_text())
     assert results["threshold"] == 0.2
-    assert [r["path"] for r in results["images"]] == [f"skimage.data.{n}" for n in cli.DEMO_IMAGES]
-    for name, record in zip(cli.DEMO_IMAGES, results["images"]):
+    assert [r["path"] for r in results["images"]] == [f"skimage.data.{n}" for n in DEMO_IMAGES]
+    for name, record in zip(DEMO_IMAGES, results["images"]):
         check_record(record, default_explainer.class_name, 1)
         image = getattr(data, name)()
         assert (record["height"], record["width"]) == image.shape[:2]
         png = skio.imread(out / f"{name}.cam.png")
         h, w = image.shape[:2]
-        assert png.shape == (_cli_util.title_height(w) + h, w, 3) and png.dtype == np.uint8
+        assert png.shape == (outputs.title_height(w) + h, w, 3) and png.dtype == np.uint8
         top = record["classes"][0]
         assert f"{top['index']} {top['name']}" in proc.stdout
     assert no_temp_files(out)
@@ -149,10 +151,10 @@ def test_demo_finds_the_cat(demo):
 def test_demo_overlay_shows_map_box_and_title(demo):
     _, out = demo
     png = skio.imread(out / "chelsea.cam.png")
-    t = _cli_util.title_height(451)
+    t = outputs.title_height(451)
     strip, picture = png[:t], png[t:]
     top = json.loads((out / "results.json").read_text())["images"][0]["classes"][0]
-    np.testing.assert_array_equal(strip, _cli_util.title_strip(f"{top['name']} {100 * top['score']:.1f}%", 451))
+    np.testing.assert_array_equal(strip, outputs.title_strip(f"{top['name']} {100 * top['score']:.1f}%", 451))
     # light gray text (anti-aliased) on the dark background, nothing of the picture
     assert (strip[:, -3:] == (32, 32, 32)).all() and (strip == strip[..., :1]).all()
     assert (strip > 200).all(axis=2).sum() > 50
@@ -201,7 +203,7 @@ def test_explain_results_schema_boxes_and_pngs(explained, default_explainer):
         check_record(record, default_explainer.class_name, 2)
         png = skio.imread(out / record["overlay"])
         w, h = record["width"], record["height"]
-        assert png.shape == (_cli_util.title_height(w) + h, 2 * w, 3)
+        assert png.shape == (outputs.title_height(w) + h, 2 * w, 3)
 
 
 def test_explain_matches_the_python_api(explained, photos, default_explainer):
@@ -232,7 +234,7 @@ def test_explain_formats_and_workers(tmp_path, photos, explained, image_format, 
     explainer = camcore.load(providers=["cpu"])
     record = results["images"][1]
     [result] = explainer.explain_images([record["path"]], top_k=2)
-    drawn = cli.render(data.chelsea(), result, explainer)
+    drawn = outputs.render(data.chelsea(), result, explainer)
     written = np.asarray(Image.open(out / record["overlay"]).convert("RGB"))
     assert Image.open(out / record["overlay"]).format == {"jpg": "JPEG", "webp": "WEBP", "png": "PNG"}[image_format]
     error = np.abs(written.astype(int) - drawn)
@@ -306,7 +308,7 @@ def test_explain_nhwc_model(tmp_path, photos):
     assert proc.returncode == 0, proc.stderr
     record = json.loads((tmp_path / "o" / "results.json").read_text())["images"][0]
     check_record(record, str, 1)
-    assert skio.imread(tmp_path / "o" / "cat.cam.png").shape == (_cli_util.title_height(451) + 300, 451, 3)
+    assert skio.imread(tmp_path / "o" / "cat.cam.png").shape == (outputs.title_height(451) + 300, 451, 3)
     assert proc.stdout.splitlines()[0].split() == ["image", "class", "score", "box"]
 
 
@@ -473,7 +475,7 @@ def test_help_imports_no_numpy_and_method_choices_are_the_methods():
 
 
 def test_missing_plugin_module_is_one_line(monkeypatch, capsys):
-    monkeypatch.setitem(cli.PLUGINS, "nope", ("camcore._no_such_module", "a missing plugin"))
+    monkeypatch.setitem(cli.COMMANDS, "nope", ("camcore._no_such_module", "a missing plugin"))
     assert cli.main(["nope", "--help"]) == 1
     err = capsys.readouterr().err
     assert err == "camcore: error: the 'nope' command is not available: camcore._no_such_module is not installed\n"
@@ -491,7 +493,7 @@ def test_plugins_are_registered_with_add_arguments_and_main(monkeypatch, capsys)
             return 3
 
     monkeypatch.setitem(sys.modules, "camcore._fake_plugin", Plugin)
-    monkeypatch.setitem(cli.PLUGINS, "fake", ("camcore._fake_plugin", "a fake plugin"))
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("camcore._fake_plugin", "a fake plugin"))
     assert cli.main(["fake", "--n", "4"]) == 3
     assert capsys.readouterr().out == "ran with n=4\n"
 
@@ -507,15 +509,15 @@ def test_run_command_maps_errors_to_statuses(capsys):
     cases = [(NotCamCompatible("no global average pooling"), 2), (CamError("bad\nsecond line"), 1),
              (FileNotFoundError(2, "No such file or directory", "x.onnx"), 1), (KeyboardInterrupt(), 130)]
     for exc, status in cases:
-        assert _cli_util.run_command(raiser(exc), None) == status
+        assert console.run_command(raiser(exc), None) == status
         [line] = capsys.readouterr().err.splitlines()
         assert line.startswith("camcore: error: ") and "second line" not in line
-    assert _cli_util.run_command(lambda args: None, None) == 0
+    assert console.run_command(lambda args: None, None) == 0
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "results.json"
-    _cli_util.atomic_write_text(target, "old")
+    outputs.atomic_write_text(target, "old")
     assert target.read_text() == "old"
     mode = target.stat().st_mode & 0o777
     umask = os.umask(0)
@@ -527,7 +529,7 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
             raise exc
         monkeypatch.setattr(os, "replace", broken_replace)
         with pytest.raises(type(exc)):
-            _cli_util.atomic_write_bytes(target, b"new contents")
+            outputs.atomic_write_bytes(target, b"new contents")
         monkeypatch.undo()
         assert target.read_text() == "old"
         assert sorted(p.name for p in target.parent.iterdir()) == ["results.json"]
@@ -549,7 +551,7 @@ class _Terminal(io.StringIO):
 
 def test_progress_bar_only_on_a_terminal_and_not_quiet():
     shown = _Terminal()
-    progress = _cli_util.Progress(20, "explain", stream=shown)
+    progress = console.Progress(20, "explain", stream=shown)
     for _ in range(20):
         progress.update()
     progress.close()
@@ -557,7 +559,7 @@ def test_progress_bar_only_on_a_terminal_and_not_quiet():
     assert final.startswith("explain: 100%") and "20/20" in final
 
     for stream, total, quiet in [(_Terminal(), 20, True), (io.StringIO(), 20, False), (_Terminal(), 5, False)]:
-        progress = _cli_util.Progress(total, "explain", quiet=quiet, stream=stream)
+        progress = console.Progress(total, "explain", quiet=quiet, stream=stream)
         progress.update(total)
         progress.close()
         assert stream.getvalue() == ""
@@ -566,10 +568,10 @@ def test_progress_bar_only_on_a_terminal_and_not_quiet():
 def test_preprocess_from_args(default_explainer):
     parser = cli.build_parser(["explain"])
     args = parser.parse_args(["explain", "x.png"])
-    assert _cli_util.preprocess_from_args(args, default_explainer) == default_explainer.default_preprocess()
+    assert options.preprocess_from_args(args, default_explainer) == default_explainer.default_preprocess()
     args = parser.parse_args(["explain", "x.png", "--size", "256x192", "--resize", "crop", "--mean", "0.1",
                               "0.2", "0.3", "--std", "0.5", "--scale", "1", "--bgr", "--interpolation", "bicubic"])
-    p = _cli_util.preprocess_from_args(args, default_explainer)
+    p = options.preprocess_from_args(args, default_explainer)
     assert p == camcore.Preprocess((256, 192), resize="crop", mean=(0.1, 0.2, 0.3), std=(0.5, 0.5, 0.5),
                                    scale=1.0, channel_order="BGR", interpolation="bicubic",
                                    crop_fraction=default_explainer.default_preprocess().crop_fraction)
@@ -581,23 +583,23 @@ def test_preprocess_from_args(default_explainer):
 def test_title_strip_draws_the_text_with_pillows_font():
     width = 451
     text = "Egyptian cat 79.1%"
-    strip = _cli_util.title_strip(text, width)
-    height = _cli_util.title_height(width)
+    strip = outputs.title_strip(text, width)
+    height = outputs.title_height(width)
     assert strip.shape == (height, width, 3) and strip.dtype == np.uint8
     ink = (strip > 128).all(axis=2)
     cols, rows = np.flatnonzero(ink.any(axis=0)), np.flatnonzero(ink.any(axis=1))
     # Left-aligned after a margin of a quarter of the height, as long as Pillow measures the text,
     # and vertically inside the strip.
     margin = height // 4
-    font = _cli_util._font(_cli_util._font_size(width))
+    font = outputs._font(outputs._font_size(width))
     assert margin <= cols[0] <= margin + 2
     assert abs((cols[-1] + 1 - cols[0]) - font.getlength(text)) <= 3
     assert rows[0] > 0 and rows[-1] < height - 1
-    assert not (_cli_util.title_strip("", width) > 128).any()
-    assert not np.array_equal(strip, _cli_util.title_strip("Egyptian cat 79.2%", width))
+    assert not (outputs.title_strip("", width) > 128).any()
+    assert not np.array_equal(strip, outputs.title_strip("Egyptian cat 79.2%", width))
     # Text that does not fit is cut before the right margin.
-    long = (_cli_util.title_strip("x" * 200, 100) > 128).all(axis=2)
-    assert 80 < np.flatnonzero(long.any(axis=0))[-1] < 100 - _cli_util.title_height(100) // 4
+    long = (outputs.title_strip("x" * 200, 100) > 128).all(axis=2)
+    assert 80 < np.flatnonzero(long.any(axis=0))[-1] < 100 - outputs.title_height(100) // 4
 
 
 def test_explain_fixed_batch_one_model_runs_image_by_image(tmp_path, photos, capsys):
@@ -640,7 +642,7 @@ def test_ctrl_c_exits_130_without_partial_files(tmp_path):
     written = sorted(p.name for p in out.iterdir())
     assert "results.json" not in written and 0 < len(written) < 600 and no_temp_files(out)
     for name in written:
-        assert skio.imread(out / name).shape == (_cli_util.title_height(24) + 24, 24, 3)
+        assert skio.imread(out / name).shape == (outputs.title_height(24) + 24, 24, 3)
 
 
 def test_explain_same_stem_in_two_folders_gets_two_overlays(tmp_path, capsys):
@@ -662,4 +664,4 @@ def test_explain_same_stem_in_two_folders_gets_two_overlays(tmp_path, capsys):
     ("cat.jpg", "png", "png"), ("cat.png", "webp", "webp"), ("cat.png", "jpg", "jpg"),
 ])
 def test_overlay_format_follows_jpeg_inputs_unless_asked(source, requested, expected):
-    assert _cli_util.overlay_format(source, requested) == expected
+    assert outputs.overlay_format(source, requested) == expected

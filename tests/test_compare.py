@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from camcore import Preprocess
-from camcore._cli_util import title_height
+from camcore.outputs import title_height
 from camcore.cli import main as cli_main
 from camcore.compare import DEFAULT_METHODS, compare, grid
 from tests.test_explainer import make

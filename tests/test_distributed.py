@@ -309,7 +309,7 @@ def test_cli_ray_engine_writes_what_the_local_engine_writes(ray_cluster, local_r
 
 def test_results_as_json_lines_and_parquet(local_run, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow comes with the ray extra")
-    from camcore.cli import write_results
+    from camcore.outputs import write_results
 
     results = json.loads((local_run[1] / "results.json").read_text())
     records = results["images"]

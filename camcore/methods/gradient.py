@@ -1,41 +1,27 @@
-"""Gradient-weighted class activation maps, on `features` and `gradients` arrays.
+"""Gradient-weighted class activation maps: the methods that need ``features`` and ``gradients``.
 
-Each function takes the target layer's activations ``features`` ``(N, K, h, w)`` and,
-for ``k`` classes per item, the gradients of each class's logit with respect to them,
-``gradients`` ``(N, k, K, h, w)`` (``gradients[n, j] = d logit[n, c_j] / d features[n]``),
-and returns maps ``(N, k, h, w)``.  With ``layout="NHWC"`` the channel axis is last in
-both arrays: ``(N, h, w, K)`` and ``(N, k, h, w, K)``.  The maps keep the dtype rule
-(float16 -> float32, float32 and float64 kept, integers -> float64) and are not
-normalized; each ends with the ReLU its paper applies.
-
-Where the head is global average pooling + affine (``logit_c = mean_xy(sum_k W[c, k] f_k)
-+ b_c``), the gradient is ``W[c, k] / (h w)`` at every pixel, so Grad-CAM is exactly
-``relu(CAM) / (h w)``.
-
-`eigencam` needs no gradients: it takes ``features`` alone.  The other forward-only
-methods re-run the model or its head: see `camcore.perturbation`.
+Grad-CAM, Grad-CAM++, XGrad-CAM, HiResCAM and LayerCAM, each ``f(features (N, K, h, w),
+gradients (N, k, K, h, w)) -> maps (N, k, h, w)``; the conventions (layouts, dtype rule,
+the ReLU, the GAP + affine closed form) are in `camcore.methods`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ._validate import check_choice, check_ndim, float_array
-from .errors import InvalidInput
-from .perturbation import FORWARD_METHODS
+from .._validate import check_ndim, float_array
+from ..errors import InvalidInput
+from ._common import feature_array, weighted_sum
+from ._registry import MethodSpec
 
-__all__ = ["gradcam", "gradcam_pp", "xgradcam", "hirescam", "layercam", "eigencam", "GRADIENT_METHODS", "METHODS"]
-
-_LAYOUTS = ("NCHW", "NHWC")
+__all__ = ["gradcam", "gradcam_pp", "xgradcam", "hirescam", "layercam", "GRADIENT_METHODS"]
 
 
 def _channels_first(features, gradients, layout: str):
     """Validate; return NCHW ``(N, K, h, w)`` features and ``(N, k, K, h, w)`` gradients in one dtype."""
-    check_choice(layout, _LAYOUTS, "layout")
-    f = float_array(features, "features")
+    f = feature_array(features, layout)
     g = float_array(gradients, "gradients")
     nhwc = layout == "NHWC"
-    check_ndim(f, 4, "features", "(N, h, w, K)" if nhwc else "(N, K, h, w)")
     check_ndim(g, 5, "gradients", "(N, k, h, w, K)" if nhwc else "(N, k, K, h, w)")
     if g.shape[0] != f.shape[0] or g.shape[2:] != f.shape[1:]:
         raise InvalidInput(f"gradients must be (N, k, *features.shape[1:]) = ({f.shape[0]}, k, "
@@ -52,13 +38,6 @@ def _spatial_mean(g: np.ndarray) -> np.ndarray:
     if g.strides[-1] == 0 and g.strides[-2] == 0:
         return g[..., 0, 0].copy()
     return g.mean(axis=(-2, -1))
-
-
-def _weighted_sum(weights: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """``relu(sum_k weights[n, j, k] * f[n, k])`` as ``(N, k, h, w)``, one batched GEMM."""
-    n, k_feat, h, w = f.shape
-    maps = np.matmul(weights, f.reshape(n, k_feat, h * w)).reshape(n, weights.shape[1], h, w)
-    return np.maximum(maps, 0, out=maps)
 
 
 def gradcam(features, gradients, *, layout="NCHW"):
@@ -90,7 +69,7 @@ def gradcam(features, gradients, *, layout="NCHW"):
     0.0
     """
     f, g = _channels_first(features, gradients, layout)
-    return _weighted_sum(_spatial_mean(g), f)
+    return weighted_sum(_spatial_mean(g), f)
 
 
 def gradcam_pp(features, gradients, *, layout="NCHW"):
@@ -125,7 +104,7 @@ def gradcam_pp(features, gradients, *, layout="NCHW"):
     denominator = 2 * g2 + f.sum(axis=(-2, -1))[:, None, :, None, None] * g2 * g
     alpha = np.divide(g2, denominator, out=np.zeros_like(g2), where=denominator != 0)
     weights = (alpha * np.maximum(g, 0)).sum(axis=(-2, -1))
-    return _weighted_sum(weights, f)
+    return weighted_sum(weights, f)
 
 
 def xgradcam(features, gradients, *, layout="NCHW"):
@@ -156,7 +135,7 @@ def xgradcam(features, gradients, *, layout="NCHW"):
     total = f.sum(axis=(-2, -1))
     weighted = (g * f[:, None]).sum(axis=(-2, -1))
     weights = np.divide(weighted, total[:, None], out=np.zeros_like(weighted), where=total[:, None] != 0)
-    return _weighted_sum(weights, f)
+    return weighted_sum(weights, f)
 
 
 def hirescam(features, gradients, *, layout="NCHW"):
@@ -217,60 +196,6 @@ def layercam(features, gradients, *, layout="NCHW"):
     return np.maximum(maps, 0, out=maps)
 
 
-def eigencam(features, *, layout="NCHW"):
-    """EigenCAM (Muhammad & Yeasin, IJCNN 2020): the first principal component of the activations.
-
-    For each item, the activations are read as ``h*w`` samples of ``K`` channels,
-    centred over the samples (``X = A - mean_xy(A)``, shape ``(h*w, K)``), and the map is
-    their projection on the first right singular vector ``v_1`` of ``X``:
-    ``M = X v_1`` (``v_1`` is read from the top eigenvector of the smaller Gram matrix,
-    ``X X^T`` or ``X^T X``).  A singular vector's sign is arbitrary, so it is fixed to make ``M``
-    correlate positively with the activation sum ``sum_k A_k`` (ties keep the SVD's
-    sign).  The map is class-agnostic and may be negative: the paper applies no ReLU.
-
-    Parameters
-    ----------
-    features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
-    layout : {"NCHW", "NHWC"}, optional
-
-    Returns
-    -------
-    maps : (N, h, w) ndarray
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> base = np.array([[0.0, 1.0], [2.0, 3.0]])
-    >>> f = np.stack([base, 2 * base])[None]     # two channels, one pattern
-    >>> np.round(eigencam(f)[0] / np.sqrt(5), 6)
-    array([[-1.5, -0.5],
-           [ 0.5,  1.5]])
-    """
-    check_choice(layout, _LAYOUTS, "layout")
-    f = float_array(features, "features")
-    check_ndim(f, 4, "features", "(N, h, w, K)" if layout == "NHWC" else "(N, K, h, w)")
-    if layout == "NCHW":
-        f = f.transpose(0, 2, 3, 1)
-    n, h, w, k = f.shape
-    samples = f.reshape(n, h * w, k)
-    centred = samples - samples.mean(axis=1, keepdims=True)
-    # v_1 comes from the top eigenvector of the smaller Gram matrix (X X^T or X^T X) in float64:
-    # the same vector as the SVD's (up to sign), some 20x faster for 7 x 7 x 1280 features.
-    x = centred.astype(np.float64)
-    if h * w <= k:
-        top = np.linalg.eigh(np.matmul(x, x.transpose(0, 2, 1)))[1][:, :, -1]  # u_1, (n, h*w)
-        v1 = np.matmul(top[:, None, :], x)[:, 0]  # X^T u_1 = s_1 v_1
-        norm = np.linalg.norm(v1, axis=1, keepdims=True)
-        v1 = np.divide(v1, norm, out=np.zeros_like(v1), where=norm > 0)
-    else:
-        v1 = np.linalg.eigh(np.matmul(x.transpose(0, 2, 1), x))[1][:, :, -1]
-    maps = np.matmul(x, v1[:, :, None])[..., 0].astype(centred.dtype)
-    total = samples.sum(axis=2)
-    correlation = ((maps - maps.mean(1, keepdims=True)) * (total - total.mean(1, keepdims=True))).sum(1)
-    maps *= np.where(correlation < 0, -1, 1)[:, None].astype(maps.dtype)
-    return maps.reshape(n, h, w)
-
-
 # Method name -> weighting function, for `Explainer.explain(method=...)`.
 GRADIENT_METHODS = {
     "gradcam": gradcam,
@@ -279,6 +204,12 @@ GRADIENT_METHODS = {
     "hirescam": hirescam,
     "layercam": layercam,
 }
-# Every value `method=` takes; "auto" is "cam" on GAP + affine heads, else "gradcam".
-# The forward-only methods (`camcore.perturbation`) need no gradient.
-METHODS = ("auto", "cam", *GRADIENT_METHODS, "eigencam", *FORWARD_METHODS)
+
+
+def _spec(name, function):
+    def compute(given):
+        return function(given.features, given.gradients, layout=given.layout)
+    return MethodSpec(name, frozenset({"features", "gradients"}), function, compute)
+
+
+SPECS = tuple(_spec(name, function) for name, function in GRADIENT_METHODS.items())

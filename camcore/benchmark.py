@@ -1,4 +1,4 @@
-"""`camcore bench`: plain inference, `explain` and the fused graph, per provider and batch size.
+"""Benchmark measurements behind `camcore bench`: plain inference, `explain` and the fused graph.
 
 For each provider and batch size, three configurations run on the same inputs:
 
@@ -20,7 +20,7 @@ records its peak RSS (``setup_rss_mib``), runs it three times and records the
 peak again (``peak_rss_mib``).  Both are whole-process figures (Python, numpy,
 onnxruntime and the model included).
 
-All sessions are made by `ort_session.make_session` with the same default
+All sessions are made by `backends.ort_session.make_session` with the same default
 ``SessionOptions``.  On CUDA and TensorRT the plain and fused models run with IO
 binding: the input is bound once on the device and only the outputs the caller
 needs (the logits, or ``cam_classes``/``cam_scores``/``cam_maps``) are copied
@@ -44,16 +44,17 @@ from pathlib import Path
 
 import numpy as np
 
-import camcore
-from camcore import boxes, default_model, normalize, upsample
-from camcore.errors import CamError, InvalidInput
+from . import default_model
+from .api import fuse, load
+from .errors import CamError, InvalidInput
+from .localize import boxes
+from .maps import normalize, upsample
 
-from . import onnx_graph
-from .ort_session import import_onnxruntime, make_session, provider_name, resolve_providers
+# Application code: the backends (onnxruntime sessions, graph loading) are imported
+# inside the functions that use them.
 
 __all__ = ["run_benchmark", "format_table", "session_runner", "machine", "Configurations", "prepare_models",
-           "time_interleaved", "median_throughput", "provider_chain", "random_feed", "explain_step", "peak_rss_mib",
-           "add_arguments", "main"]
+           "time_interleaved", "median_throughput", "provider_chain", "random_feed", "explain_step", "peak_rss_mib"]
 
 MODES = ("plain", "explain", "fused")
 CAM_OUTPUTS = ("cam_classes", "cam_scores", "cam_maps")
@@ -82,6 +83,8 @@ def _cpu_model() -> str:
 
 def machine() -> dict:
     """Where the benchmark ran: platform, CPU, cores, Python, numpy and onnxruntime."""
+    from backends.ort_session import import_onnxruntime
+
     ort = import_onnxruntime()
     affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
@@ -154,6 +157,8 @@ def session_runner(session, feed: dict, outputs=None, *, io_binding: bool = Fals
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
     if not io_binding:
         return lambda: session.run(names, feed)
+    from backends.ort_session import import_onnxruntime
+
     ort = import_onnxruntime()
     device = _device(session)
     binding = session.io_binding()
@@ -198,6 +203,19 @@ def explain_step(explainer, feed: dict, size: tuple) -> list:
     return [boxes(m) for m in maps]
 
 
+def _onnx_graph():
+    from backends import onnx_graph
+
+    return onnx_graph
+
+
+def _session(path, chain):
+    """An onnxruntime session for the model file at `path` on the providers `chain`."""
+    from backends.ort_session import make_session
+
+    return make_session(_onnx_graph().load_model(path)[0], chain)
+
+
 class Configurations:
     """The three configurations of one provider, built from saved model files.
 
@@ -218,19 +236,19 @@ class Configurations:
         self.paths = {"plain": plain_path, "fused": fused_path}
         self.chain = chain
         self.io_binding = io_binding
-        self.specs = onnx_graph.graph_inputs(onnx_graph.load_model(plain_path)[0])
+        self.specs = _onnx_graph().graph_inputs(_onnx_graph().load_model(plain_path)[0])
 
     @cached_property
     def plain(self):
-        return make_session(onnx_graph.load_model(self.paths["plain"])[0], self.chain)
+        return _session(self.paths["plain"], self.chain)
 
     @cached_property
     def fused(self):
-        return make_session(onnx_graph.load_model(self.paths["fused"])[0], self.chain)
+        return _session(self.paths["fused"], self.chain)
 
     @cached_property
     def explainer(self):
-        return camcore.load(self.paths["plain"], providers=self.chain)
+        return load(self.paths["plain"], providers=self.chain)
 
     def step(self, mode: str, batch: int):
         """A no-argument callable running `mode` on a batch of random inputs."""
@@ -273,7 +291,7 @@ def _memory_probe(spec: dict) -> dict:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    code = "import sys; from backends.bench import _probe_main; _probe_main(sys.argv[1])"
+    code = "import sys; from camcore.benchmark import _probe_main; _probe_main(sys.argv[1])"
     done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                           env=env, timeout=600)
     if done.returncode != 0:
@@ -294,6 +312,8 @@ def _probe_main(argument: str) -> None:
 
 def provider_chain(name: str) -> list:
     """The providers to create sessions with, or CamError saying why `name` cannot run here."""
+    from backends.ort_session import import_onnxruntime, provider_name, resolve_providers
+
     ort = import_onnxruntime()
     full = provider_name(name)
     resolve_providers([full])  # unknown or unavailable -> CamError with the reason
@@ -341,13 +361,15 @@ def run_benchmark(model=None, *, batches=(1, 16, 64), providers=("cpu",), repeat
         ``seconds`` (every timed round), ``peak_rss_mib`` and ``setup_rss_mib``,
         and ``ratios`` (``explain`` and ``fused`` images/s over ``plain``).
     """
+    from backends.ort_session import provider_name
+
     batches = _check_batches(batches)
     if int(repeat) < 1 or int(warmup) < 0:
         raise InvalidInput(f"repeat must be >= 1 and warmup >= 0, got repeat={repeat!r}, warmup={warmup!r}")
     if isinstance(providers, str):
         providers = [providers]
     source = default_model.path() if model is None else model
-    proto, _ = onnx_graph.load_model(source)
+    proto, _ = _onnx_graph().load_model(source)
     result = {
         "model": str(source) if not hasattr(source, "SerializeToString") else "<onnx.ModelProto>",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -398,7 +420,7 @@ def prepare_models(model, folder) -> tuple:
 
     plain_path, fused_path = Path(folder) / "plain.onnx", Path(folder) / "fused.onnx"
     onnx.save_model(model, str(plain_path))
-    onnx.save_model(camcore.fuse(model, top_k=1, size="input"), str(fused_path))
+    onnx.save_model(fuse(model, top_k=1, size="input"), str(fused_path))
     return plain_path, fused_path
 
 
@@ -440,37 +462,3 @@ def format_table(result: dict) -> str:
                  f"{result['settings']['warmup']} warm-up rounds")
     lines.extend(skipped)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def _int_list(text: str) -> tuple:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise InvalidInput(f"--batch must be comma-separated integers, got {text!r}") from None
-
-
-def add_arguments(parser) -> None:
-    """Add the ``camcore bench`` arguments to an argparse parser."""
-    parser.add_argument("model", nargs="?", default=None,
-                        help="ONNX model (default: the embedded EfficientNet-Lite0)")
-    parser.add_argument("--batch", default="1,16,64", help="comma-separated batch sizes (default: 1,16,64)")
-    parser.add_argument("--providers", default="cpu",
-                        help="comma-separated providers: cpu, cuda, tensorrt or full names (default: cpu)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed rounds; the median is reported (default: 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default: 2)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the per-configuration peak-RSS subprocesses")
-    parser.add_argument("--json", metavar="FILE", default=None, help="write every figure to FILE as JSON")
-
-
-def main(args) -> int:
-    """Run ``camcore bench`` from parsed arguments; print the table, write the JSON."""
-    providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-    result = run_benchmark(args.model, batches=_int_list(args.batch), providers=providers, repeat=args.repeat,
-                           warmup=args.warmup, memory=not args.no_memory)
-    print(format_table(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0 if any(e["status"] == "ok" for e in result["providers"]) else 1

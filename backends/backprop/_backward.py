@@ -1,0 +1,83 @@
+"""The reverse pass: walk the nodes between `wrt` and `of` backwards, apply each node's
+rule from a rule table, and sum the contributions to tensors read several times.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnx import helper
+
+from camcore.errors import NotCamCompatible
+
+from .._proto import copy_model, node_label
+from ._emit import _Context, _Emitter
+from ._graph import _FLOAT_TYPES, _check_opset, _descendants, _Index, _subgraph_inputs, _unknown_nonpositive_dims
+
+
+def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, rules: dict, seed: str = "cam_seed",
+                 grad: str | None = None) -> onnx.ModelProto:
+    """`backends.backprop.add_backward` (documented there) over the rule table `rules`
+    (``{op_type: rule}``)."""
+    grad = grad or "cam_grad"
+    opset = _check_opset(model)
+    ix = _Index(model)
+    ix.require(wrt, of)
+    for name in (seed, grad):
+        if ix.exists(name):
+            raise NotCamCompatible(f"tensor name '{name}' is already used in the model")
+    if of not in ix.types or ix.elem_type(of) is None:
+        raise NotCamCompatible(f"cannot infer the type of '{of}'")
+    nodes = list(ix.model.graph.node)
+
+    active = _descendants(nodes, wrt, lambda o: o != wrt and ix.elem_type(o) in _FLOAT_TYPES | {None})
+    if of not in active:
+        raise NotCamCompatible(f"'{of}' does not depend on '{wrt}'")
+    useful, path = {of}, []
+    for node in reversed(nodes):
+        if any(o in useful for o in node.output):
+            path.append(node)
+            useful.update(i for i in [*node.input, *_subgraph_inputs(node)] if i in active)
+
+    e = _Emitter(ix, opset, ix.elem_type(wrt) or ix.elem_type(of))
+    contributions = {of: [seed]}
+    e.types[seed] = ix.elem_type(of)
+
+    def total(name):
+        parts = contributions.get(name)
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else e.typed(e.op("Sum", parts), name)
+
+    for node in path:  # reverse topological order
+        grads_out = [total(o) if o else None for o in node.output]
+        if all(g is None for g in grads_out):
+            continue
+        rule = rules.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None or _subgraph_inputs(node):
+            raise NotCamCompatible(f"no gradient rule for {node_label(node)}")
+        ctx = _Context(e, node, grads_out, useful)
+        got = rule(ctx)
+        for i, name in enumerate(node.input):
+            if name not in useful:
+                continue
+            if i not in got:
+                ctx.refuse(f"input {i} ('{name}') depends on '{wrt}'")
+            contributions.setdefault(name, []).append(got[i])
+
+    final = total(wrt) or e.zeros_like(wrt)
+    e.nodes.append(helper.make_node("Identity", [final], [grad], name=grad))
+
+    out = copy_model(model)
+    g = out.graph
+    # The model's own declaration of `of` if any (onnx shape inference miscounts some
+    # ceil_mode pools), else the inferred type.
+    clean = _unknown_nonpositive_dims(model).graph
+    declared = {vi.name: vi.type for vi in [*clean.value_info, *clean.input, *clean.output]}
+    seed_type = onnx.TypeProto()
+    seed_type.CopyFrom(declared.get(of) or ix.types[of])
+    g.input.append(helper.make_value_info(seed, seed_type))
+    grad_type = ix.types.get(wrt) or helper.make_tensor_type_proto(e.elem(wrt), None)
+    g.output.append(helper.make_value_info(grad, grad_type))
+    g.node.extend(e.nodes)
+    g.initializer.extend(e.initializers)
+    return out

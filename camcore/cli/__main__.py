@@ -1,0 +1,7 @@
+"""``python -m camcore.cli``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

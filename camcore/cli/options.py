@@ -1,0 +1,177 @@
+"""Options shared by the `camcore` commands: preprocessing, engine, method, argparse types, image lists."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..errors import CamError
+
+# NumPy and the rest of camcore are imported where needed: `camcore --help` stays fast.
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "PROVIDERS_HELP",
+    "WORKERS_HELP",
+    "add_engine_arguments",
+    "add_method_arguments",
+    "add_preprocess_arguments",
+    "check_engine_arguments",
+    "collect_images",
+    "fraction",
+    "nonnegative_int",
+    "positive_int",
+    "preprocess_from_args",
+    "provider_list",
+]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+PROVIDERS_HELP = "onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names"
+WORKERS_HELP = ("threads that read images ahead of the model, and as many that draw and write "
+                "overlays (default: CPU cores, at most 4; 0 reads in the main thread)")
+
+
+# ----------------------------------------------------------------- preprocessing, engine and method flags
+
+def _size(text: str) -> tuple:
+    """``224`` -> (224, 224); ``256x192`` or ``256,192`` -> (256, 192) as (H, W)."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S or HxW (positive ints), got {text!r}") from None
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected S or HxW (positive ints), got {text!r}")
+    return values * 2 if len(values) == 1 else values
+
+
+def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--size --resize --mean --std --scale --bgr --interpolation`` (each overrides the model's default)."""
+    group = parser.add_argument_group(
+        "preprocessing", "override the model's default preprocessing (the embedded model's own; "
+                         "ImageNet's at the model's input size for other models)")
+    group.add_argument("--size", type=_size, metavar="S|HxW", help="model input size, e.g. 224 or 256x192")
+    group.add_argument("--resize", choices=("stretch", "crop"),
+                       help="stretch the whole image, or center-crop (resize 256 / crop 224 style)")
+    group.add_argument("--mean", type=float, nargs="+", metavar="M",
+                       help="per-channel mean, 1 or 3 floats, on the scaled 0..1 range")
+    group.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel std, 1 or 3 floats")
+    group.add_argument("--scale", type=float, metavar="F",
+                       help="multiplies integer pixels before mean/std (default 1/255; 1 keeps 0..255)")
+    group.add_argument("--bgr", action="store_true", help="feed channels in BGR order (Caffe, OpenCV models)")
+    group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
+                       help="Pillow's resize filter; bilinear and bicubic are anti-aliased, as torchvision's "
+                            "Resize on PIL images (default: bilinear)")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--engine --address --concurrency --num-gpus`` (Ray Data: `camcore.distributed`)."""
+    group = parser.add_argument_group("engine", "run here, or on Ray Data (pip install 'camcore[ray]')")
+    group.add_argument("--engine", choices=("local", "ray"), default="local",
+                       help="local: this process; ray: an actor pool on Ray (default: local)")
+    group.add_argument("--address", metavar="ADDR",
+                       help="Ray cluster to connect to, e.g. ray://head:10001 or auto (default: start a local Ray)")
+    group.add_argument("--concurrency", type=positive_int, default=1, metavar="N",
+                       help="Ray actors, each holding one model (default: 1)")
+    group.add_argument("--num-gpus", type=float, default=0, metavar="G",
+                       help="GPUs per Ray actor; > 0 uses onnxruntime's CUDA provider (default: 0)")
+
+
+def check_engine_arguments(args: argparse.Namespace) -> None:
+    """The Ray options need ``--engine ray``: raise CamError naming the first one given without it."""
+    if args.engine == "ray":
+        return
+    given = [flag for flag, value, default in (("--address", args.address, None),
+                                                ("--concurrency", args.concurrency, 1),
+                                                ("--num-gpus", args.num_gpus, 0)) if value != default]
+    if given:
+        raise CamError(f"{given[0]} needs --engine ray")
+
+
+def preprocess_from_args(args: argparse.Namespace, explainer):
+    """The explainer's default preprocessing with the flags given in `args` applied."""
+    base = explainer.default_preprocess()
+    changes = {name: getattr(args, name) for name in ("size", "resize", "mean", "std", "scale", "interpolation")
+               if getattr(args, name, None) is not None}
+    if getattr(args, "bgr", False):
+        changes["channel_order"] = "BGR"
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+class _MethodNames:
+    """`camcore.methods.METHODS`, imported when argparse first looks at it: building the
+    parser (and `camcore --help`) imports no NumPy."""
+
+    def __iter__(self):
+        from ..methods import METHODS
+
+        return iter(METHODS)
+
+    def __contains__(self, name) -> bool:
+        return name in tuple(self)
+
+
+def add_method_arguments(parser) -> None:
+    """--method and --feature, shared by explain, eval and fuse."""
+    # A metavar, so that argparse lists the choices only when it prints this help.
+    parser.add_argument("--method", choices=_MethodNames(), default="auto", metavar="METHOD",
+                        help="one of %(choices)s: cam (exact, GAP + affine heads), a gradient method, or a "
+                             "forward-only one (eigencam, ablationcam, reciprocam, scorecam); "
+                             "auto: cam where it applies, else gradcam (default)")
+    parser.add_argument("--feature", metavar="NAME",
+                        help="target layer: a 4-D tensor name (default: the one feeding the last global "
+                             "pooling; camcore inspect lists them)")
+
+
+# ----------------------------------------------------------------- argparse types and inputs
+
+def provider_list(text):
+    """``--providers cpu,cuda`` -> ``["cpu", "cuda"]``; None when not given."""
+    return [p.strip() for p in text.split(",") if p.strip()] if text else None
+
+
+def _int_from(text: str, low: int, expected: str) -> int:
+    """`text` as an int >= `low`, else argparse's error saying `expected`."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type: an int >= 0."""
+    return _int_from(text, 0, "an int >= 0")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    return _int_from(text, 1, "a positive int")
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def collect_images(paths) -> list:
+    """Files as given; folders searched recursively for image extensions (sorted)."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            inside = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not inside:
+                raise CamError(f"no images found in folder {p}")
+            found.extend(inside)
+        else:
+            found.append(p)  # a missing file is reported per image, the others go on
+    return found
