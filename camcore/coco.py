@@ -102,7 +102,6 @@ def coco_detections(results: Sequence[ImageExplanation], *, class_name: Callable
 
 def write_coco(path, results: Sequence[ImageExplanation], **kwargs) -> Path:
     """Write `coco_detections(results, **kwargs)` to `path` as JSON, atomically; returns the path."""
-    from .saved_maps import _atomic_write
+    from .outputs import atomic_write_text
 
-    coco = coco_detections(results, **kwargs)
-    return _atomic_write(Path(path), (json.dumps(coco, indent=1) + "\n").encode("utf-8"))
+    return atomic_write_text(path, json.dumps(coco_detections(results, **kwargs), indent=1) + "\n")

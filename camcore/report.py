@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 from pathlib import Path
 
 from .errors import InvalidInput
@@ -126,15 +125,12 @@ def write_report(out, *, name: str = "report.html", summary: dict | None = None)
     `summary` adds to the run's summary what its files do not hold (``seconds_per_image``,
     measured by the command that wrote them: results.json stays the same from run to run).
     """
-    from .saved_maps import _atomic_write
+    from .outputs import atomic_write_text
 
     out = Path(out)
     data = report_data(out)
     data["summary"].update({k: v for k, v in (summary or {}).items() if v is not None})
-    text = render_report(data)
-    path = _atomic_write(out / name, text.encode("utf-8"))
-    os.chmod(path, 0o644)
-    return path
+    return atomic_write_text(out / name, render_report(data))
 
 
 _PAGE = r"""<!DOCTYPE html>

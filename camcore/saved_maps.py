@@ -28,8 +28,6 @@ key                       shape, dtype          meaning
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +35,7 @@ import numpy as np
 
 from .errors import InvalidInput
 from .explainer import ImageExplanation
+from .outputs import atomic_write_bytes
 from .preprocess import Geometry
 
 __all__ = ["save_maps", "load_maps", "FORMAT"]
@@ -114,7 +113,7 @@ def save_maps(path, results: Sequence[ImageExplanation], *, dtype="float32", cla
     np.savez(buffer, **arrays)
     if path is None:
         return buffer.getvalue()
-    return _atomic_write(Path(path), buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_maps(path) -> list[ImageExplanation]:
@@ -150,18 +149,3 @@ def load_maps(path) -> list[ImageExplanation]:
             a["cams"][part].astype(np.float32) if error is None else np.zeros((0, 0, 0), np.float32), geometry,
             str(a["upsample"][i]), error, str(a["methods"][i])))
     return results
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """`data` to `path` through a temporary file in the same folder and `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

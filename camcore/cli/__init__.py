@@ -28,6 +28,7 @@ COMMANDS = {
     "bench": ("camcore.cli.bench", "benchmark plain inference, explain and the fused graph per runtime"),
     "eval": ("camcore.cli.eval", "localization accuracy on a wsolevaluation-style dataset"),
     "compare": ("camcore.cli.compare", "every method side by side: grids, time per image, faithfulness"),
+    "report": ("camcore.cli.report", "write report.html to browse an explain or compare folder offline"),
 }
 
 
