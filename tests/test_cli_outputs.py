@@ -91,6 +91,7 @@ def test_classes_by_name_and_float16_maps(photos, tmp_path):
     (["--contrast", "finer", "--method", "ablationcam"], "contrastive targets need one of cam, gradcam"),
     (["--classes", "tabby", "--top-k", "2"], "--top-k and --classes both choose the classes"),
     (["--maps-dtype", "float16"], "--maps-dtype needs --save-maps"),
+    (["--results-format", "jsonl"], "--report reads results.json: it needs --results-format json"),
 ])
 def test_bad_input_one_line_and_no_outputs(photos, tmp_path, args, message):
     (tmp_path / "labels.csv").write_text("chelsea.png,tabby\ncoffee.png,espresso\n")

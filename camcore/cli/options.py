@@ -228,6 +228,8 @@ def check_output_arguments(args) -> None:
     """Flags that need another: raise CamError naming the first."""
     if getattr(args, "maps_dtype", None) is not None and not getattr(args, "save_maps", False):
         raise CamError("--maps-dtype needs --save-maps")
+    if getattr(args, "report", False) and getattr(args, "results_format", "json") != "json":
+        raise CamError("--report reads results.json: it needs --results-format json")
     coco = getattr(args, "coco", None)
     if coco is not None and Path(coco).is_dir():
         raise CamError(f"--coco takes a file name, got the folder {coco}")
