@@ -169,6 +169,8 @@ def _class_selection(classes, n: int, num_classes: int):
     """Validate `classes` -> None (top-k) or an (n, k) int64 array."""
     if classes is None:
         return None
+    if hasattr(classes, "select"):  # --- targets: a camcore.targets.Targets validates itself
+        return classes.validate(n, num_classes)
     try:
         sel = np.asarray(classes)
     except Exception:
@@ -277,9 +279,11 @@ class Explainer:
         ----------
         inputs : ndarray or dict of ndarray
             In the model's own dtype and layout, batch first; a dict for multi-input models.
-        classes : None, (k,) sequence or (N, k) array of int, optional
+        classes : None, (k,) sequence or (N, k) array of int, or camcore.targets.Targets, optional
             None: the `top_k` classes by logit.  1-D: the same classes for every item.
-            2-D: per item.
+            2-D: per item.  A `camcore.targets.Targets` chooses them from the logits
+            (multi-label, contrastive, negated targets, any number per item); rows with
+            fewer classes are padded with class -1, score 0 and a zero map.
         top_k : int
         batch_size : int, optional
             Chunk size (default: the explainer's).
@@ -309,6 +313,8 @@ class Explainer:
                                              method))
         if n == 0:
             raise InvalidInput("inputs must hold at least one item")
+        if len({p[1].shape[1] for p in parts}) > 1:  # --- targets: chunks of fewer classes padded with -1
+            parts = _same_width(parts)
         return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)), method=method)
 
     def gradients(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None) -> Gradients:
@@ -380,7 +386,8 @@ class Explainer:
         seeds[np.arange(n)[:, None], np.arange(k), sel] = 1
         return np.asarray(self.backend.run_head(features, seeds))
 
-    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None) -> np.ndarray:
+    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None,
+             seeds: np.ndarray | None = None) -> np.ndarray:
         """Class maps from a forward pass already made (`forward`): ``(n, k, h, w)`` float32.
 
         Parameters
@@ -392,8 +399,18 @@ class Explainer:
             As in `explain`.
         inputs : dict of ndarray, optional
             The model inputs that gave `features` (needed by methods that re-run the model).
+        seeds : (n, k, C) float ndarray, optional
+            Explain ``seeds[i, j] . logits[i]`` instead of the logit of ``classes[i, j]``
+            (contrastive and negated targets, `camcore.targets`): CAM with the weights
+            ``seeds @ W`` (exact by linearity), a gradient method with these seeds in the
+            same backward pass.  Other methods refuse it.
         """
         spec = REGISTRY[self.resolve_method(method)]
+        if seeds is not None:  # --- targets: a linear combination of logits
+            if self.head.layout == "NTC":
+                raise NotCamCompatible("contrastive and negated targets are not supported on token models yet; "
+                                       "explain their classes one by one")
+            return _seeded_maps(self, spec, features, seeds)
         if self.head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
             from .token_explain import token_maps
 
@@ -472,6 +489,10 @@ class Explainer:
         if sel is None:
             sel = _top_k(logits, top_k)
         probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
+        if hasattr(sel, "select"):  # --- targets: chosen from the logits (camcore.targets.Targets.select)
+            chosen = sel.select(logits, probabilities)
+            maps = self.maps(features, chosen.compute, method=method, inputs=feed, seeds=chosen.seeds)
+            return logits, chosen.classes, chosen.scores, np.where((chosen.classes < 0)[..., None, None], 0, maps)
         scores = np.take_along_axis(probabilities, sel, axis=1).astype(np.float32)
         return logits, sel, scores, self.maps(features, sel, method=method, inputs=feed)
 
@@ -577,7 +598,8 @@ class Explainer:
         layout, dtype = self.input_layout, self.head.input.dtype
         preprocess = (preprocess or self.default_preprocess()).for_input(dtype)  # integer inputs: pixels
         chunk = self._chunk_size(batch_size)
-        class_rows = None if classes is None else np.asarray(classes)
+        # --- targets: a camcore.targets.Targets is indexed per image, as an (N, k) array
+        class_rows = None if classes is None else classes if hasattr(classes, "select") else np.asarray(classes)
         options = (layout, dtype, top_k, threshold, upsample, class_rows, errors, method)
         if workers == 0:
             prepared = (_prepare_image(image, preprocess, keep_pixels) for image in images)
@@ -642,10 +664,49 @@ class Explainer:
                 sel = class_rows if class_rows.ndim == 1 else class_rows[[r[0] for r in ready]]
             out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x), method=method)
             for j, (index, source, _, geometry, pixels) in enumerate(ready):
-                args = (source, out.classes[j], out.scores[j], out.maps[j], geometry, pixels, threshold, resize,
-                        method)
+                keep = out.classes[j] >= 0  # --- targets: -1 pads a row of fewer classes (multi-label)
+                args = (source, out.classes[j][keep], out.scores[j][keep], out.maps[j][keep], geometry, pixels,
+                        threshold, resize, method)
                 results[index] = _finish_image(*args) if pool is None else pool.submit(_finish_image, *args)
         return [results[index] for index, _ in batch]
+
+
+def _same_width(parts):
+    """--- targets: chunk results ``(logits, classes, scores, maps)`` padded to the widest k (classes -1)."""
+    k = max(p[1].shape[1] for p in parts)
+
+    def pad(a, value):
+        return np.pad(a, [(0, 0), (0, k - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+
+    return [(logits, pad(classes, -1), pad(scores, 0), pad(maps, 0)) for logits, classes, scores, maps in parts]
+
+
+def _seeded_maps(explainer, spec, features, seeds):
+    """--- targets: ``(n, k, h, w)`` float32 maps of ``seeds[i, j] . logits[i]`` (see `Explainer.maps`).
+
+    CAM gets the weights ``seeds @ W`` (one row per map), a gradient method the gradients of
+    the seeded logits from the same backward pass; methods that score one class refuse.
+    """
+    from .targets import SEEDED_METHODS, seedable
+
+    head = explainer.head
+    seeds = np.asarray(seeds, np.float32)
+    n = len(features)
+    if seeds.ndim != 3 or seeds.shape[0] != n or seeds.shape[2] != head.num_classes:
+        raise InvalidInput(f"seeds must have shape ({n}, k, {head.num_classes}), got {seeds.shape}")
+    if not seedable(spec):
+        raise InvalidInput(f"contrastive and negated targets need one of {', '.join(SEEDED_METHODS)}, "
+                           f"got method {spec.name!r}")
+    k = seeds.shape[1]
+    given = {}
+    if "weights" in spec.needs:  # w_c - w_ref: CAM is linear in the weights
+        given["weights"] = seeds.reshape(n * k, -1) @ head.weights
+    if "gradients" in spec.needs:
+        given["gradients"] = np.asarray(explainer.backend.run_head(features, seeds))
+    inputs = MethodInputs(features, np.arange(n * k).reshape(n, k), head.layout, dict(explainer.method_options),
+                          scoring=head.scoring, batch_size=explainer.batch_size, fixed_batch=explainer.fixed_batch,
+                          input_layout=explainer.input_layout, **given)
+    return spec.compute(inputs).astype(np.float32, copy=False)
 
 
 def _finish_image(source, classes, scores, cams, geometry, pixels, threshold, resize, method):

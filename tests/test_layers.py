@@ -26,7 +26,8 @@ CORE_MODULES = {"camcore", "camcore.errors", "camcore._validate", "camcore.backe
                 "camcore.localize", "camcore.render", "camcore.preprocess", "camcore.metrics", "camcore.wsol",
                 "camcore.faithfulness", "camcore.scores", "camcore.default_model", "camcore.tokens"}
 APPLICATION_MODULES = {"camcore.api", "camcore.explainer", "camcore.evaluation", "camcore.compare", "camcore.drift",
-                       "camcore.distributed", "camcore.outputs", "camcore.benchmark", "camcore.token_explain"}
+                       "camcore.distributed", "camcore.outputs", "camcore.benchmark", "camcore.token_explain",
+                       "camcore.targets", "camcore.saved_maps", "camcore.coco", "camcore.report"}
 
 
 def layer(module: str) -> int | None:

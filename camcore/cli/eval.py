@@ -12,7 +12,8 @@ from ..errors import CamError
 from ..outputs import write_json
 from .console import EXIT_OK, Progress
 from .options import (PROVIDERS_HELP, add_engine_arguments, add_method_arguments, add_preprocess_arguments,
-                      check_engine_arguments, fraction, positive_int, preprocess_from_args, provider_list)
+                      add_target_arguments, check_engine_arguments, fraction, positive_int, preprocess_from_args,
+                      provider_list, targets_from_args)
 
 __all__ = ["add_arguments", "main"]
 
@@ -57,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=16, metavar="S",
                         help="deletion/insertion steps (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    add_target_arguments(parser, contrast_only=True)
     add_method_arguments(parser)
     add_engine_arguments(parser)
     add_preprocess_arguments(parser, exif=False)  # dataset boxes refer to the stored pixels
@@ -83,6 +85,7 @@ def main(args) -> int:
     explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature, size=args.size)
     preprocess = preprocess_from_args(args, explainer)
     method = explainer.resolve_method(args.method)
+    contrast = None if args.contrast is None else targets_from_args(args, explainer).contrast
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
     engine, session = None, contextlib.nullcontext()
     if args.engine == "ray":
@@ -96,7 +99,8 @@ def main(args) -> int:
             results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
                                top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
                                mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
-                               method=method, faithfulness=args.faithfulness, steps=args.steps, engine=engine)
+                               method=method, faithfulness=args.faithfulness, steps=args.steps, engine=engine,
+                               contrast=contrast)
     finally:
         bar.close()
     results["dataset"].update(metadata=str(args.metadata), images=str(args.images))
