@@ -42,11 +42,12 @@ import numpy as np
 
 from camcore import __version__ as camcore_version
 from camcore.backend import Head, TensorSpec
+from camcore.tokens import TokenLayout
 
 __all__ = ["folder", "digest", "entry_key", "key_name", "lookup", "store", "head_to_json", "head_from_json",
            "same_head"]
 
-FORMAT = 1  # bump when the entry layout or the meaning of a field changes
+FORMAT = 2  # bump when the entry layout or the meaning of a field changes
 _HEAD, _ARRAYS, _EXPOSED = "head.json", "head.npz", "exposed.onnx"
 _ARRAY_FIELDS = ("weights", "bias")
 _TEMP, _TRASH = ".tmp-", ".old-"
@@ -145,6 +146,8 @@ def head_to_json(head: Head) -> tuple[dict, dict]:
             document[f.name] = [_spec_to_json(s) for s in value]
         elif f.name == "feature_shape":
             document[f.name] = _shape(value)
+        elif f.name == "tokens":  # a TokenLayout of JSON-ready values (tuples become lists)
+            document[f.name] = None if value is None else dataclasses.asdict(value)
         else:
             document[f.name] = value
     json.dumps(document)  # raises TypeError on anything JSON cannot carry
@@ -164,9 +167,18 @@ def head_from_json(document: dict, arrays) -> Head:
             values[f.name] = tuple(_spec_from_json(s) for s in value)
         elif f.name == "feature_shape":
             values[f.name] = tuple(value)
+        elif f.name == "tokens":
+            values[f.name] = None if value is None else _tokens_from_json(value)
         else:
             values[f.name] = value
     return Head(**values)
+
+
+def _tokens_from_json(d: dict) -> TokenLayout:
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    return TokenLayout(**{k: tuples(v) for k, v in d.items()})
 
 
 def same_head(a, b) -> bool:

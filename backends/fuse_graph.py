@@ -135,10 +135,30 @@ def _input_spatial_axes(spec) -> list:
                    "pass size=(H, W)")
 
 
+def _grid_view(b: _Builder, tokens: str, head, name: str) -> str:
+    """A transformer's ``(M, T, C)`` tokens -> ``(M, gh, gw, C)``: prefix tokens sliced off, the
+    patch tokens reshaped onto the grid found by the analysis (`camcore.tokens.tokens_to_grid`)."""
+    t = head.tokens
+    patches = b.op("Slice", [tokens, b.const(f"{name}_start", [t.prefix]), b.const("big", [1 << 62]),
+                             b.const("axis1", [1])], f"{name}_patches")
+    return b.op("Reshape", [patches, b.const(f"{name}_grid_shape", [-1, *t.grid, head.channels])], f"{name}_grid")
+
+
+def _map_shape(b: _Builder, head, feature: str, hw_axes) -> tuple[str, list]:
+    """``[h, w]`` of the maps: a tensor read from `feature`'s shape, and the dims as known."""
+    if head.layout == "NTC":
+        return b.const("grid_hw", list(head.tokens.grid)), list(head.tokens.grid)
+    hw = b.op("Gather", [b.op("Shape", [feature], "feature_shape"), b.const("hw_axes", hw_axes)],
+              "feature_hw", axis=0)
+    return hw, [head.feature_shape[i] for i in hw_axes]
+
+
 def _class_maps(b: _Builder, head, g) -> tuple[str, list]:
     """``(N, k, h, w)`` float32 CAMs of the classes in ``cam_classes``, and ``[h, w]``."""
     rows = b.op("Gather", [b.const("weights", head.weights, np.float32), "cam_classes"], "rows", axis=0)
     features = b.as_float(head.feature, g.elem_type(head.feature), "features_float")
+    if head.layout == "NTC":
+        features = _grid_view(b, features, head, "features")
     if head.layout == "NCHW":
         flat = b.op("Reshape", [features, b.const("flat_shape", [0, 0, -1])], "features_flat")
         maps = b.op("MatMul", [rows, flat], "maps_flat")  # (N, k, K) @ (N, K, hw)
@@ -149,10 +169,9 @@ def _class_maps(b: _Builder, head, g) -> tuple[str, list]:
         per_pixel = b.op("MatMul", [flat, rows_t], "maps_hwk")  # (N, hw, K) @ (N, K, k)
         maps = b.op("Transpose", [per_pixel], "maps_flat", perm=[0, 2, 1])
         hw_axes = [1, 2]
-    hw = b.op("Gather", [b.op("Shape", [features], "feature_shape"), b.const("hw_axes", hw_axes)],
-              "feature_hw", axis=0)
+    hw, dims = _map_shape(b, head, features, hw_axes)
     shape = b.op("Concat", [b.const("keep_nk", [0, 0]), hw], "maps_shape", axis=0)
-    return b.op("Reshape", [maps, shape], "maps_raw"), [head.feature_shape[i] for i in hw_axes]
+    return b.op("Reshape", [maps, shape], "maps_raw"), dims
 
 
 def _repeat_items(b: _Builder, x: str, k: int, name: str) -> str:
@@ -207,6 +226,8 @@ def _gradient_maps(b: _Builder, head, g, folded: onnx.ModelProto, method: str, t
     b.initializers.extend(grad_model.graph.initializer)
     grads = b.as_float(prefix + "cam_grad", g.elem_type(head.feature), "grads_float")
     f = b.as_float(features, g.elem_type(head.feature), "features_rep_float")
+    if head.layout == "NTC":  # a transformer's tokens: the methods run on the patch grid, channels last
+        grads, f = _grid_view(b, grads, head, "grads"), _grid_view(b, f, head, "features_rep")
     channel, spatial = (1, [2, 3]) if head.layout == "NCHW" else (3, [1, 2])
     zero = b.const("zero", 0.0, np.float32)
 
@@ -245,10 +266,9 @@ def _gradient_maps(b: _Builder, head, g, folded: onnx.ModelProto, method: str, t
     else:
         raise AssertionError(method)  # validated by _resolve_method
     hw_axes = [2, 3] if head.layout == "NCHW" else [1, 2]
-    hw = b.op("Gather", [b.op("Shape", [head.feature], "feature_shape"), b.const("hw_axes", hw_axes)],
-              "feature_hw", axis=0)
+    hw, dims = _map_shape(b, head, head.feature, hw_axes)
     shape = b.op("Concat", [b.const("minus_one", [-1]), b.const("k", [top_k]), hw], "maps_shape", axis=0)
-    return b.op("Reshape", [maps, shape], "maps_raw"), [head.feature_shape[i] for i in hw_axes]
+    return b.op("Reshape", [maps, shape], "maps_raw"), dims
 
 
 def _zero_non_finite(b: _Builder, maps: str) -> str:

@@ -25,6 +25,7 @@ from camcore.backend import Head, TensorSpec
 from camcore.errors import CamError, NotCamCompatible
 
 from ._proto import SHAPE_ONLY, attr, copy_model, dims, node_label, text_attr, value_types
+from .contrib_ops import complete_types  # types of fused com.microsoft ops (onnxruntime's offline optimization)
 
 __all__ = [
     "load_model",
@@ -107,7 +108,7 @@ def read_model(model, data: bytes | None = None) -> tuple[onnx.ModelProto, Path 
         proto = copy_model(model)
         if any(edh.uses_external_data(t) for t in edh._get_all_tensors(proto)):
             raise CamError("the in-memory model refers to external data; pass the .onnx path instead")
-        return proto, None, False
+        return complete_types(proto), None, False
     if not isinstance(model, (str, os.PathLike)):
         raise CamError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
     path = Path(model)
@@ -141,7 +142,7 @@ def read_model(model, data: bytes | None = None) -> tuple[onnx.ModelProto, Path 
         edh.load_external_data_for_model(proto, str(folder))
     except Exception as exc:
         raise CamError(f"cannot load the external data of {path}: {exc}") from None
-    return proto, folder, external
+    return complete_types(proto), folder, external
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -276,7 +277,11 @@ def _window_pool(g: _Graph, node) -> str | None:
     """Describe a 2-D AveragePool/MaxPool whose single output window covers the whole map.
 
     Padding may make the window larger than the map (GoogLeNet from Caffe2: a 7x7 kernel
-    with pads (0, 0, 1, 1) over a 6x6 map).  Returns None for a local pooling.
+    with pads (0, 0, 1, 1) over a 6x6 map), and so may ``ceil_mode`` (the dynamo export of
+    Hugging Face EfficientNet: a 640x640 kernel and stride, ``ceil_mode=1``, over a 7x7
+    map: one window, cut at the map's end).  Whatever the kernel, padding or rounding, the
+    pooling is global when it has one output window and that window starts at or before
+    the map's first pixel and ends at or after its last.  Returns None for a local pooling.
     """
     kernel = tuple(attr(node, "kernel_shape", ()))
     if len(kernel) != 2:
@@ -296,8 +301,10 @@ def _window_pool(g: _Graph, node) -> str | None:
     for axis, size in enumerate(spatial):
         begin, end = pads[axis], pads[axis + 2]
         span = size + begin + end - kernel[axis]
+        # ONNX's output size; a negative span (kernel beyond the map) leaves one window only
+        # when rounding up, and none (a model onnxruntime refuses) when rounding down.
         out = (-(-span // strides[axis]) if ceil else span // strides[axis]) + 1
-        if span < 0 or out != 1 or kernel[axis] - begin < size:
+        if out != 1 or kernel[axis] - begin < size:
             return None
     padded = f" with pads {pads}" if any(pads) else ""
     return f"{node.op_type} {kernel[0]}x{kernel[1]}{padded} over the whole {spatial[0]}x{spatial[1]} map"
@@ -310,11 +317,15 @@ def _pool_scale(g: _Graph, node) -> float:
     in the divisor, so the pooled value is a constant times the mean.  Running the node
     under onnxruntime gives exactly the divisor the model will run with.
     """
-    if node.op_type != "AveragePool" or not any(attr(node, "pads", None) or ()):
+    if node.op_type != "AveragePool" or not (any(attr(node, "pads", None) or ()) or attr(node, "ceil_mode", 0)):
+        return 1.0
+    h, w = (tuple(g.shape(node.input[0])[2:]) + (None, None))[:2]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        # A map of unknown size is read as whole only without padding (`_window_pool`); a
+        # window that ceil_mode cuts at the map's end divides by the cells it covers.
         return 1.0
     from .ort_runtime import make_session
 
-    h, w = g.shape(node.input[0])[2:]
     elem = g.elem_type(node.input[0]) or onnx.TensorProto.FLOAT
     single = helper.make_node("AveragePool", ["x"], ["y"], name="cam_pool_scale",
                               **{a.name: helper.get_attribute_value(a) for a in node.attribute})
@@ -444,11 +455,11 @@ def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.Model
             model.graph.value_info.append(helper.make_value_info(name, pooled_type if name == pooled else
                                           helper.make_tensor_type_proto(pooled_type.tensor_type.elem_type, None)))
     extractor = Extractor(model)
-    # Inputs reached only through Shape ops (computed reshapes) are fed as dummies.
-    needed = [i.name for i in extractor.model.graph.input
-              if i.name not in g.constants and any(
-                  n.op_type in SHAPE_ONLY and i.name in n.input
-                  for n in g.ancestors(logits, stop=pooled))]
+    needed = _shape_frontier(g, pooled, logits)
+    for name in needed:
+        if name not in g.types:
+            model.graph.value_info.append(helper.make_value_info(name, helper.make_tensor_type_proto(
+                _elem_type_guess(g, name), None)))
     sub = extractor.extract_model([pooled, *needed], [logits])
     # Free the batch axis of the cut: probes come in batches.
     sub.graph.input[0].type.CopyFrom(pooled_type)
@@ -460,6 +471,29 @@ def _probe_model(g: _Graph, pooled: str, logits: str, pooled_type) -> onnx.Model
     sub.ir_version = g.model.ir_version
     sub.graph.output[0].type.tensor_type.ClearField("shape")
     return sub
+
+
+def _shape_frontier(g: _Graph, pooled: str, logits: str) -> list:
+    """Tensors the head reads only through Shape/Size that are computed from the graph inputs.
+
+    They are cut there and fed as dummies (computed reshapes read the batch size): the
+    tensor read may sit behind any chain of nodes (a Cast of a float16 model's input, a
+    normalization in front), not only be a graph input.
+    """
+    fed = {s.name for s in graph_inputs(g.model)}
+    for node in g.model.graph.node:
+        if any(i in fed for i in node.input):
+            fed.update(node.output)
+    dependent = {pooled}
+    for node in g.ancestors(logits, stop=pooled):
+        if any(i in dependent for i in node.input):
+            dependent.update(node.output)
+    found = []
+    for node in g.ancestors(logits, stop=pooled, shape_only_stops=True):
+        read = node.input[0] if node.op_type in SHAPE_ONLY and node.input else None
+        if read and read in fed and read not in dependent and read not in found:
+            found.append(read)
+    return found
 
 
 def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: np.dtype, label: str,
@@ -484,7 +518,10 @@ def _recover_affine(run, pooled_shape: tuple, channel_axis: int, k: int, dtype: 
                 padded = np.concatenate([batch, np.repeat(batch[-1:], -len(batch) % b, axis=0)])
                 result = np.concatenate([run(np.ascontiguousarray(padded[i:i + b], dtype=dtype))
                                          for i in range(0, len(padded), b)])[:len(batch)]
-            out.append(np.asarray(result, dtype=np.float64).reshape(len(chunk), -1))
+            result = np.asarray(result, dtype=np.float64)
+            if result.size % len(chunk):  # not one row of logits per probe (a batch axis folded away)
+                raise NotCamCompatible(f"head after pooling does not keep the batch axis: {label}")
+            out.append(result.reshape(len(chunk), -1))
         return np.concatenate(out)
 
     probes = np.vstack([np.zeros((1, k)), np.eye(k)])
@@ -764,6 +801,12 @@ def _image_input(g: _Graph, inputs, feature: str) -> TensorSpec:
     return candidates[0]
 
 
+# onnxruntime's type strings of the tensors a head probe may be fed.
+_ORT_TYPES = {f"tensor({name})": np.dtype(dtype) for name, dtype in (
+    ("float", "float32"), ("float16", "float16"), ("double", "float64"), ("int64", "int64"),
+    ("int32", "int32"), ("int8", "int8"), ("uint8", "uint8"), ("bool", "bool"))}
+
+
 def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
     """A function pooled-batch -> logits running `probe` under onnxruntime (CPU)."""
     from .ort_runtime import import_onnxruntime
@@ -775,12 +818,12 @@ def _probe_runner(probe: onnx.ModelProto, pooled: str, g: _Graph):
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise CamError(f"cannot run the classifier head on its own: {str(exc).splitlines()[0]}") from None
-    specs = {s.name: s for s in graph_inputs(g.model)}
-    shape_only = [specs[vi.name] for vi in session.get_inputs() if vi.name != pooled]
+    shape_only = [(vi.name, len(vi.shape), _ORT_TYPES.get(vi.type, np.float32))
+                  for vi in session.get_inputs() if vi.name != pooled]
 
     def run(batch: np.ndarray) -> np.ndarray:
         # Shape-only inputs carry the batch size and nothing else.
-        dummies = {s.name: np.zeros((len(batch),) + (1,) * (len(s.shape) - 1), s.dtype) for s in shape_only}
+        dummies = {name: np.zeros((len(batch),) + (1,) * (rank - 1), dtype) for name, rank, dtype in shape_only}
         try:
             return session.run(None, {pooled: batch, **dummies})[0]
         except Exception as exc:

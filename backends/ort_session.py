@@ -53,7 +53,7 @@ class OrtBackend:
     """
 
     def __init__(self, model, *, providers=None, feature=None, logits=None, output=None,
-                 session_options=None):
+                 session_options=None, size=None):
         ort = import_onnxruntime()
         self._providers, self._session_options = providers, session_options
         self._head_sessions = {}
@@ -70,6 +70,8 @@ class OrtBackend:
             self._digest = analysis_cache.digest(data)
             key = analysis_cache.entry_key(self._digest, feature=feature, logits=logits, output=output,
                                            onnxruntime_version=ort.__version__)
+            if size is not None:  # the input size a model with dynamic spatial axes is analysed at
+                key["size"] = list(size) if isinstance(size, (tuple, list)) else size
             hit = analysis_cache.lookup(key)
             if hit is not None:
                 exposed, self.head = hit
@@ -83,11 +85,11 @@ class OrtBackend:
         data = None  # the proto holds the model now
         proto = quant_graph.runnable(proto)  # issue 20: QOperator ops as DQ -> float op -> Q
         self.__dict__.update(model=proto, folder=folder)  # what the cached properties would read
-        head = find_any_head(proto, feature=feature, logits=logits, output=output)
+        head = find_any_head(proto, feature=feature, logits=logits, output=output, size=size)
         exposed = onnx_graph.expose_outputs(proto, [head.feature, head.logits]).SerializeToString()
         self.session = make_session(exposed, providers, options=session_options)
         self._fetch = [head.feature, head.logits]
-        self.head: Head = self._with_concrete_shapes(head)
+        self.head: Head = self._with_concrete_shapes(head, size)
         self.cache_hit = False
         # The file's hash does not cover external data: such models are not cached.
         if key is not None and not external:
@@ -120,7 +122,7 @@ class OrtBackend:
         """The model's folder (None for an in-memory model)."""
         return self._path.parent if self._path is not None else None
 
-    def _with_concrete_shapes(self, head: Head) -> Head:
+    def _with_concrete_shapes(self, head: Head, size=None) -> Head:
         """Fill what shape inference left unknown (feature dims, C, K) by one batch-1 run.
 
         The feature shape is filled only for inputs of static size (apart from the batch
@@ -128,15 +130,26 @@ class OrtBackend:
         from a run at 224 pixels per dynamic axis when inference did not give them.
         """
         shape = head.feature_shape
-        known = len(shape) == 4 and all(isinstance(d, int) for d in shape[1:])
+        known = len(shape) in (3, 4) and all(isinstance(d, int) for d in shape[1:])
         static = all(isinstance(d, int) for spec in head.inputs for d in spec.shape[1:])
         if (known or not static) and head.num_classes and head.channels:
             return head
-        feed = {spec.name: np.zeros([d if isinstance(d, int) else (1 if axis == 0 else 224)
-                                     for axis, d in enumerate(spec.shape)], spec.dtype) for spec in head.inputs}
-        features, logits = self.session.run(self._fetch, feed)
+        from .token_graph import input_feed_shape
+
+        if head.tokens is not None and head.tokens.input_size:
+            size = size or tuple(head.tokens.input_size)
+        try:  # the input size from the model or `size`, the channels from the first Conv
+            feed = {spec.name: np.zeros(input_feed_shape(self.model, spec, size), spec.dtype)
+                    for spec in head.inputs}
+        except CamError:  # a CNN with dynamic spatial axes: any size gives C and K
+            feed = {spec.name: np.zeros(input_feed_shape(self.model, spec, 224), spec.dtype) for spec in head.inputs}
+        try:
+            features, logits = self.session.run(self._fetch, feed)
+        except Exception as exc:
+            shapes = ", ".join(f"{k} {v.shape}" for k, v in feed.items())
+            raise CamError(f"onnxruntime failed on a zero input ({shapes}): {str(exc).splitlines()[0]}") from None
         changes = {"num_classes": int(np.prod(logits.shape[1:])),
-                   "channels": int(features.shape[1 if head.layout == "NCHW" else 3])}
+                   "channels": int(features.shape[{"NCHW": 1, "NHWC": 3}.get(head.layout, -1)])}
         if static and not known:
             changes["feature_shape"] = (shape[0] if shape else "N", *features.shape[1:])
         return dataclasses.replace(head, **changes) if head.weights is None else \
@@ -194,15 +207,22 @@ class OrtBackend:
         cost k rows of K numbers instead of k copies of the feature map.
         """
         if gradients not in self._head_sessions:
-            from . import backprop, onnx_graph, quant_graph
+            from . import backprop, contrib_ops, onnx_graph, precision, quant_graph
 
             model = self.folded_model
             shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
             start, scale = shortcut if shortcut else (self.head.feature, None)
-            # issue 20: gradients of int8 logits are taken before their own output quantization.
+            # int8 logits: the gradient is taken before their own output quantization
             of = quant_graph.before_output_quantization(model, self.head.logits) if gradients else self.head.logits
             head, frontier = backprop.cut_head(model, start, of)
-            if gradients:
+            if self.head.tokens is not None:  # a one-token head: its MLP on that token alone
+                from .token_gather import push_token_gather
+
+                head = push_token_gather(head)
+            if gradients and precision.has_float16(head):  # float16 models: the backward pass in float32
+                head = precision.as_float32(head)
+            if gradients:  # onnxruntime's fused nodes (offline-optimized models) as the ops they fused
+                head = contrib_ops.as_standard_ops(head)
                 head = backprop.add_backward(head, start, of, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:
@@ -213,9 +233,28 @@ class OrtBackend:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = make_session(head, self._providers, options=options)
             specs = {i.name: i for i in session.get_inputs()}
-            self._head_sessions[gradients] = (session, specs[start], [specs[name] for name in frontier],
+            self._head_sessions[gradients] = (session, specs[start], [self._frontier_spec(specs[name])
+                                                                      for name in frontier],
                                               specs.get(_SEED), scale)
         return self._head_sessions[gradients]
+
+    def _frontier_spec(self, spec):
+        """`spec` of a head input read only through Shape, its dynamic dims (past the batch) read from
+        one run of the model: a Reshape fed by it then gets the shape the model itself computes (a
+        transformer's computed Reshapes and Resizes fail on dummy dims of 1)."""
+        if self.head.tokens is None or all(isinstance(d, int) and d > 0 for d in spec.shape[1:]):
+            return spec
+        from . import onnx_graph
+        from .token_graph import input_feed_shape
+
+        size = tuple(self.head.tokens.input_size) or None
+        feed = {s.name: np.zeros(input_feed_shape(self.model, s, size), s.dtype) for s in self.head.inputs}
+        try:
+            session = make_session(onnx_graph.expose_outputs(self.model, [spec.name]), ["CPUExecutionProvider"])
+            (value,) = session.run([spec.name], feed)
+        except Exception as exc:
+            raise CamError(f"cannot read the shape of head input {spec.name!r}: {str(exc).splitlines()[0]}") from None
+        return _Spec(spec.name, (spec.shape[0], *value.shape[1:]), spec.type)
 
     def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
         """Run the head alone on any batch of feature maps; see `camcore.Backend.run_head`.
@@ -248,6 +287,77 @@ class OrtBackend:
         per_channel = per_channel[..., None, None] if self.head.layout == "NCHW" else per_channel[:, :, None, None]
         return np.broadcast_to(per_channel, (n, k, *features.shape[1:]))
 
+    def _attention_session(self, gradients: bool, tokens: int | None):
+        """The whole model with its attention probabilities (and their gradients) as outputs; built once."""
+        key = ("attention", gradients, tokens)
+        if key not in self._head_sessions:
+            from . import attention_graph
+
+            model = self.folded_model
+            names = attention_graph.attention_probabilities(model, tokens)
+            built = attention_graph.attention_model(model, names, self.head.logits, gradients=gradients)
+            session = make_session(built, self._providers, options=self._session_options)
+            self._head_sessions[key] = (session, names)
+        return self._head_sessions[key]
+
+    def run_attention(self, inputs, seeds: np.ndarray | None = None, *, tokens: int | None = None):
+        """The attention probabilities of `inputs` and, with `seeds`, their gradients.
+
+        Parameters
+        ----------
+        inputs : ndarray or dict of ndarray
+            Model-ready inputs for ``N`` items.
+        seeds : (N, k, C) ndarray, optional
+            ``k`` seeds per item (one-hot rows for the top-k classes).
+        tokens : int, optional
+            The image's token count: attention over other counts (windows) is left out.
+
+        Returns
+        -------
+        probabilities : tuple of (N, heads, T, T) ndarray
+            Every self-attention layer's, first layer first.
+        gradients : tuple of (N, k, heads, T, T) ndarray, or None
+            ``gradients[l][n, j] = d (seeds[n, j] . logits[n]) / d probabilities[l][n]``.
+        """
+        from .attention_graph import ATTENTION_SEED, gradient_name
+
+        feed = self.check_inputs(inputs)
+        session, names = self._attention_session(seeds is not None, tokens)
+        fetch = list(names)
+        n = len(next(iter(feed.values())))
+        if seeds is not None:
+            k = seeds.shape[1]
+            fetch += [gradient_name(a) for a in names]
+            feed = {key: np.repeat(v, k, axis=0) for key, v in feed.items()}  # row i*k + j: item i, seed j
+            seed_spec = next(i for i in session.get_inputs() if i.name == ATTENTION_SEED)
+            feed[ATTENTION_SEED] = seeds.reshape(n * k, -1).astype(_ORT_DTYPES.get(seed_spec.type, np.float32))
+        fixed = self.head.input.shape[0] if self.head.input.shape else None
+        rows = len(next(iter(feed.values())))
+        step = fixed if isinstance(fixed, int) and fixed > 0 else max(rows, 1)
+        parts = []
+        for i in range(0, rows, step):
+            part = {key: v[i:i + step] for key, v in feed.items()}
+            m = len(next(iter(part.values())))
+            pad = step - m if isinstance(fixed, int) and fixed > 0 else 0  # a fixed-batch export: pad the last
+            part = {key: np.ascontiguousarray(_pad(v, pad, zeros=key == ATTENTION_SEED)) for key, v in part.items()}
+            try:
+                got = session.run(fetch, part)
+            except Exception as exc:
+                raise CamError(f"onnxruntime failed on the attention model: {str(exc).splitlines()[0]}") from None
+            for name, v in zip(names, got):
+                if v.shape[0] != m + pad or (tokens is not None and v.shape[-2:] != (tokens, tokens)):
+                    from .attention_graph import refuse
+
+                    refuse(f"{name!r} is {v.shape} for {m + pad} rows (attention per window, as in Swin)")
+            parts.append([v[:m] for v in got])
+        values = [np.concatenate([p[j] for p in parts]) for j in range(len(fetch))]
+        count = len(names)
+        if seeds is None:
+            return tuple(values), None
+        probabilities = tuple(v[::k] for v in values[:count])
+        grads = tuple(v.reshape(n, k, *v.shape[1:]) for v in values[count:])
+        return probabilities, grads
+
     def _run_rows(self, session, start, rows, frontier, fetch, seeds=None) -> np.ndarray:
         """Run `session` on `rows` (fed as `start`), chunked for fixed-batch models; `fetch` only."""
         fixed = self.head.input.shape[0] if self.head.input.shape else None
@@ -257,7 +367,7 @@ class OrtBackend:
             part = rows[i:i + step]
             n = len(part)
             pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
-            feed = {start.name: np.ascontiguousarray(_pad(part, pad))}
+            feed = {start.name: np.ascontiguousarray(_pad(part, pad), dtype=_ORT_DTYPES.get(start.type, part.dtype))}
             for spec in frontier:
                 dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
                 feed[spec.name] = np.zeros([n + pad, *dims[1:]], _ORT_DTYPES.get(spec.type, np.float32))
@@ -279,17 +389,32 @@ def _pad(part: np.ndarray, pad: int, zeros: bool = False) -> np.ndarray:
     return np.concatenate([part, extra])
 
 
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """A session input's name, shape and onnxruntime type, as ``NodeArg`` gives them."""
+
+    name: str
+    shape: tuple
+    type: str
+
+
 _SEED, _GRAD = "cam_seed", "cam_grad"
 _ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
-def find_any_head(model, *, feature=None, logits=None, output=None) -> Head:
+def find_any_head(model, *, feature=None, logits=None, output=None, size=None) -> Head:
     """The CAM head when the model has one, else the target layer of the gradient methods.
 
+    A vision transformer (its head pools tokens) gets its token head (`token_graph.find_token_head`);
+    `size` is the input size for a model whose spatial input axes are dynamic.
     Raises `NotCamCompatible` only when neither can be found, with both reasons.
     """
-    from . import onnx_graph
+    from . import onnx_graph, token_graph
+
+    head = token_graph.find_token_head(model, feature=feature, logits=logits, output=output, size=size)
+    if head is not None:
+        return head
 
     try:
         return onnx_graph.find_head(model, feature=feature, logits=logits, output=output)

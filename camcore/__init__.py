@@ -29,6 +29,8 @@ _EXPORTS = {
     "cam": "maps", "normalize": "maps", "upsample": "maps",
     "Preprocess": "preprocess",
     "overlay": "render",
+    "load_maps": "saved_maps", "save_maps": "saved_maps",
+    "Targets": "targets",
 }
 
 
@@ -62,6 +64,9 @@ __all__ = [
     "TensorSpec",
     "boxes",
     "cam",
+    "load_maps",
+    "save_maps",
+    "Targets",
     "fuse",
     "load",
     "faithfulness",

@@ -12,7 +12,8 @@ __all__ = ["load", "fuse", "candidate_layers", "available_providers"]
 
 
 def load(model=None, *, providers=None, feature=None, logits=None, backend: str = "onnxruntime",
-         output=None, preprocess: Preprocess | None = None, class_names=None, batch_size: int = 32) -> Explainer:
+         output=None, preprocess: Preprocess | None = None, class_names=None, batch_size: int = 32,
+         size=None) -> Explainer:
     """Load a model and find its CAM head.
 
     Parameters
@@ -35,6 +36,9 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
     class_names : sequence of str, optional
     batch_size : int
         Chunk size for large batches.
+    size : int or (H, W), optional
+        The input size, for a model whose spatial input axes are dynamic (a vision transformer's
+        patch grid depends on it); default: `preprocess`'s size when given.
 
     Returns
     -------
@@ -65,7 +69,10 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
         preprocess = preprocess or default_model.preprocess()
         class_names = class_names if class_names is not None else default_model.class_names()
     factory = get_backend(backend)
-    runtime = factory(model, providers=providers, feature=feature, logits=logits, output=output)
+    if size is None and preprocess is not None:
+        size = preprocess.size
+    extra = {"size": size} if size is not None and _takes(factory, "size") else {}
+    runtime = factory(model, providers=providers, feature=feature, logits=logits, output=output, **extra)
     source = str(model) if not hasattr(model, "SerializeToString") else None
     return Explainer(runtime, preprocess=preprocess, class_names=class_names, batch_size=batch_size,
                      source=source)
@@ -100,3 +107,14 @@ def available_providers() -> list:
     """The onnxruntime execution providers available here, by their full names."""
     ort_session = importlib.import_module("backends.ort_session")
     return ort_session.import_onnxruntime().get_available_providers()
+
+
+def _takes(factory, name: str) -> bool:
+    """Whether a backend factory accepts the keyword `name` (backends made before it existed do not)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 import numpy as np
 
 from .errors import CamError
+from .tokens import TokenLayout
 
 __all__ = ["TensorSpec", "Head", "Backend", "register_backend", "get_backend"]
 
@@ -63,6 +64,12 @@ class Head:
         C and K (read from `weights` when given).
     cam_refusal : str
         Why CAM cannot explain this model ("" when `weights` is set).
+    tokens : TokenLayout or None
+        For a vision transformer: how the head pools its tokens, the prefix tokens, the patch
+        grid, the token tensors, the last block's input, the final norm's input and the
+        attention probabilities (see `camcore.tokens.TokenLayout`).  The feature tensor is then
+        ``(N, T, C)`` with ``layout="NTC"`` (maps on the patch grid, prefix tokens dropped), or a
+        channels-last map ``(N, h, w, C)`` with ``layout="NHWC"`` (Swin).  None for a CNN.
     """
 
     weights: np.ndarray | None
@@ -82,6 +89,7 @@ class Head:
     num_classes: int = 0
     channels: int = 0
     cam_refusal: str = ""
+    tokens: TokenLayout | None = None
 
     def __post_init__(self):
         if self.weights is not None:
@@ -96,15 +104,23 @@ class Head:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What `Explainer` needs from a runtime: a forward pass, and the head on its own."""
+    """What `Explainer` needs from a runtime: a forward pass, and the head on its own.
+
+    A backend may also offer ``run_attention(inputs, seeds=None, *, tokens=None)``: a vision
+    transformer's attention probabilities ``(N, heads, T, T)`` per layer and, with ``seeds``
+    ``(N, k, C)``, their gradients ``(N, k, heads, T, T)`` (see
+    `backends.ort_session.OrtBackend.run_attention`); without it, the attention methods
+    (``"rollout"``, ``"gae"``) are refused.
+    """
 
     head: Head
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Run one batch of model-ready inputs.
 
-        Returns ``(features, logits)``: features ``(N, K, h, w)`` or ``(N, h, w, K)``
-        as `head.layout` says, and logits ``(N, C)`` (pre-activation).
+        Returns ``(features, logits)``: features ``(N, K, h, w)``, ``(N, h, w, K)`` or a
+        transformer's tokens ``(N, T, C)`` as `head.layout` says (``"NTC"``), and logits
+        ``(N, C)`` (pre-activation).
         """
         ...
 

@@ -39,7 +39,7 @@ def _method_list(explainer, methods) -> list:
 
 
 def compare(explainer, images, *, methods=None, preprocess=None, top_k: int = 1, faithfulness: bool = False,
-            steps: int = 16, threshold: float = 0.2, progress=None) -> dict:
+            steps: int = 16, threshold: float = 0.2, progress=None, classes=None) -> dict:
     """Explain `images` with each method; return the maps, timings and faithfulness figures.
 
     Parameters
@@ -60,6 +60,8 @@ def compare(explainer, images, *, methods=None, preprocess=None, top_k: int = 1,
         Box threshold, fraction of the map's maximum.
     progress : callable, optional
         Called with 1 after each method.
+    classes : optional
+        As in `Explainer.explain` (a `camcore.targets.Targets` included), instead of `top_k`.
 
     Returns
     -------
@@ -80,14 +82,16 @@ def compare(explainer, images, *, methods=None, preprocess=None, top_k: int = 1,
               "faithfulness": {} if faithfulness else None}
     for method in methods:
         started = time.perf_counter()
-        out = explainer.explain(x, top_k=top_k, method=method)
+        out = explainer.explain(x, classes=classes, top_k=top_k, method=method)
         result["seconds_per_image"][method] = (time.perf_counter() - started) / len(x)
         explained = []
         for j, geometry in enumerate(geometries):
             full = _image_maps(out.maps[j], geometry, "bilinear")
             found = [find_boxes(m, threshold=threshold) for m in full]
-            explained.append(ImageExplanation(None, geometry.original_size, out.classes[j], out.scores[j], found,
-                                              out.maps[j], geometry, method=method))
+            keep = out.classes[j] >= 0  # -1 pads the rows of images with fewer classes (camcore.targets)
+            explained.append(ImageExplanation(None, geometry.original_size, out.classes[j][keep], out.scores[j][keep],
+                                              [b for b, k in zip(found, keep) if k], out.maps[j][keep], geometry,
+                                              method=method))
         result["explanations"][method] = explained
         if faithfulness:
             top1 = upsample(out.maps[:, 0].astype(np.float64), tuple(size), method="bilinear")

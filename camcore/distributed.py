@@ -152,11 +152,15 @@ class ExplainBatch:
     """
 
     def __init__(self, model, *, providers, feature=None, options: dict, maps=False, output: str = "columns",
-                 image_format: str = "auto"):
+                 image_format: str = "auto", maps_dtype=None):
         from .api import load
 
-        self.explainer = load(model, providers=providers, feature=feature)
-        self.options, self.maps, self.output, self.image_format = options, maps, output, image_format
+        preprocess = options.get("preprocess")  # a dynamic-size transformer is analysed at its size
+        self.explainer = load(model, providers=providers, feature=feature,
+                              size=preprocess.size if preprocess is not None else None)
+        self.options, self.maps, self.output, self.image_format = dict(options), maps, output, image_format
+        self.targets = self.options.pop("classes", None)  # a camcore.targets.Targets, keyed by path
+        self.maps_dtype = maps_dtype
 
     def __call__(self, batch: dict):
         import pyarrow as pa
@@ -172,23 +176,31 @@ class ExplainBatch:
         else:
             images = [EncodedImage(item, path or "<bytes>") if key == "bytes" else np.asarray(item)
                       for path, item in zip(paths, batch[key])]
+        classes = None if self.targets is None else self.targets.for_keys(paths)
         stream = self.explainer._explain_image_stream(
-            images, classes=None, batch_size=None, errors="report", workers=None,
+            images, classes=classes, batch_size=None, errors="report", workers=None,
             keep_pixels=self.output == "cli", **self.options)
         rows = [self._row(path, None if kept is None else kept[0], result)
                 for path, (result, kept) in zip(paths, stream)]
         if self.output == "cli":
-            return pa.table({"path": pa.array(paths, pa.string()),
-                             "record": pa.array([r[0] for r in rows], pa.string()),
-                             "overlay": pa.array([r[1] for r in rows], pa.binary())})
+            columns = {"path": pa.array(paths, pa.string()),
+                       "record": pa.array([r[0] for r in rows], pa.string()),
+                       "overlay": pa.array([r[1] for r in rows], pa.binary())}
+            if self.maps_dtype is not None:
+                columns["maps"] = pa.array([r[2] for r in rows], pa.binary())
+            return pa.table(columns)
         return self._table(rows)
 
     def _row(self, path, pixels, result):
         if self.output == "cli":
-            overlay = None
+            overlay = maps = None
             if result.error is None:
                 overlay = encode_image(render(pixels, result, self.explainer), overlay_format(path, self.image_format))
-            return json.dumps(_record(path, result, self.explainer)), overlay
+                if self.maps_dtype is not None:
+                    from .saved_maps import save_maps
+
+                    maps = save_maps(None, [result], dtype=self.maps_dtype, class_names=self.explainer.class_name)
+            return json.dumps(_record(path, result, self.explainer)), overlay, maps
         row = {"path": path, "height": None, "width": None, "classes": result.classes, "scores": result.scores,
                "boxes": [b[0].tolist() if len(b) else [] for b in result.boxes], "error": result.error}
         if result.error is None:
@@ -367,8 +379,9 @@ class _Blocks:
                 shutil.rmtree(leftover, ignore_errors=True)
         return [(name, members) for name, members in self.blocks if not (self.root / name).is_dir()]
 
-    def write(self, name: str, records: list, overlays: list) -> None:
-        """Write one block (JSON records in order, overlay bytes or None each) as a folder, atomically."""
+    def write(self, name: str, records: list, overlays: list, maps: list = ()) -> None:
+        """Write one block (JSON records in order, overlay bytes or None each, and with `maps` the
+        images' raw maps as one ``maps.npz``) as a folder, atomically."""
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=self.root))
         try:
@@ -376,18 +389,30 @@ class _Blocks:
             for j, overlay in enumerate(overlays):
                 if overlay is not None:
                     (tmp / f"{j}.overlay").write_bytes(overlay)
+            if any(m is not None for m in maps):  # one file per block: the images' maps in block order
+                import io
+
+                from .saved_maps import load_maps, save_maps
+
+                results = [r for m in maps if m is not None for r in load_maps(io.BytesIO(m))]
+                save_maps(tmp / "maps.npz", results)
             (tmp / "records.jsonl").write_text("".join(r + "\n" for r in records), encoding="utf-8")
             os.replace(tmp, self.root / name)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def merge(self, out: Path, unique_name, image_format: str) -> list:
-        """Move the overlays into `out` under the local engine's names; return every record in order."""
+    def merge(self, out: Path, unique_name, image_format: str, maps: bool = False) -> list:
+        """Move the overlays into `out` under the local engine's names, and each block's maps to
+        ``maps-NNNNNN.npz``; return every record in order."""
         records, taken = [], set()
-        for name, members in self.blocks:
+        for number, (name, members) in enumerate(self.blocks):
             folder = self.root / name
             lines = (folder / "records.jsonl").read_text(encoding="utf-8").splitlines()
+            maps_name, index = f"maps-{number:06d}.npz", 0
+            if (folder / "maps.npz").is_file():
+                os.replace(folder / "maps.npz", out / maps_name)
+            has_maps = maps and (out / maps_name).is_file()
             for j, (path, line) in enumerate(zip(members, lines)):
                 record = json.loads(line)
                 if record["error"] is None:
@@ -396,6 +421,9 @@ class _Blocks:
                     if staged.is_file():  # else moved by an earlier, interrupted merge
                         os.replace(staged, out / filename)
                     record["overlay"] = filename
+                    if has_maps:
+                        record["maps"], record["maps_index"] = maps_name, index
+                        index += 1
                 records.append(record)
         shutil.rmtree(self.root)  # the run is complete: its results are in `out`
         return records
@@ -403,7 +431,7 @@ class _Blocks:
 
 def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 64, concurrency=1,
                   num_gpus: float = 0, providers=None, address=None, feature=None, image_format: str = "auto",
-                  progress=None) -> list:
+                  progress=None, maps_dtype=None) -> list:
     """Explain image files on Ray and write their overlays into `out`: the engine of ``--engine ray``.
 
     Returns the results.json records in the order of `paths`, the same as the local
@@ -418,7 +446,7 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
     out = Path(out)
     if isinstance(model, (str, os.PathLike)):
         model = str(Path(model).resolve())  # actors do not share the driver's working directory
-    settings = {"model": model, "feature": feature, "image_format": image_format, **options}
+    settings = {"model": model, "feature": feature, "image_format": image_format, "maps": maps_dtype, **options}
     blocks = _Blocks(out, [str(p) for p in paths], batch_size, settings)
     todo = blocks.pending()
     if progress is not None:
@@ -429,7 +457,7 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
     for p in missing:  # what read_image says; Ray would fail the whole read
         error = ImageExplanation(p, (0, 0), np.zeros(0, np.int64), np.zeros(0, np.float32), [],
                                  np.zeros((0, 0, 0), np.float32), None, error=f"image not found: {p}")
-        results[p] = (json.dumps(_record(p, error, None)), None)
+        results[p] = (json.dumps(_record(p, error, None)), None, None)
     owner = {str(Path(p).resolve()): p for p in wanted - missing}  # the path Ray reports -> as given
     waiting = {name: set(members) for name, members in todo}
     members_of = dict(todo)
@@ -443,11 +471,13 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
             waiting[name].discard(path)
             if not waiting[name]:
                 rows = [results[p] for p in members_of[name]]
-                blocks.write(name, [r[0] for r in rows], [r[1] for r in rows])
+                blocks.write(name, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
         for p in {p for name in blocks_of[path] if not waiting[name] for p in members_of[name]}:
             if not any(waiting[b] for b in blocks_of[p]):
                 results.pop(p, None)  # its blocks are on disk
 
+    if options.get("classes") is not None:  # the actors look each image's targets up by its absolute path
+        options = {**options, "classes": options["classes"].keyed([str(Path(p).resolve()) for p in paths])}
     with ray_session(address) if owner else contextlib.nullcontext():
         for p in missing:
             arrived(p)
@@ -455,15 +485,16 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
             ds = path_dataset(sorted(owner), concurrency, batch_size=batch_size)
             ds = _map(ds, ExplainBatch, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                       model=model, providers=providers or _providers(num_gpus), feature=feature,
-                      options=options, maps=False, output="cli", image_format=image_format)
+                      options=options, maps=False, output="cli", image_format=image_format, maps_dtype=maps_dtype)
+            columns = ("path", "record", "overlay") + (("maps",) if maps_dtype is not None else ())
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                for path, record, overlay in zip(*(batch.column(c).to_pylist() for c in ("path", "record", "overlay"))):
+                for path, record, overlay, *maps in zip(*(batch.column(c).to_pylist() for c in columns)):
                     given = owner[path]
-                    results[given] = (_as_given(record, path, given), overlay)
+                    results[given] = (_as_given(record, path, given), overlay, maps[0] if maps else None)
                     arrived(given)
                     if progress is not None:
                         progress(1)
-    return blocks.merge(out, _unique_name, image_format)
+    return blocks.merge(out, _unique_name, image_format, maps=maps_dtype is not None)
 
 
 # ----------------------------------------------------------------- evaluation
@@ -471,10 +502,10 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
 class EvaluateBatch:
     """The ``map_batches`` callable of ``camcore eval --engine ray``: the counts of pickled sample batches."""
 
-    def __init__(self, model, *, providers, feature, scorer):
+    def __init__(self, model, *, providers, feature, scorer, size=None):
         from .api import load
 
-        self.explainer = load(model, providers=providers, feature=feature)
+        self.explainer = load(model, providers=providers, feature=feature, size=size)
         self.scorer = scorer
 
     def __call__(self, batch: dict):
@@ -488,7 +519,7 @@ class EvaluateBatch:
         return pa.table({"counts": pa.array(counts, pa.binary())})
 
 
-def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None):
+def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None, size=None):
     """An `engine` for `camcore.evaluation.evaluate` that runs the batches on a Ray actor pool.
 
     Call it inside `ray_session`.  Images (and masks, and ``save_maps``) are read from
@@ -502,7 +533,7 @@ def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None
         ray = import_ray()
         ds = ray.data.from_items([{"samples": pickle.dumps((i, b))} for i, b in enumerate(batches)])
         ds = _map(ds, EvaluateBatch, batch_size=1, concurrency=concurrency, num_gpus=num_gpus, model=model,
-                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer)
+                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer, size=size)
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for blob in batch.column("counts").to_pylist():
                 yield pickle.loads(blob)

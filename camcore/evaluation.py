@@ -154,7 +154,7 @@ def grid_mask(mask, geometry: Geometry, size: int = GRID) -> np.ndarray:
 
 def _gray_mask(path: Path) -> np.ndarray:
     """A mask file as bool: gray value > 0.5 on 0..255 (OpenCV's gray weights for color files)."""
-    image = read_image(path)
+    image = read_image(path, exif_orientation=False)  # as the image it masks (see Evaluator.forward)
     if image.ndim == 3:
         rgb = image[..., :3].astype(np.float64)
         image = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))
@@ -191,8 +191,9 @@ class BatchScorer:
 
     def __init__(self, images: Path, *, preprocess: Preprocess, method: str, thresholds, top_k: int,
                  threshold: float, boxed: bool, mask_root: Path, save_maps, faithfulness: bool, steps: int,
-                 tolerance: float, chunk: int):
+                 tolerance: float, chunk: int, contrast=None):
         self.images, self.preprocess, self.method, self.thresholds = images, preprocess, method, thresholds
+        self.contrast = contrast
         self.top_k, self.threshold, self.boxed = top_k, threshold, boxed
         self.mask_root, self.save_maps = mask_root, save_maps
         self.faithfulness, self.steps, self.tolerance, self.chunk = faithfulness, steps, tolerance, chunk
@@ -200,12 +201,20 @@ class BatchScorer:
     def forward(self, explainer, batch):
         """Read and run a batch: ``(geometries, labels, top classes, 224 x 224 score maps, faithfulness sums)``."""
         head = explainer.head
-        x, geometries = self.preprocess.batch([read_image(self.images / s.image_id) for s in batch],
+        # Dataset boxes refer to the stored pixels (torchvision's loaders ignore EXIF orientation).
+        x, geometries = self.preprocess.batch([read_image(self.images / s.image_id, exif_orientation=False)
+                                               for s in batch],
                                               layout=explainer.input_layout, dtype=head.input.dtype)
         feed = {head.input.name: x}
         features, logits = explainer.forward(feed)
         labels = np.array([s.label for s in batch], dtype=np.int64)
-        maps = explainer.maps(features, labels[:, None], method=self.method, inputs=feed)[:, 0]
+        if self.contrast is None:
+            maps = explainer.maps(features, labels[:, None], method=self.method, inputs=feed)[:, 0]
+        else:  # the ground-truth class against a reference (camcore.targets)
+            from .targets import Targets
+
+            chosen = Targets(labels[:, None].tolist(), contrast=self.contrast).select(logits, logits)
+            maps = explainer.maps(features, chosen.compute, method=self.method, inputs=feed, seeds=chosen.seeds)[:, 0]
         scoremaps = normalize(upsample(maps.astype(np.float64), (GRID, GRID), method="bicubic"))
         faith = None
         if self.faithfulness:
@@ -254,7 +263,7 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
              thresholds=np.arange(0, 1, 0.01), top_k: int = 5, threshold: float = 0.2,
              batch_size: int | None = None, mask_root=None, save_maps=None, progress=None,
              method: str = "auto", faithfulness: bool = False, steps: int = 16, tolerance: float = 15.0,
-             engine=None) -> dict:
+             engine=None, contrast=None) -> dict:
     """Evaluate an explainer's class maps on a localization dataset (see the module docstring).
 
     Parameters
@@ -294,6 +303,9 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         faithfulness))``, ``scorer.score(batch, *run) + (faithfulness,)`` where
         ``*run, faithfulness = scorer.forward(explainer, batch)``, for every batch, in any
         order (`camcore.distributed.evaluate_engine`).
+    contrast : None, int or "finer", optional
+        Map the ground-truth class against a reference class, or FinerCAM's most similar
+        classes (`camcore.targets.Targets`); cam and the gradient methods only.
 
     Returns
     -------
@@ -321,13 +333,18 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
     if bad:
         raise InvalidInput(f"image {bad[0].image_id!r} has class {bad[0].label}, but the model has "
                            f"{head.num_classes} classes")
+    if contrast is not None:
+        from .targets import Targets
+
+        Targets([0], contrast=contrast).validate(1, head.num_classes).check_method(method, head.num_classes)
     images = Path(images)
     boxed = dataset.kind == "boxes"
     scorer = BatchScorer(images, preprocess=preprocess, method=method, thresholds=thresholds, top_k=int(top_k),
                          threshold=float(threshold), boxed=boxed,
                          mask_root=images if mask_root is None else Path(mask_root),
                          save_maps=None if save_maps is None else Path(save_maps),
-                         faithfulness=faithfulness, steps=steps, tolerance=tolerance, chunk=chunk)
+                         faithfulness=faithfulness, steps=steps, tolerance=tolerance, chunk=chunk,
+                         contrast=contrast)
     hits = dict.fromkeys(("top1_cls", "top5_cls", "top1_loc", "top5_loc", "gt_known_loc"), 0)
     totals = {"box_acc": None, "pixel": None}
     faithful = dict.fromkeys(FAITHFULNESS, 0.0)
@@ -409,6 +426,7 @@ def evaluate(explainer, dataset: Dataset, images, *, preprocess: Preprocess | No
         "box_threshold": float(threshold),
         "top_k": int(top_k),
         "method": method,
+        "contrast": contrast,
         "grid": GRID,
         "model": _model_info(explainer),
         "preprocess": {"size": list(preprocess.size), "resize": preprocess.resize, "mean": list(preprocess.mean),

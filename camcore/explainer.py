@@ -15,7 +15,7 @@ from .errors import CamError, InvalidInput, NotCamCompatible
 from .localize import boxes as find_boxes
 from .maps import upsample
 from .methods import METHODS, REGISTRY, MethodInputs, MethodSpec, method_options
-from .preprocess import EncodedImage, Geometry, Preprocess, _read_picture
+from .preprocess import EncodedImage, Geometry, Preprocess, _read_picture, as_input_dtype
 from .scores import sigmoid, softmax
 from .scores import top_k as _top_k
 
@@ -56,13 +56,15 @@ class Gradients:
     Attributes
     ----------
     features : (N, K, h, w) or (N, h, w, K) ndarray
-        The target layer's activations, in the model's own layout (`layout`).
+        The target layer's activations, in the model's own layout (`layout`); a vision
+        transformer's tokens ``(N, T, C)`` with ``layout="NTC"`` (prefix tokens included:
+        `camcore.tokens.tokens_to_grid` views the patch tokens on the grid).
     logits : (N, C) float32 ndarray
     classes : (N, k) int64 ndarray
     gradients : (N, k, *features.shape[1:]) ndarray
         ``gradients[n, j] = d logits[n, classes[n, j]] / d features[n]``, computed
         inside the ONNX graph by the runtime.
-    layout : {"NCHW", "NHWC"}
+    layout : {"NCHW", "NHWC", "NTC"}
     """
 
     features: np.ndarray
@@ -154,7 +156,8 @@ def _prepare_image(image, preprocess: Preprocess, keep_pixels: bool):
             x, geometry = preprocess(image)
             pixels = image
         else:  # decoded once; the array of the whole picture is made only when kept
-            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None)
+            picture = _read_picture(source, data=image.data if isinstance(image, EncodedImage) else None,
+                                    exif_orientation=preprocess.exif_orientation)
             x, geometry = preprocess._from_picture(picture)
             pixels = np.asarray(picture) if keep_pixels else None
     except CamError as exc:
@@ -166,6 +169,8 @@ def _class_selection(classes, n: int, num_classes: int):
     """Validate `classes` -> None (top-k) or an (n, k) int64 array."""
     if classes is None:
         return None
+    if hasattr(classes, "select"):  # --- targets: a camcore.targets.Targets validates itself
+        return classes.validate(n, num_classes)
     try:
         sel = np.asarray(classes)
     except Exception:
@@ -274,9 +279,11 @@ class Explainer:
         ----------
         inputs : ndarray or dict of ndarray
             In the model's own dtype and layout, batch first; a dict for multi-input models.
-        classes : None, (k,) sequence or (N, k) array of int, optional
+        classes : None, (k,) sequence or (N, k) array of int, or camcore.targets.Targets, optional
             None: the `top_k` classes by logit.  1-D: the same classes for every item.
-            2-D: per item.
+            2-D: per item.  A `camcore.targets.Targets` chooses them from the logits
+            (multi-label, contrastive, negated targets, any number per item); rows with
+            fewer classes are padded with class -1, score 0 and a zero map.
         top_k : int
         batch_size : int, optional
             Chunk size (default: the explainer's).
@@ -306,6 +313,8 @@ class Explainer:
                                              method))
         if n == 0:
             raise InvalidInput("inputs must hold at least one item")
+        if len({p[1].shape[1] for p in parts}) > 1:  # --- targets: chunks of fewer classes padded with -1
+            parts = _same_width(parts)
         return Explanation(*(np.concatenate(arrays) for arrays in zip(*parts)), method=method)
 
     def gradients(self, inputs, *, classes=None, top_k: int = 1, batch_size: int | None = None) -> Gradients:
@@ -377,7 +386,8 @@ class Explainer:
         seeds[np.arange(n)[:, None], np.arange(k), sel] = 1
         return np.asarray(self.backend.run_head(features, seeds))
 
-    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None) -> np.ndarray:
+    def maps(self, features: np.ndarray, classes: np.ndarray, *, method: str = "auto", inputs=None,
+             seeds: np.ndarray | None = None) -> np.ndarray:
         """Class maps from a forward pass already made (`forward`): ``(n, k, h, w)`` float32.
 
         Parameters
@@ -389,8 +399,22 @@ class Explainer:
             As in `explain`.
         inputs : dict of ndarray, optional
             The model inputs that gave `features` (needed by methods that re-run the model).
+        seeds : (n, k, C) float ndarray, optional
+            Explain ``seeds[i, j] . logits[i]`` instead of the logit of ``classes[i, j]``
+            (contrastive and negated targets, `camcore.targets`): CAM with the weights
+            ``seeds @ W`` (exact by linearity), a gradient method with these seeds in the
+            same backward pass.  Other methods refuse it.
         """
         spec = REGISTRY[self.resolve_method(method)]
+        if seeds is not None:  # --- targets: a linear combination of logits
+            if self.head.layout == "NTC":
+                raise NotCamCompatible("contrastive and negated targets are not supported on token models yet; "
+                                       "explain their classes one by one")
+            return _seeded_maps(self, spec, features, seeds)
+        if self.head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
+            from .token_explain import token_maps
+
+            return token_maps(self, spec, features, classes, inputs).astype(np.float32, copy=False)
         maps = spec.compute(self._method_inputs(spec, features, classes, inputs))
         return maps.astype(np.float32, copy=False)
 
@@ -420,10 +444,44 @@ class Explainer:
 
             given.update(run_model=run_model, inputs=feed[name])
         if "attention" in spec.needs:
-            raise NotCamCompatible(f"{spec.name} needs attention maps, which this backend does not give")
+            given["attention"] = self._attention_inputs(spec, features, classes, feed)
         return MethodInputs(features, classes, head.layout, options, scoring=head.scoring,
                             batch_size=self.batch_size, fixed_batch=self.fixed_batch,
-                            input_layout=self.input_layout, **given)
+                            input_layout=self.input_layout, token_model=getattr(head, "tokens", None) is not None,
+                            **given)
+
+    def _attention_inputs(self, spec: MethodSpec, features, classes, feed):
+        """The attention probabilities of the items of `feed` (and their gradients for `classes`
+        when `spec` needs them), with the transformer's prefix tokens, grid and pooling."""
+        from .methods.attention import POOLINGS, AttentionInputs
+
+        others = ("the feature methods apply (gradcam and its family, eigencam, ablationcam, scorecam, "
+                  "reciprocam)")
+        tokens = getattr(self.head, "tokens", None)
+        run = getattr(self.backend, "run_attention", None)
+        if tokens is None or run is None:
+            why = "this backend does not give them" if run is None else "this model pools no tokens"
+            raise NotCamCompatible(f"{spec.name} needs attention maps of a vision transformer, and {why}; {others}")
+        if tokens.pooling not in POOLINGS:
+            raise NotCamCompatible(f"{spec.name} needs attention over the image's tokens, and this model pools a "
+                                   f"{tokens.pooling!r} map (windowed attention, as in Swin); {others}")
+        if feed is None:
+            raise InvalidInput(f"{spec.name} reads the attention of the model run: maps() needs the `inputs` "
+                               f"that gave `features`")
+        feed, _ = self._feed(feed)
+        x = feed.get(self.head.input.name)
+        size = None
+        if x is not None and np.ndim(x) == 4:
+            size = x.shape[2:4] if self.input_layout == "NCHW" else x.shape[1:3]
+        count = np.shape(features)[1] if np.ndim(features) == 3 else None
+        grid = tokens.grid_for(count, size) if count is not None else tuple(tokens.grid)
+        seeds = None
+        if "attention_gradients" in spec.needs:
+            n, k = classes.shape
+            seeds = np.zeros((n, k, self.head.num_classes), np.float32)
+            seeds[np.arange(n)[:, None], np.arange(k), classes] = 1
+        probabilities, gradients = run(feed, seeds, tokens=tokens.prefix + grid[0] * grid[1])
+        return AttentionInputs(probabilities, gradients, tokens.prefix, tuple(grid), tokens.pooling)
 
     def _explain_chunk(self, feed, sel, top_k, method):
         head = self.head
@@ -431,6 +489,10 @@ class Explainer:
         if sel is None:
             sel = _top_k(logits, top_k)
         probabilities = sigmoid(logits) if head.scoring == "sigmoid" else softmax(logits)
+        if hasattr(sel, "select"):  # --- targets: chosen from the logits (camcore.targets.Targets.select)
+            chosen = sel.select(logits, probabilities)
+            maps = self.maps(features, chosen.compute, method=method, inputs=feed, seeds=chosen.seeds)
+            return logits, chosen.classes, chosen.scores, np.where((chosen.classes < 0)[..., None, None], 0, maps)
         scores = np.take_along_axis(probabilities, sel, axis=1).astype(np.float32)
         return logits, sel, scores, self.maps(features, sel, method=method, inputs=feed)
 
@@ -443,6 +505,8 @@ class Explainer:
         shape = self.head.input.shape
         hw = shape[2:4] if self.input_layout == "NCHW" else shape[1:3]
         size = tuple(hw) if len(hw) == 2 and all(isinstance(d, int) and d > 0 for d in hw) else (224, 224)
+        if self.head.tokens is not None and self.head.tokens.input_size and size != tuple(hw):
+            size = tuple(self.head.tokens.input_size)  # the size the transformer was analysed at
         return Preprocess.imagenet(size)
 
     @property
@@ -453,6 +517,8 @@ class Explainer:
             return "NCHW"
         if len(shape) == 4 and shape[3] in (1, 3):
             return "NHWC"
+        if self.head.tokens is not None:  # read from the graph (the first Conv's input)
+            return self.head.tokens.input_layout
         return self.head.layout
 
     def explain_images(self, images, *, preprocess: Preprocess | None = None, top_k: int = 1,
@@ -464,7 +530,12 @@ class Explainer:
         in chunks, and its maps are put back onto the original image through the
         same resize/crop geometry.  Results keep only feature-resolution CAMs and
         the boxes, so memory stays bounded; ``ImageExplanation.maps`` rebuilds the
-        full-size maps on access.
+        full-size maps on access.  A model whose image input is an integer type (uint8
+        pixels, its normalization inside the graph) is fed the resized pixels on 0..255,
+        in its own layout, with no normalization on the host (`Preprocess.for_input`).
+        Image files are turned upright by their EXIF orientation unless the preprocessing
+        says otherwise (`Preprocess.exif_orientation`); sizes and boxes refer to the
+        image as turned.
 
         Parameters
         ----------
@@ -524,10 +595,11 @@ class Explainer:
         workers = _default_workers() if workers is None else workers
         if not isinstance(workers, (int, np.integer)) or isinstance(workers, bool) or workers < 0:
             raise InvalidInput(f"workers must be an int >= 0, got {workers!r}")
-        preprocess = preprocess or self.default_preprocess()
-        chunk = self._chunk_size(batch_size)
         layout, dtype = self.input_layout, self.head.input.dtype
-        class_rows = None if classes is None else np.asarray(classes)
+        preprocess = (preprocess or self.default_preprocess()).for_input(dtype)  # integer inputs: pixels
+        chunk = self._chunk_size(batch_size)
+        # --- targets: a camcore.targets.Targets is indexed per image, as an (N, k) array
+        class_rows = None if classes is None else classes if hasattr(classes, "select") else np.asarray(classes)
         options = (layout, dtype, top_k, threshold, upsample, class_rows, errors, method)
         if workers == 0:
             prepared = (_prepare_image(image, preprocess, keep_pixels) for image in images)
@@ -586,16 +658,55 @@ class Explainer:
             x = np.stack([r[2] for r in ready])
             if layout == "NCHW":
                 x = x.transpose(0, 3, 1, 2)
-            x = np.ascontiguousarray(x, dtype=dtype)
+            x = as_input_dtype(x, dtype)
             sel = None
             if class_rows is not None:
                 sel = class_rows if class_rows.ndim == 1 else class_rows[[r[0] for r in ready]]
             out = self.explain(x, classes=sel, top_k=top_k, batch_size=len(x), method=method)
             for j, (index, source, _, geometry, pixels) in enumerate(ready):
-                args = (source, out.classes[j], out.scores[j], out.maps[j], geometry, pixels, threshold, resize,
-                        method)
+                keep = out.classes[j] >= 0  # --- targets: -1 pads a row of fewer classes (multi-label)
+                args = (source, out.classes[j][keep], out.scores[j][keep], out.maps[j][keep], geometry, pixels,
+                        threshold, resize, method)
                 results[index] = _finish_image(*args) if pool is None else pool.submit(_finish_image, *args)
         return [results[index] for index, _ in batch]
+
+
+def _same_width(parts):
+    """--- targets: chunk results ``(logits, classes, scores, maps)`` padded to the widest k (classes -1)."""
+    k = max(p[1].shape[1] for p in parts)
+
+    def pad(a, value):
+        return np.pad(a, [(0, 0), (0, k - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=value)
+
+    return [(logits, pad(classes, -1), pad(scores, 0), pad(maps, 0)) for logits, classes, scores, maps in parts]
+
+
+def _seeded_maps(explainer, spec, features, seeds):
+    """--- targets: ``(n, k, h, w)`` float32 maps of ``seeds[i, j] . logits[i]`` (see `Explainer.maps`).
+
+    CAM gets the weights ``seeds @ W`` (one row per map), a gradient method the gradients of
+    the seeded logits from the same backward pass; methods that score one class refuse.
+    """
+    from .targets import SEEDED_METHODS, seedable
+
+    head = explainer.head
+    seeds = np.asarray(seeds, np.float32)
+    n = len(features)
+    if seeds.ndim != 3 or seeds.shape[0] != n or seeds.shape[2] != head.num_classes:
+        raise InvalidInput(f"seeds must have shape ({n}, k, {head.num_classes}), got {seeds.shape}")
+    if not seedable(spec):
+        raise InvalidInput(f"contrastive and negated targets need one of {', '.join(SEEDED_METHODS)}, "
+                           f"got method {spec.name!r}")
+    k = seeds.shape[1]
+    given = {}
+    if "weights" in spec.needs:  # w_c - w_ref: CAM is linear in the weights
+        given["weights"] = seeds.reshape(n * k, -1) @ head.weights
+    if "gradients" in spec.needs:
+        given["gradients"] = np.asarray(explainer.backend.run_head(features, seeds))
+    inputs = MethodInputs(features, np.arange(n * k).reshape(n, k), head.layout, dict(explainer.method_options),
+                          scoring=head.scoring, batch_size=explainer.batch_size, fixed_batch=explainer.fixed_batch,
+                          input_layout=explainer.input_layout, **given)
+    return spec.compute(inputs).astype(np.float32, copy=False)
 
 
 def _finish_image(source, classes, scores, cams, geometry, pixels, threshold, resize, method):

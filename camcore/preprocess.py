@@ -17,7 +17,7 @@ from ._validate import check_choice, check_ndim, check_size, float_array
 from .errors import CamError, InvalidInput
 from .maps import upsample
 
-__all__ = ["Preprocess", "Geometry", "EncodedImage", "read_image", "as_rgb"]
+__all__ = ["Preprocess", "Geometry", "EncodedImage", "read_image", "as_rgb", "bit_depth_scale", "as_input_dtype"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,13 +36,18 @@ class EncodedImage:
     name: str = "<bytes>"
 
 
-def read_image(path, *, data: bytes | None = None) -> np.ndarray:
+def read_image(path, *, data: bytes | None = None, exif_orientation: bool = True) -> np.ndarray:
     """Read an image file with Pillow into an ``(H, W)``, ``(H, W, 3)`` or ``(H, W, 4)`` array.
 
-    8-bit images come back as uint8, 16-bit gray as uint16, 32-bit float as float32.
-    Palette images become RGB, or RGBA when they have transparency; CMYK and YCbCr
-    become RGB; only the first frame of an animation is read; EXIF orientation is
-    not applied (as in scikit-image's ``imread``).
+    The image comes back as people see it: its EXIF orientation is applied (the file's
+    pixels turned or mirrored upright, as every viewer shows them), unless
+    `exif_orientation` is False (then the stored pixels, as scikit-image's ``imread``
+    gives them).  8-bit images come back as uint8, 16-bit gray as uint16, 32-bit float
+    as float32 (read as 0..1).  Pillow's 32-bit integer images (mode ``"I"``) come back
+    as uint16 when every value fits 16 bits (how Pillow holds 16-bit data), else as
+    float32 ``value / (2**31 - 1)``, negatives at 0.  Palette images become RGB, or RGBA
+    when they have transparency; CMYK and YCbCr become RGB; only the first frame of an
+    animation is read.  `Preprocess` scales every integer image from its full bit depth.
 
     With `data`, the file's bytes as read elsewhere (a Ray Dataset from
     ``read_binary_files``), those bytes are decoded the same way and `path` only
@@ -50,10 +55,10 @@ def read_image(path, *, data: bytes | None = None) -> np.ndarray:
 
     Raises `CamError` (with the path) when the file is missing or not a readable image.
     """
-    return np.asarray(_read_picture(path, data=data))
+    return np.asarray(_read_picture(path, data=data, exif_orientation=exif_orientation))
 
 
-def _read_picture(path, *, data: bytes | None = None):
+def _read_picture(path, *, data: bytes | None = None, exif_orientation: bool = True):
     """`read_image`'s decoded Pillow image, before it becomes an array (its mode one NumPy reads)."""
     from PIL import Image
 
@@ -63,6 +68,8 @@ def _read_picture(path, *, data: bytes | None = None):
     source = path if data is None else BytesIO(bytes(data))
     try:
         with Image.open(source) as img:
+            if exif_orientation:
+                img = _upright(img)
             return _direct_mode(img)
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -70,19 +77,60 @@ def _read_picture(path, *, data: bytes | None = None):
         raise CamError(f"cannot read image {path}: {reason}") from None
 
 
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img):
+    """`img` turned as its EXIF orientation says (Pillow's ``ImageOps.exif_transpose``).
+
+    Images without an orientation, or with orientation 1, are returned as they are (no copy).
+    """
+    from PIL import ImageOps
+
+    if img.getexif().get(_EXIF_ORIENTATION, 1) in (None, 1):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 # Pillow modes that NumPy reads directly (the rest are converted to RGB or RGBA).
 _DIRECT_MODES = frozenset({"L", "RGB", "RGBA", "I;16", "I;16L", "I;16B", "I", "F"})
+_INT32_MAX = 2**31 - 1
 
 
 def _direct_mode(img):
-    """`img` loaded, in one of `_DIRECT_MODES` (1-bit becomes L, the others RGB or RGBA)."""
+    """`img` loaded, in one of `_DIRECT_MODES` (1-bit becomes L, the others RGB or RGBA).
+
+    Mode ``"I"`` (32-bit integers) becomes ``"I;16"`` when its values fit 16 bits, else
+    ``"F"`` on 0..1 (see `read_image`).
+    """
     if img.mode == "1":
         return img.convert("L")
     if img.mode not in _DIRECT_MODES:
         alpha = "A" in img.mode or "transparency" in img.info
         return img.convert("RGBA" if alpha else "RGB")
     img.load()
+    if img.mode == "I":
+        from PIL import Image
+
+        values = np.asarray(img)
+        low, high = img.getextrema()
+        if low >= 0 and high <= 65535:
+            return Image.fromarray(values.astype(np.uint16))
+        return Image.fromarray((np.maximum(values, 0) / _INT32_MAX).astype(np.float32))
     return img
+
+
+def bit_depth_scale(dtype) -> float:
+    """The factor that brings an integer image of `dtype` to 0..255: 1 for 8 bits, 255/65535 for uint16.
+
+    Other integer dtypes (int32, int64 arrays made from 8-bit images) count as 8 bits.
+
+    Examples
+    --------
+    >>> bit_depth_scale(np.uint8), round(bit_depth_scale(np.uint16) * 65535)
+    (1.0, 255)
+    """
+    return 255.0 / 65535.0 if np.dtype(dtype) == np.uint16 else 1.0
 
 
 def as_rgb(image, *, name: str = "image") -> np.ndarray:
@@ -176,8 +224,11 @@ class Preprocess:
     mean, std : 3 floats
         Per-channel normalization, applied after `scale`: ``(x * scale - mean) / std``.
     scale : float
-        Applied to integer images (uint8 ``0..255`` -> ``0..1`` by default).  Float
-        images are taken as already scaled.
+        Applied to integer images on ``0..255`` (uint8 ``0..255`` -> ``0..1`` by default).
+        16-bit images (uint16) are first brought to ``0..255`` from their full bit depth
+        (``x * 255 / 65535``), so that a 16-bit image and its 8-bit twin give the same
+        input.  Float arrays are taken as already scaled; 32-bit float image files are read
+        as ``0..1`` and multiplied by ``255 * scale``.
     channel_order : {"RGB", "BGR"}
     crop_fraction : float in (0, 1]
         Only for ``resize="crop"``.
@@ -192,6 +243,11 @@ class Preprocess:
         ``tf.image.resize`` path does not anti-alias by default.  uint8 images
         are resized in uint8, as Pillow and torchvision do; other dtypes per
         channel in float32.
+    exif_orientation : bool
+        Images read from files (paths and `EncodedImage` in
+        `camcore.Explainer.explain_images`) are turned upright as their EXIF orientation
+        says, as viewers show them; sizes, maps and boxes then refer to the upright
+        image.  False reads the stored pixels as they are.  Arrays are never turned.
 
     Notes
     -----
@@ -220,6 +276,7 @@ class Preprocess:
     channel_order: str = "RGB"
     crop_fraction: float = 0.875
     interpolation: str = "bilinear"
+    exif_orientation: bool = True
 
     def __post_init__(self):
         size = (self.size, self.size) if np.isscalar(self.size) else tuple(self.size)
@@ -227,6 +284,8 @@ class Preprocess:
         check_choice(self.resize, ("stretch", "crop"), "resize")
         check_choice(self.channel_order, ("RGB", "BGR"), "channel_order")
         check_choice(self.interpolation, INTERPOLATIONS, "interpolation")
+        if not isinstance(self.exif_orientation, (bool, np.bool_)):
+            raise InvalidInput(f"exif_orientation must be True or False, got {self.exif_orientation!r}")
         for field_name in ("mean", "std"):
             value = tuple(float(v) for v in np.ravel(getattr(self, field_name)))
             if len(value) == 1:
@@ -248,6 +307,26 @@ class Preprocess:
         options.update(overrides)
         return cls(size, **options)
 
+    def for_input(self, dtype) -> "Preprocess":
+        """The preprocessing for a model input of `dtype`: this one, or pixels for integer inputs.
+
+        A model whose image input is an integer type (uint8 pixels, with its normalization
+        inside the graph) is fed the resized pixels on ``0..255``: no scale, mean or std on
+        the host (the geometry, channel order and EXIF handling are kept).  Float inputs
+        keep this preprocessing.
+
+        Examples
+        --------
+        >>> p = Preprocess.imagenet(8)
+        >>> p.for_input(np.float32) is p, p.for_input(np.uint8).mean, p.for_input(np.uint8).scale
+        (True, (0.0, 0.0, 0.0), 1.0)
+        """
+        if np.dtype(dtype).kind not in "ui":
+            return self
+        from dataclasses import replace
+
+        return replace(self, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=1.0)
+
     def geometry(self, original_size) -> Geometry:
         """The `Geometry` used for an image of size ``(H0, W0)``."""
         h0, w0 = check_size(original_size, "original_size")
@@ -266,7 +345,8 @@ class Preprocess:
         Parameters
         ----------
         image : (H0, W0), (H0, W0, 3) or (H0, W0, 4) ndarray
-            uint8/uint16 (multiplied by `scale`) or float (already scaled).
+            uint8 (multiplied by `scale`), uint16 (by ``255 / 65535 * scale``) or
+            float (already scaled).
 
         Returns
         -------
@@ -285,7 +365,7 @@ class Preprocess:
             if not np.all(np.isfinite(x)):
                 raise InvalidInput("image must be finite, got NaN or inf values")
             if rgb.dtype.kind in "ui":
-                x *= np.float32(self.scale)
+                x *= np.float32(self.scale * bit_depth_scale(rgb.dtype))
             x = self._resize_float(x)
         return self._normalize(x), geometry
 
@@ -317,6 +397,8 @@ class Preprocess:
         the array.
         """
         geometry = self.geometry((picture.height, picture.width))
+        if picture.mode == "F":  # a float file holds 0..1, the full range of 8 bits
+            return self(np.asarray(picture) * np.float32(255 * self.scale))
         if picture.mode != "RGB" or geometry.window_size == self.size:
             return self(np.asarray(picture))
         return self._normalize(self._resize_picture(picture, geometry).astype(np.float32) * np.float32(self.scale)), \
@@ -340,12 +422,14 @@ class Preprocess:
         Returns
         -------
         x : (N, 3, H, W) or (N, H, W, 3) ndarray of `dtype`
+            For an integer `dtype`, the rounded pixels (see `for_input`).
         geometries : list of Geometry
         """
         check_choice(layout, ("NCHW", "NHWC"), "layout")
+        preprocess = self.for_input(dtype)
         arrays, geometries = [], []
         for image in images:
-            x, g = self(image)
+            x, g = preprocess(image)
             arrays.append(x)
             geometries.append(g)
         if not arrays:
@@ -353,7 +437,7 @@ class Preprocess:
         x = np.stack(arrays)
         if layout == "NCHW":
             x = x.transpose(0, 3, 1, 2)
-        return np.ascontiguousarray(x, dtype=dtype), geometries
+        return as_input_dtype(x, dtype), geometries
 
 
 def _pillow_filter(name: str):
@@ -361,3 +445,18 @@ def _pillow_filter(name: str):
 
     return {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
             "nearest": Image.Resampling.NEAREST}[name]
+
+
+def as_input_dtype(x: np.ndarray, dtype) -> np.ndarray:
+    """`x` as a contiguous array of `dtype`; integer dtypes get the values rounded and clipped to their range.
+
+    Examples
+    --------
+    >>> as_input_dtype(np.array([-3.0, 0.4, 0.6, 254.5, 300.0]), np.uint8)
+    array([  0,   0,   1, 254, 255], dtype=uint8)
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        x = np.clip(np.rint(x), info.min, info.max)
+    return np.ascontiguousarray(x, dtype=dtype)

@@ -12,6 +12,27 @@ Each ``NAME.npz`` holds the framework's own answers for a batch of two random in
 global pooling reads, in ``layout``), ``grad_classes (2,)`` and ``grad`` (same shape as
 ``features``: d logits[n, grad_classes[n]] / d features by the framework's autograd), and for
 affine models ``weights (C, K)`` and ``bias (C,)`` from its classifier.
+
+The ``transformers`` framework (vision transformers from timm and Hugging Face, exported by
+both torch exporters and optimum; tools/corpus/export_transformers.py) is left out of
+``manifest()`` by default, since the CNN tests above do not apply to it: ask for it with
+``manifest(TRANSFORMERS)`` or ``transformer_entries()``. Its entries add ``library`` ("timm" or
+"hf"), ``family``, ``export_kind`` ("ts", "dynamo" or "optimum"), ``model_class``, ``pooling``
+(the expected kind: "cls", "cls_dist_mean", "token_mean", "token_mean_no_prefix",
+"cls_concat_mean", "spatial_mean", or "gap" for a CNN), ``prefix_tokens`` (CLS, distillation,
+registers), ``grid`` ``[gh, gw]`` (of the last stage), ``hidden_size``, ``image_size``,
+``head_affine`` (features -> logits is affine), ``affine`` (a mean pooling, then an affine head:
+exact CAM), ``attention_kind`` ("global", "windowed" or "none"), ``attention`` (name, grad and
+shape of each attention-probability array), ``targets`` (name -> shape and grad array),
+``patch_grad_max_norm_input`` (max |gradient| on the patch tokens at ``norm_input``: exactly 0
+under CLS pooling), ``export_seconds`` and ``file_bytes``. Its ``NAME.npz`` holds ``x``,
+``logits``, ``grad_classes`` (the top-1 class of each item; every gradient is of
+``sum_n logits[n, grad_classes[n]]``), and, each with ``grad_<name>``:
+``block_input`` (the last block's input, pytorch-grad-cam's ``blocks[-1].norm1`` input),
+``norm_input`` (the last block's output, the final norm's input), ``spatial`` (hierarchical
+models: the channels-last map ``(N, gh, gw, C)`` the pooling reads), ``features`` (what the
+head pools, also as ``grad``); and ``attn_LL`` with ``attn_grad_LL``, every attention
+probability ``(N', heads, T, T')`` in call order (Swin: windows in the batch axis).
 """
 
 from __future__ import annotations
@@ -24,7 +45,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMEWORKS = ("torch", "keras", "paddle")
+FRAMEWORKS = ("torch", "keras", "paddle")  # the CNN corpus: what manifest() gives by default
+TRANSFORMERS = "transformers"
 BUILD = "python3 tools/corpus/build.py"
 
 
@@ -33,15 +55,17 @@ def home() -> Path:
     return Path(os.environ.get("CAMCORE_CORPUS_HOME") or ROOT / ".corpus")
 
 
-def manifest() -> list:
-    """The manifest's entries (empty when the corpus was never built)."""
+def manifest(*frameworks: str) -> list:
+    """The manifest's entries of ``frameworks`` (default: the CNN ones, ``FRAMEWORKS``); empty
+    when the corpus was never built."""
     path = home() / "manifest.json"
-    return json.loads(path.read_text())["models"] if path.exists() else []
+    entries = json.loads(path.read_text())["models"] if path.exists() else []
+    return [e for e in entries if e["framework"] in (frameworks or FRAMEWORKS)]
 
 
 def missing(framework: str) -> str | None:
     """Why ``framework``'s part of the corpus cannot be tested, or None."""
-    entries = [e for e in manifest() if e["framework"] == framework]
+    entries = manifest(framework)
     command = f"{BUILD} --framework {framework}"
     if not entries:
         return f"no {framework} exports in {home()}: run `{command}`"
@@ -71,8 +95,13 @@ def load(entry: dict) -> dict:
 
 
 def corpus_entries(framework: str | None = None) -> list:
-    """Every entry (of ``framework``, when given) with ``path`` and loaded ``data``."""
-    return [load(e) for e in manifest() if framework in (None, e["framework"])]
+    """Every entry of ``framework`` (default: the CNN ones) with ``path`` and loaded ``data``."""
+    return [load(e) for e in (manifest(framework) if framework else manifest())]
+
+
+def transformer_entries() -> list:
+    """The ``transformers`` framework's manifest entries (not loaded: see ``load``)."""
+    return manifest(TRANSFORMERS)
 
 
 def entry_id(entry: dict) -> str:

@@ -38,7 +38,7 @@ def test_proto_helpers_exist_once(helper_name):
 def test_rules_are_the_union_of_the_families():
     families = (shape, arithmetic, activation, linear, normalization, pooling, quantization)
     ops = [op for f in families for op in f.RULES]
-    assert len(ops) == len(set(ops)) == len(backprop.RULES) == 70
+    assert len(ops) == len(set(ops)) == len(backprop.RULES) == 71
     assert all(backprop.RULES[op] is f.RULES[op] for f in families for op in f.RULES)
 
 

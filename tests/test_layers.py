@@ -24,9 +24,10 @@ LAYER_NAMES = ("array core", "methods", "backends", "application", "cli")
 # camcore's top-level modules, by layer; packages are classified whole below.
 CORE_MODULES = {"camcore", "camcore.errors", "camcore._validate", "camcore.backend", "camcore.maps",
                 "camcore.localize", "camcore.render", "camcore.preprocess", "camcore.metrics", "camcore.wsol",
-                "camcore.faithfulness", "camcore.scores", "camcore.default_model"}
+                "camcore.faithfulness", "camcore.scores", "camcore.default_model", "camcore.tokens"}
 APPLICATION_MODULES = {"camcore.api", "camcore.explainer", "camcore.evaluation", "camcore.compare", "camcore.drift",
-                       "camcore.distributed", "camcore.outputs", "camcore.benchmark"}
+                       "camcore.distributed", "camcore.outputs", "camcore.benchmark", "camcore.token_explain",
+                       "camcore.targets", "camcore.saved_maps", "camcore.coco", "camcore.report"}
 
 
 def layer(module: str) -> int | None:

@@ -64,6 +64,7 @@ def workdir(tmp_path, monkeypatch):
     (tmp_path / "photos").mkdir()
     skio.imsave(tmp_path / "photos" / "coffee.png", data.coffee())
     skio.imsave(tmp_path / "photos" / "rocket.jpg", data.rocket())
+    (tmp_path / "labels.csv").write_text("image,label\ncoffee.png,espresso\nrocket.jpg,space shuttle\n")
     shutil.copy(default_model.path(), tmp_path / "model.onnx")
     # A one-image wsolevaluation metadata folder: chelsea, class 285, the cat's box.
     (tmp_path / "meta").mkdir()
@@ -98,6 +99,10 @@ def test_camcore_commands_run(workdir, capsys):
         assert sorted(p.name for p in (workdir / "cams-ray").iterdir()) == \
             ["coffee.cam.png", "results.json", "rocket.cam.jpg"]
     assert (workdir / "model_cam.onnx").is_file()
+    audit = json.loads((workdir / "audit" / "results.json").read_text())["images"]
+    assert [c["name"] for r in audit for c in r["classes"]] == ["espresso", "space shuttle"]
+    assert all((workdir / "audit" / r["maps"]).is_file() for r in audit)
+    assert (workdir / "audit" / "report.html").is_file() and (workdir / "audit" / "coco.json").is_file()
     compared = json.loads((workdir / "compare" / "compare.json").read_text())
     assert compared["methods"] == ["cam", "eigencam", "ablationcam", "reciprocam"]
     assert (workdir / "compare" / "photo.compare.png").is_file()
@@ -120,13 +125,15 @@ def test_python_blocks_run(workdir, capsys):
     assert "{'top_k_loc': 1.0, 'gt_known_loc': 1.0}" in out
     assert "(1, 3) (1, 3) (1, 3, 224, 224)" in out
     assert "(1, 1, 7, 7) True (1, 17)" in out
+    assert "[[967], [812]]" in out  # load_maps of the true classes read from labels.csv
     assert namespace["picture"].shape == (300, 451, 3)
 
 
 def test_export_snippets_compile():
     """The exporter snippets need torch / tf2onnx, which the tests do not install: they must parse."""
     python = blocks("python", run=False)
-    assert len(python) == 2 and "torch.onnx.export" in python[0] and "explain_dataset" in python[1]
+    assert len(python) == 3 and "torch.onnx.export" in python[1] and "explain_dataset" in python[2]
+    assert "fo.types.COCODetectionDataset" in python[0]  # FiftyOne's database cannot start here
     for body in python:
         compile(body, "README.md", "exec")
     shell, ray = blocks("sh", run=False)

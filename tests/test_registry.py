@@ -40,9 +40,10 @@ def counting(**kwargs):
 
 def test_every_method_is_registered_in_order():
     assert METHODS == ("auto", *REGISTRY)
-    assert METHODS == ("auto", "cam", *GRADIENT_METHODS, "eigencam", *perturbation.FORWARD_METHODS)
+    assert METHODS == ("auto", "cam", *GRADIENT_METHODS, "eigencam", *perturbation.FORWARD_METHODS, "rollout", "gae")
     for name, spec in REGISTRY.items():
-        assert spec.name == name and spec.needs <= NEEDS and "features" in spec.needs
+        assert spec.name == name and spec.needs <= NEEDS
+        assert ("features" in spec.needs) != ("attention" in spec.needs)
     assert all(REGISTRY[name].needs == {"features", "gradients"} and REGISTRY[name].function is function
                for name, function in GRADIENT_METHODS.items())
     assert REGISTRY["cam"].needs == {"weights", "features"}
@@ -50,7 +51,7 @@ def test_every_method_is_registered_in_order():
     assert REGISTRY["ablationcam"].function is perturbation.ablationcam
     assert REGISTRY["reciprocam"].needs == REGISTRY["ablationcam"].needs == {"features", "head_runs"}
     assert REGISTRY["scorecam"].needs == {"features", "model_runs"}
-    assert method_options() == ("batch_size", "max_channels", "scoring")
+    assert method_options() == ("batch_size", "mask", "max_channels", "scoring")
 
 
 def test_merge_refuses_a_name_twice_and_specs_an_unknown_need():
@@ -102,7 +103,7 @@ def test_needs_the_explainer_cannot_give_are_refused(monkeypatch):
     monkeypatch.setattr(explainer_module, "REGISTRY", {**REGISTRY, "attn": spec})
     monkeypatch.setattr(explainer_module, "METHODS", (*METHODS, "attn"))
     ex, rng = make()
-    with pytest.raises(NotCamCompatible, match="attn needs attention maps"):
+    with pytest.raises(NotCamCompatible, match="attn needs attention maps of a vision transformer, and this backend does not give them; the feature methods apply"):
         ex.explain(rng.standard_normal((1, 3, 8, 8)).astype(np.float32), method="attn")
 
 

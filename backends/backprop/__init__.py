@@ -105,32 +105,38 @@ def merge_rules(families) -> dict:
 RULES = merge_rules(_FAMILIES)
 
 
-def add_backward(model: onnx.ModelProto, wrt: str, of: str, *, seed: str = "cam_seed",
-                 grad: str | None = None) -> onnx.ModelProto:
+def add_backward(model: onnx.ModelProto, wrt, of: str, *, seed: str = "cam_seed",
+                 grad=None) -> onnx.ModelProto:
     """Append the vector-Jacobian product ``d sum(seed * of) / d wrt`` to a copy of `model`.
+
+    With several `wrt` tensors one reverse pass gives all their gradients (a transformer's
+    attention probabilities in every layer, for GAE): each is the total derivative of
+    ``sum(seed * of)`` with respect to that tensor, the gradient its readers send back,
+    also when one `wrt` is computed from another.
 
     Parameters
     ----------
     model : onnx.ModelProto
         Opset >= 11.  Not modified.
-    wrt : str
-        A graph input or an internal tensor.
+    wrt : str or sequence of str
+        Graph inputs or internal tensors.
     of : str
-        A tensor depending on `wrt`.
+        A tensor depending on each of `wrt`.
     seed : str
         Name of the new input, with `of`'s type and shape.
-    grad : str, optional
-        Name of the new output, with `wrt`'s shape (default ``cam_grad``).
+    grad : str or sequence of str, optional
+        Names of the new outputs, one per `wrt` and with its shape (default ``cam_grad``
+        for one `wrt`, ``cam_grad_0``, ``cam_grad_1``, ... for a sequence).
 
     Returns
     -------
     onnx.ModelProto
-        The model's outputs, then `grad`.
+        The model's outputs, then the gradients in the order of `wrt`.
 
     Raises
     ------
     NotCamCompatible
-        If `of` does not depend on `wrt`, or a node on a path between them has no rule
+        If `of` does not depend on a `wrt`, or a node on a path between them has no rule
         (the message names the op and the node).
     """
     return _add_backward(model, wrt, of, rules=RULES, seed=seed, grad=grad)

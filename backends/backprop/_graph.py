@@ -128,13 +128,15 @@ class _Index:
                 raise NotCamCompatible(f"tensor '{name}' is not in the model")
 
 
-def _descendants(nodes, start: str, follow=bool) -> set:
+def _descendants(nodes, start: str, follow=bool, carry=None) -> set:
     """`start` and the tensors computed from it, in one pass over `nodes` (graph order);
-    an output for which `follow` is false is left out."""
+    an output for which `follow` is false is left out, unless ``carry(node, found)`` names it."""
     found = {start}
     for node in nodes:
         if any(i in found for i in node.input) or _subgraph_inputs(node) & found:
             found.update(o for o in node.output if o and follow(o))
+            if carry is not None:
+                found.update(o for o in carry(node, found) if o != start)
     return found
 
 

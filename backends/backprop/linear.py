@@ -3,7 +3,7 @@
 Gemm (alpha, beta, transA, transB, broadcast C), MatMul (batched, 1-D), Einsum (no ellipsis;
 each operand's letters distinct and shared), Conv (any kernel, strides, pads, dilations,
 groups, auto_pad; bias; ConvTranspose with output_padding, or crop/pad at run time when
-spatial sizes are dynamic and auto_pad is NOTSET/VALID).
+spatial sizes are dynamic and auto_pad is NOTSET/VALID), Attention (opset 23, 4-D, no mask).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
@@ -178,9 +178,49 @@ def _einsum(c):
     return out
 
 
+def _attention(c):
+    """Attention (opset 23), the scaled dot-product form torch exports for SDPA: 4-D ``Q (N, h, Tq, d)``,
+    ``K (N, h, Tk, d)``, ``V (N, h, Tk, dv)``, no mask, not causal, no softcap, no cache.
+
+    ``P = softmax(s Q K^T)``, ``Y = P V``; with ``G = dY``: ``dV = P^T G``, ``dP = G V^T``,
+    ``dS = P (dP - rowsum(dP P))``, ``dQ = s dS K``, ``dK = s dS^T Q``.  P is recomputed.
+    """
+    e, node = c.e, c.node
+    q, k, v, g = c.x(0), c.x(1), c.x(2), c.g()
+    extra = [i for i in node.input[3:] if i]
+    if extra or any(c.g(i) is not None for i in range(1, len(node.output))):
+        c.refuse("only Attention without a mask, a past key/value cache or extra outputs has a gradient rule")
+    if attr(node, "is_causal", 0) or attr(node, "softcap", 0.0):
+        c.refuse("only non-causal Attention without softcap has a gradient rule")
+    qd, kd = c.dims(q), c.dims(k)
+    if len(qd) != 4 or len(kd) != 4 or qd[1] != kd[1]:
+        c.refuse("only 4-D Attention with as many key/value heads as query heads has a gradient rule")
+    scale = attr(node, "scale", None)
+    if scale is None:
+        (d,) = c.static(qd[-1:], "the head size")
+        scale = 1.0 / float(d) ** 0.5
+
+    def t(x):
+        return e.op("Transpose", [x], perm=[0, 1, 3, 2])
+
+    p = e.op("Softmax", [e.mul(e.op("MatMul", [q, t(k)]), e.scalar(scale, q))], axis=-1)
+    out = {}
+    if c.active(2):
+        out[2] = e.op("MatMul", [t(p), g])
+    if c.active(0) or c.active(1):
+        dp = e.op("MatMul", [g, t(v)])
+        ds = e.mul(p, e.sub(dp, e.reduce("ReduceSum", e.mul(dp, p), [3], keepdims=1)))
+        if c.active(0):
+            out[0] = e.mul(e.op("MatMul", [ds, k]), e.scalar(scale, q))
+        if c.active(1):
+            out[1] = e.mul(e.op("MatMul", [t(ds), q]), e.scalar(scale, k))
+    return out
+
+
 RULES = {
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Einsum": _einsum,
     "Conv": _conv,
+    "Attention": _attention,
 }

@@ -29,6 +29,7 @@ COMMANDS = {
     "eval": ("camcore.cli.eval", "localization accuracy on a wsolevaluation-style dataset"),
     "compare": ("camcore.cli.compare", "every method side by side: grids, time per image, faithfulness"),
     "drift": ("camcore.cli.drift", "how the explanations of a deployed form (int8, float16...) moved from the float model's"),
+    "report": ("camcore.cli.report", "write report.html to browse an explain or compare folder offline"),
 }
 
 

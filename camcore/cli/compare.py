@@ -10,8 +10,8 @@ from ..errors import CamError
 from ..methods import METHODS
 from ..outputs import _unique_name, atomic_write_bytes, encode_image, write_json
 from .console import EXIT_OK, Progress
-from .options import (PROVIDERS_HELP, add_preprocess_arguments, collect_images, fraction, positive_int,
-                      preprocess_from_args, provider_list)
+from .options import (PROVIDERS_HELP, add_output_arguments, add_preprocess_arguments, add_target_arguments,
+                      collect_images, fraction, positive_int, preprocess_from_args, provider_list, targets_from_args)
 
 __all__ = ["add_arguments", "main"]
 
@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", metavar="NAME", help="target layer (default: found)")
     parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    add_target_arguments(parser)
+    add_output_arguments(parser, maps=False, coco=False)
     add_preprocess_arguments(parser)
 
 
@@ -46,23 +48,34 @@ def main(args) -> int:
     """Run `camcore compare` with parsed `args`; returns the exit status."""
     from ..api import load
     from ..preprocess import read_image
+    from ..targets import SEEDED_METHODS
 
     paths = list(args.inputs)
     model = paths.pop(0) if paths[0].lower().endswith(".onnx") else None
     if not paths:
         raise CamError("no images given: camcore compare [MODEL.onnx] IMAGE_OR_FOLDER... --methods LIST")
     files = collect_images(paths)
-    explainer = load(model, providers=provider_list(args.providers), feature=args.feature)
+    explainer = load(model, providers=provider_list(args.providers), feature=args.feature, size=args.size)
     if args.max_channels is not None:
         explainer.method_options["max_channels"] = args.max_channels
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
-    images = [read_image(p) for p in files]
+    targets = targets_from_args(args, explainer, files, [p for p in paths if Path(p).is_dir()])
+    if targets is not None and targets.seeded(explainer.head.num_classes) and methods is None:
+        methods = [m for m in _method_list(explainer, None) if m in SEEDED_METHODS]  # those that can contrast
     methods = _method_list(explainer, methods)
+    if targets is not None:
+        for method in methods:
+            targets.check_method(method, explainer.head.num_classes)
+        if targets.multilabel is not None:
+            raise CamError("compare draws the same rows of classes for every method: give --classes or "
+                           "--targets, not --multilabel (camcore explain takes it)")
+    preprocess = preprocess_from_args(args, explainer)
+    images = [read_image(p, exif_orientation=preprocess.exif_orientation) for p in files]
     bar = Progress(len(methods), "compare", quiet=args.quiet, min_items=1)
     try:
-        result = compare(explainer, images, methods=methods, preprocess=preprocess_from_args(args, explainer),
+        result = compare(explainer, images, methods=methods, preprocess=preprocess,
                          top_k=args.top_k, faithfulness=args.faithfulness, steps=args.steps,
-                         threshold=args.threshold, progress=bar.update)
+                         threshold=args.threshold, progress=bar.update, classes=targets)
     finally:
         bar.close()
     out = Path(args.out)
@@ -72,14 +85,20 @@ def main(args) -> int:
         name = _unique_name(path.stem, taken, "png", kind="compare")
         atomic_write_bytes(out / name, encode_image(grid(image, cells, explainer, width=args.width)))
         first = cells[0][1]
-        records.append({"path": str(path), "grid": name, "classes": [
-            {"index": int(c), "name": explainer.class_name(int(c))} for c in first.classes],
+        records.append({"path": str(path), "width": int(first.size[1]), "height": int(first.size[0]),
+                        "grid": name, "classes": [
+            {"index": int(c), "name": explainer.class_name(int(c)), "score": round(float(s), 6)}
+            for c, s in zip(first.classes, first.scores)],
             "boxes": {m: [None if e.box(j) is None else list(e.box(j)) for j in range(len(e.classes))]
                       for m, e in cells}})
     summary = {"model": str(model or "embedded:efficientnet_lite0"), "methods": result["methods"],
                "images": records, "seconds_per_image": result["seconds_per_image"],
                "faithfulness": result["faithfulness"], "max_channels": args.max_channels}
     write_json(out / "compare.json", summary)
+    if args.report:
+        from ..report import write_report
+
+        write_report(out)
     if not args.quiet:
         header = f"{'method':<12}{'s/image':>9}"
         if result["faithfulness"] is not None:

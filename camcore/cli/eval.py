@@ -12,7 +12,8 @@ from ..errors import CamError
 from ..outputs import write_json
 from .console import EXIT_OK, Progress
 from .options import (PROVIDERS_HELP, add_engine_arguments, add_method_arguments, add_preprocess_arguments,
-                      check_engine_arguments, fraction, positive_int, preprocess_from_args, provider_list)
+                      add_target_arguments, check_engine_arguments, fraction, positive_int, preprocess_from_args,
+                      provider_list, targets_from_args)
 
 __all__ = ["add_arguments", "main"]
 
@@ -57,9 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=16, metavar="S",
                         help="deletion/insertion steps (default: 16)")
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
+    add_target_arguments(parser, contrast_only=True)
     add_method_arguments(parser)
     add_engine_arguments(parser)
-    add_preprocess_arguments(parser)
+    add_preprocess_arguments(parser, exif=False)  # dataset boxes refer to the stored pixels
 
 
 def _format(value) -> str:
@@ -80,23 +82,25 @@ def main(args) -> int:
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
               f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature)
+    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature, size=args.size)
     preprocess = preprocess_from_args(args, explainer)
     method = explainer.resolve_method(args.method)
+    contrast = None if args.contrast is None else targets_from_args(args, explainer).contrast
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
     engine, session = None, contextlib.nullcontext()
     if args.engine == "ray":
         from ..distributed import evaluate_engine, ray_session
 
         engine = evaluate_engine(args.model, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                 providers=provider_list(args.providers), feature=args.feature)
+                                 providers=provider_list(args.providers), feature=args.feature, size=args.size)
         session = ray_session(args.address)
     try:
         with session:
             results = evaluate(explainer, dataset, args.images, preprocess=preprocess, thresholds=args.thresholds,
                                top_k=args.top_k, threshold=args.threshold, batch_size=args.batch_size,
                                mask_root=args.mask_root, save_maps=args.save_maps, progress=bar.update,
-                               method=method, faithfulness=args.faithfulness, steps=args.steps, engine=engine)
+                               method=method, faithfulness=args.faithfulness, steps=args.steps, engine=engine,
+                               contrast=contrast)
     finally:
         bar.close()
     results["dataset"].update(metadata=str(args.metadata), images=str(args.images))

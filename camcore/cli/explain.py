@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 from ..errors import CamError
@@ -13,18 +15,19 @@ from ..outputs import (IMAGE_FORMATS, _record, _results, _unique_name, atomic_wr
                        overlay_format, render, write_results)
 from .console import EXIT_ERROR, EXIT_OK, Progress, fail
 from .options import (PROVIDERS_HELP, WORKERS_HELP, add_engine_arguments, add_method_arguments,
-                      add_preprocess_arguments, check_engine_arguments, collect_images, fraction, nonnegative_int,
-                      positive_int, preprocess_from_args, provider_list)
+                      add_output_arguments, add_preprocess_arguments, add_target_arguments, check_engine_arguments,
+                      check_output_arguments, collect_images, describe_targets, fraction, nonnegative_int,
+                      positive_int, preprocess_from_args, provider_list, targets_from_args)
 
 # NumPy and the rest of camcore are imported inside the commands: `camcore --help` stays fast.
 
 __all__ = ["add_arguments", "main"]
 
 
-def _load(model, providers, feature=None):
+def _load(model, providers, feature=None, size=None):
     from ..api import load
 
-    return load(model, providers=providers, feature=feature)
+    return load(model, providers=providers, feature=feature, size=size)
 
 
 def _table(records) -> str:
@@ -41,14 +44,23 @@ def _table(records) -> str:
                      for row in rows)
 
 
-def _draw_and_write(path: Path, image_format: str, pixels, result, explainer, maps) -> None:
-    """Render one overlay, encode it and write it atomically (runs in a writer thread)."""
+def _draw_and_write(path: Path, image_format: str, pixels, result, explainer, maps, maps_path=None,
+                    maps_dtype="float32") -> None:
+    """Render one overlay, encode it and write it atomically (runs in a writer thread); with `maps_path`,
+    also the raw maps (`camcore.saved_maps`)."""
     atomic_write_bytes(path, encode_image(render(pixels, result, explainer, maps), image_format))
+    if maps_path is not None:
+        from ..saved_maps import save_maps
+
+        save_maps(maps_path, [result], dtype=maps_dtype, class_names=explainer.class_name)
 
 
 def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, threshold, quiet, label,
-                       method="auto", image_format="auto", workers=None):
+                       method="auto", image_format="auto", workers=None, classes=None, maps_dtype=None):
     """Explain ``(name, stem, path or array)`` items, write ``<stem>.cam.<format>`` each; return the records.
+
+    `classes` chooses the classes (`camcore.targets.Targets`, rows in the order of `items`);
+    with `maps_dtype`, each image's raw maps go to ``<stem>.maps.npz`` beside its overlay.
 
     `image_format` is resolved per item by `overlay_format` ("auto": JPEG for JPEG files, else PNG).
 
@@ -68,7 +80,7 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
     progress = Progress(len(items), label, quiet=quiet)
     stream = explainer._explain_image_stream(
         (item for _, _, item in items), preprocess=preprocess, top_k=top_k, threshold=threshold,
-        upsample="bilinear", classes=None, batch_size=None, errors="report", method=method, workers=workers,
+        upsample="bilinear", classes=classes, batch_size=None, errors="report", method=method, workers=workers,
         keep_pixels=True)
     pool = ThreadPoolExecutor(writers, thread_name_prefix="camcore-write")
     try:
@@ -77,9 +89,12 @@ def _explain_and_write(explainer, items, out: Path, *, preprocess, top_k, thresh
             if result.error is None:
                 chosen = overlay_format(source, image_format)
                 filename = _unique_name(stem, taken, chosen)
+                maps_name = None if maps_dtype is None else filename[:-len(f".cam.{chosen}")] + ".maps.npz"
                 pending.append(pool.submit(_draw_and_write, out / filename, chosen, kept[0], result,
-                                           explainer, kept[1]))
+                                           explainer, kept[1], maps_name and out / maps_name, maps_dtype))
                 record["overlay"] = filename
+                if maps_name is not None:
+                    record["maps"] = maps_name
                 while len(pending) > 2 * writers:
                     pending.popleft().result()
                     progress.update()
@@ -119,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                         help="images per model run; with --engine ray also per actor call and per output block "
                              "(default: 32 local, 64 ray)")
+    add_target_arguments(parser)
+    add_output_arguments(parser)
     add_engine_arguments(parser)
     add_preprocess_arguments(parser)
 
@@ -132,21 +149,34 @@ def main(args) -> int:
     if not paths:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
     check_engine_arguments(args)
+    check_output_arguments(args)
     images = collect_images(paths)
-    explainer = _load(model, provider_list(args.providers), args.feature)
+    explainer = _load(model, provider_list(args.providers), args.feature, args.size)
     explainer.batch_size = args.batch_size or explainer.batch_size
     method = explainer.resolve_method(args.method)
+    # the targets are read and checked before anything is explained or written
+    targets = targets_from_args(args, explainer, images, [p for p in paths if Path(p).is_dir()])
+    if targets is not None:
+        targets.check_method(method, explainer.head.num_classes)
+    maps_dtype = (args.maps_dtype or "float32") if args.save_maps else None
     preprocess = preprocess_from_args(args, explainer)
     out = Path(args.out)
+    started = time.perf_counter()
     if args.engine == "ray":
-        records = _explain_on_ray(model, images, out, preprocess, method, args)
+        records = _explain_on_ray(model, images, out, preprocess, method, args, targets, maps_dtype)
     else:
         items = [(str(p), p.stem, str(p)) for p in images]
         records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
                                      threshold=args.threshold, quiet=args.quiet, label="explain", method=method,
-                                     image_format=args.format, workers=args.workers)
+                                     image_format=args.format, workers=args.workers, classes=targets,
+                                     maps_dtype=maps_dtype)
+    seconds = (time.perf_counter() - started) / max(1, len(records))
     results = _results(model, args.threshold, records, method)
+    if targets is not None:
+        results["targets"] = describe_targets(args)
     write_results(out, results, args.results_format)
+    write_extras(out, records, args, images=images, num_classes=explainer.head.num_classes,
+                 class_name=explainer.class_name, seconds_per_image=round(seconds, 6))
     if args.json:
         print(json.dumps(results, indent=2))
     elif not args.quiet:
@@ -160,16 +190,38 @@ def main(args) -> int:
     return EXIT_OK
 
 
-def _explain_on_ray(model, images, out, preprocess, method, args) -> list:
+def _explain_on_ray(model, images, out, preprocess, method, args, targets=None, maps_dtype=None) -> list:
     from ..distributed import _explain_options, explain_files
 
     options = _explain_options(method, args.top_k, preprocess, args.threshold, "bilinear")
+    options.update({"classes": targets} if targets is not None else {})
     progress = Progress(len(images), "explain", quiet=args.quiet)
     try:
         return explain_files(model, [str(p) for p in images], out, options=options,
                              batch_size=args.batch_size or 64, concurrency=args.concurrency,
                              num_gpus=args.num_gpus, providers=provider_list(args.providers),
                              address=args.address, feature=args.feature, image_format=args.format,
-                             progress=progress.update)
+                             progress=progress.update, maps_dtype=maps_dtype)
     finally:
         progress.close()
+
+
+def coco_root(images) -> str | None:
+    """The folder the COCO file names images from: the deepest folder holding all of them."""
+    folders = [os.path.dirname(os.path.abspath(str(p))) for p in images]
+    return os.path.commonpath(folders) if folders else None
+
+
+def write_extras(out: Path, records: list, args, *, images=(), num_classes=None, class_name=None,
+                 seconds_per_image=None) -> None:
+    """After results.json: the ``--coco`` file and the ``--report`` page (with the time per image), when asked."""
+    if getattr(args, "coco", None):
+        from ..coco import write_coco
+
+        root = coco_root(images)
+        write_coco(args.coco, records, root=root, num_classes=num_classes, class_name=class_name,
+                   description=f"camcore boxes of {getattr(args, 'method', 'auto')}")
+    if getattr(args, "report", False):
+        from ..report import write_report
+
+        write_report(out, summary={"seconds_per_image": seconds_per_image})

@@ -7,7 +7,7 @@ import json
 
 from .console import EXIT_OK
 from .explain import _load
-from .options import PROVIDERS_HELP, provider_list
+from .options import PROVIDERS_HELP, input_size, provider_list
 
 __all__ = ["add_arguments", "main"]
 
@@ -18,8 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "the model.")
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("--json", action="store_true", help="print JSON")
-    parser.add_argument("--feature", metavar="NAME", help="target layer (a 4-D tensor name; default: found)")
+    parser.add_argument("--feature", metavar="NAME",
+                        help="target layer (a 4-D map or, in a transformer, a token tensor; default: found)")
     parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    parser.add_argument("--size", type=input_size, metavar="S|HxW",
+                        help="model input size, for a model whose height and width are dynamic")
 
 
 def _dims(shape) -> list:
@@ -29,8 +32,9 @@ def _dims(shape) -> list:
 def main(args) -> int:
     """Run `camcore inspect` with parsed `args`; returns the exit status."""
     from ..api import available_providers, candidate_layers
+    from ..token_explain import token_info, token_lines
 
-    explainer = _load(args.model, provider_list(args.providers), args.feature)
+    explainer = _load(args.model, provider_list(args.providers), args.feature, args.size)
     head = explainer.head
     layers = candidate_layers(explainer)
     info = {
@@ -48,6 +52,7 @@ def main(args) -> int:
         "default_method": explainer.resolve_method("auto"),
         "layers": [{"name": name, "shape": _dims(shape), "layout": layout} for name, shape, layout in layers],
         "providers": available_providers(),
+        "tokens": token_info(head),  # a vision transformer's pooling, prefix tokens, grid, token tensors
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -70,5 +75,7 @@ def main(args) -> int:
     print(f"layers       {len(layers)} candidate target layers (--feature NAME), last first:")
     for name, shape, layout in reversed(layers):
         print(f"  {name} {shape_text(_dims(shape))} {layout}")
+    if info["tokens"] is not None:
+        print("\n".join(token_lines(info["tokens"])))
     print(f"providers    {', '.join(info['providers'])}")
     return EXIT_OK

@@ -17,6 +17,7 @@ __all__ = [
     "add_engine_arguments",
     "add_method_arguments",
     "add_preprocess_arguments",
+    "input_size",
     "check_engine_arguments",
     "collect_images",
     "fraction",
@@ -24,6 +25,11 @@ __all__ = [
     "positive_int",
     "preprocess_from_args",
     "provider_list",
+    "add_target_arguments",
+    "add_output_arguments",
+    "check_output_arguments",
+    "targets_from_args",
+    "describe_targets",
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -34,7 +40,7 @@ WORKERS_HELP = ("threads that read images ahead of the model, and as many that d
 
 # ----------------------------------------------------------------- preprocessing, engine and method flags
 
-def _size(text: str) -> tuple:
+def input_size(text: str) -> tuple:
     """``224`` -> (224, 224); ``256x192`` or ``256,192`` -> (256, 192) as (H, W)."""
     parts = text.lower().replace(",", "x").split("x")
     try:
@@ -46,12 +52,13 @@ def _size(text: str) -> tuple:
     return values * 2 if len(values) == 1 else values
 
 
-def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--size --resize --mean --std --scale --bgr --interpolation`` (each overrides the model's default)."""
+def add_preprocess_arguments(parser: argparse.ArgumentParser, *, exif: bool = True) -> None:
+    """Add ``--size --resize --mean --std --scale --bgr --interpolation`` (each overrides the model's default),
+    and ``--no-exif`` with `exif` (commands that read photos; `camcore eval` reads stored pixels)."""
     group = parser.add_argument_group(
         "preprocessing", "override the model's default preprocessing (the embedded model's own; "
                          "ImageNet's at the model's input size for other models)")
-    group.add_argument("--size", type=_size, metavar="S|HxW", help="model input size, e.g. 224 or 256x192")
+    group.add_argument("--size", type=input_size, metavar="S|HxW", help="model input size, e.g. 224 or 256x192")
     group.add_argument("--resize", choices=("stretch", "crop"),
                        help="stretch the whole image, or center-crop (resize 256 / crop 224 style)")
     group.add_argument("--mean", type=float, nargs="+", metavar="M",
@@ -63,6 +70,10 @@ def add_preprocess_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest"),
                        help="Pillow's resize filter; bilinear and bicubic are anti-aliased, as torchvision's "
                             "Resize on PIL images (default: bilinear)")
+    if exif:
+        group.add_argument("--no-exif", dest="exif_orientation", action="store_false",
+                           help="read the stored pixels; by default a photo is turned upright as its EXIF "
+                                "orientation says, and sizes and boxes refer to the upright image")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +107,8 @@ def preprocess_from_args(args: argparse.Namespace, explainer):
                if getattr(args, name, None) is not None}
     if getattr(args, "bgr", False):
         changes["channel_order"] = "BGR"
+    if getattr(args, "exif_orientation", True) is False:
+        changes["exif_orientation"] = False
     return dataclasses.replace(base, **changes) if changes else base
 
 
@@ -175,3 +188,89 @@ def collect_images(paths) -> list:
         else:
             found.append(p)  # a missing file is reported per image, the others go on
     return found
+
+
+# ----------------------------------------------------------------- targets and outputs (camcore.targets,
+# camcore.saved_maps, camcore.coco, camcore.report): checked before any image is explained, so a bad
+# entry stops the run with one line and no output
+
+def add_target_arguments(parser: argparse.ArgumentParser, *, contrast_only: bool = False) -> None:
+    """Add ``--classes --targets --multilabel`` (one of them) and ``--contrast``."""
+    group = parser.add_argument_group("targets", "which classes to explain (default: the top-k by score)")
+    if not contrast_only:
+        choice = group.add_mutually_exclusive_group()
+        choice.add_argument("--classes", metavar="LIST",
+                            help="class indices or names, comma separated, for every image (e.g. 281,285 or "
+                                 "'tabby,Egyptian cat'); on a single-logit model, 'negative' is its negated logit")
+        choice.add_argument("--targets", metavar="FILE",
+                            help="CSV (IMAGE,CLASS rows) or JSON ({IMAGE: CLASS or [CLASSES]}) of each image's "
+                                 "class(es), e.g. the ground truth; IMAGE is a path as given, a path relative to "
+                                 "the file's folder or to a folder given, or a unique file name")
+        choice.add_argument("--multilabel", type=fraction, metavar="T",
+                            help="every class whose sigmoid score is at least T (e.g. 0.3)")
+    group.add_argument("--contrast", metavar="CLASS|finer",
+                       help="explain each class against a reference class (name or index), or 'finer': "
+                            "FinerCAM's most similar classes; cam and the gradient methods only")
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, *, maps: bool = True, coco: bool = True,
+                         report: bool = True) -> None:
+    """Add ``--save-maps --maps-dtype --coco --report`` (those asked for)."""
+    group = parser.add_argument_group("outputs", "written beside the overlays and results.json")
+    if maps:
+        group.add_argument("--save-maps", action="store_true",
+                           help="write the raw feature-resolution maps of each image to <stem>.maps.npz "
+                                "(one per block with --engine ray), named in results.json; camcore.load_maps "
+                                "reads them")
+        group.add_argument("--maps-dtype", choices=("float32", "float16"), default=None,
+                           help="how --save-maps stores the maps (default: float32)")
+    if coco:
+        group.add_argument("--coco", metavar="FILE",
+                           help="write the boxes as COCO detections (pycocotools, FiftyOne)")
+    if report:
+        group.add_argument("--report", action="store_true",
+                           help="write report.html to browse the images, maps, classes and boxes offline")
+
+
+def check_output_arguments(args) -> None:
+    """Flags that need another: raise CamError naming the first."""
+    if getattr(args, "maps_dtype", None) is not None and not getattr(args, "save_maps", False):
+        raise CamError("--maps-dtype needs --save-maps")
+    if getattr(args, "report", False) and getattr(args, "results_format", "json") != "json":
+        raise CamError("--report reads results.json: it needs --results-format json")
+    coco = getattr(args, "coco", None)
+    if coco is not None and Path(coco).is_dir():
+        raise CamError(f"--coco takes a file name, got the folder {coco}")
+
+
+def targets_from_args(args, explainer, images=(), folders=()):
+    """The `camcore.targets.Targets` the flags ask for, validated against the model; None for plain top-k.
+
+    Raises `InvalidInput` naming the bad entry (an unknown class, an image missing from the
+    targets file, a malformed row) before anything is explained.
+    """
+    from ..targets import targets_from_options
+
+    classes, file, multilabel = (getattr(args, name, None) for name in ("classes", "targets", "multilabel"))
+    if getattr(args, "top_k", 1) != 1 and (classes or file or multilabel is not None):
+        given = "--classes" if classes else "--targets" if file else "--multilabel"
+        raise CamError(f"--top-k and {given} both choose the classes: give one")
+    targets = targets_from_options(class_names=explainer.class_names, num_classes=explainer.head.num_classes,
+                                   classes=classes, targets_file=file, multilabel=multilabel,
+                                   contrast=getattr(args, "contrast", None), top_k=getattr(args, "top_k", 1),
+                                   images=[str(p) for p in images], roots=list(folders))
+    return targets
+
+
+def describe_targets(args) -> str | None:
+    """A few words for results.json and the report: what was explained."""
+    parts = []
+    if getattr(args, "classes", None):
+        parts.append(f"classes {args.classes}")
+    if getattr(args, "targets", None):
+        parts.append(f"targets from {Path(args.targets).name}")
+    if getattr(args, "multilabel", None) is not None:
+        parts.append(f"every class with sigmoid >= {args.multilabel}")
+    if getattr(args, "contrast", None):
+        parts.append(f"contrast against {'FinerCAM references' if args.contrast == 'finer' else args.contrast}")
+    return ", ".join(parts) or None

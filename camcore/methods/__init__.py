@@ -22,7 +22,9 @@ The modules group the methods by what they need:
   (features and gradients);
 * `camcore.methods.eigen`: EigenCAM (features alone);
 * `camcore.methods.perturbation`: Ablation-CAM, Recipro-CAM (head re-runs) and
-  Score-CAM (model re-runs).
+  Score-CAM (model re-runs);
+* `camcore.methods.attention`: attention rollout and GAE (a vision transformer's attention
+  probabilities, and for GAE their gradients), maps on the patch grid.
 
 Each ends in a ``SPECS`` table of `MethodSpec`; `REGISTRY` merges them here, and the
 `camcore.Explainer` gathers what a method's spec `needs` and calls it.  A new method is
@@ -31,16 +33,17 @@ one module with its table, added to the merge below.
 
 from __future__ import annotations
 
-from . import eigen, gradient, perturbation, weights
+from . import attention, eigen, gradient, perturbation, weights
 from ._registry import NEEDS, MethodInputs, MethodSpec, merge
+from .attention import gae, rollout
 from .eigen import eigencam
 from .gradient import GRADIENT_METHODS, gradcam, gradcam_pp, hirescam, layercam, xgradcam
 
-__all__ = ["gradcam", "gradcam_pp", "xgradcam", "hirescam", "layercam", "eigencam", "GRADIENT_METHODS", "METHODS",
+__all__ = ["gradcam", "gradcam_pp", "xgradcam", "hirescam", "layercam", "eigencam", "rollout", "gae", "GRADIENT_METHODS", "METHODS",
            "REGISTRY", "MethodSpec", "MethodInputs", "NEEDS", "method_options"]
 
 # Method name -> MethodSpec, in the order `method=` lists them.
-REGISTRY = merge(weights.SPECS, gradient.SPECS, eigen.SPECS, perturbation.SPECS)
+REGISTRY = merge(weights.SPECS, gradient.SPECS, eigen.SPECS, perturbation.SPECS, attention.SPECS)
 
 # Every value `method=` takes; "auto" is "cam" on GAP + affine heads, else "gradcam".
 # The forward-only methods (`camcore.perturbation`) need no gradient.
@@ -53,6 +56,6 @@ def method_options() -> tuple:
     Examples
     --------
     >>> method_options()
-    ('batch_size', 'max_channels', 'scoring')
+    ('batch_size', 'mask', 'max_channels', 'scoring')
     """
     return tuple(sorted({key for spec in REGISTRY.values() for key in spec.options}))

@@ -16,8 +16,10 @@ import numpy as np
 from ..errors import InvalidInput
 
 # What a method may need: the head's class weights, the target layer's activations, their
-# gradients, re-runs of the head alone or of the whole model, or attention maps.
-NEEDS = frozenset({"weights", "features", "gradients", "head_runs", "model_runs", "attention"})
+# gradients, re-runs of the head alone or of the whole model, a transformer's attention
+# probabilities, or their gradients.
+NEEDS = frozenset({"weights", "features", "gradients", "head_runs", "model_runs", "attention",
+                   "attention_gradients"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,8 +51,11 @@ class MethodInputs:
     inputs : ndarray or None
         ``"model_runs"``: the image input that gave `features`, in `input_layout`.
     input_layout : {"NCHW", "NHWC"}
-    attention : object or None
-        ``"attention"``: reserved for attention methods.
+    token_model : bool
+        The features are a vision transformer's patch tokens on the patch grid.
+    attention : camcore.methods.attention.AttentionInputs or None
+        ``"attention"``: the attention probabilities, the prefix tokens, the patch grid and the
+        pooling; with ``"attention_gradients"``, the probabilities' gradients too.
     """
 
     features: np.ndarray
@@ -66,6 +71,7 @@ class MethodInputs:
     run_model: Callable | None = None
     inputs: np.ndarray | None = None
     input_layout: str = "NCHW"
+    token_model: bool = False
     attention: Any = None
 
 

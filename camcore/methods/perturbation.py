@@ -136,7 +136,12 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
     return _weighted_maps(weights.transpose(0, 2, 1), f, layout)
 
 
-def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax", batch_size=256):
+# ViT Recipro-CAM's spatial mask around a position (Byun & Lee, 2023): a 3x3 Gaussian.
+GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64) / 16
+_MASKS = ("point", "gaussian")
+
+
+def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax", batch_size=256, mask="point"):
     """Recipro-CAM (Byun & Lee, 2022, arXiv:2209.14074): the class score of each position kept alone.
 
     For each position ``p`` of the ``h x w`` map, the head is re-run on the features
@@ -145,7 +150,17 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     softmax probability (``scoring="softmax"``); ``"sigmoid"`` suits multi-label heads
     and ``"logits"`` reads the raw logit.  ``h * w`` head rows per item.
 
-    On a GAP + affine head with ``scoring="logits"``,
+    ``mask="gaussian"`` is ViT Recipro-CAM (Byun & Lee, "ViT-ReciproCAM: Gradient and
+    Attention-Free Visual Explanations for Vision Transformer", arXiv:2310.02588, 2023), the
+    method OpenVINO XAI ships for transformers: the copy for position ``p`` keeps the
+    features around ``p`` weighted by a 3x3 Gaussian centred on it,
+    ``M_c[p] = score_c(head(A * G_p))`` with ``G_p[p + d] = g[d]``,
+    ``g = [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16`` (cut at the border, not renormalized).
+    On a transformer the features are the patch tokens of the token target layer on the
+    patch grid, and the head runs re-attach each item's prefix tokens (CLS, distillation,
+    registers: any number of them), unmasked (`camcore.Explainer` does this).
+
+    On a GAP + affine head with ``scoring="logits"`` and ``mask="point"``,
     ``M_c[p] = sum_k W[c, k] A_k[p] / (h w) + b_c``: the CAM divided by ``h w``,
     plus the bias.
 
@@ -159,6 +174,8 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     scoring : {"softmax", "sigmoid", "logits"}, optional
     batch_size : int, optional
         Rows per `run_head` call.
+    mask : {"point", "gaussian"}, optional
+        The position alone (Recipro-CAM), or its 3x3 Gaussian neighbourhood (ViT Recipro-CAM).
 
     Returns
     -------
@@ -172,17 +189,32 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     >>> f = np.array([[[[4.0, 0.0]], [[0.0, 2.0]]]])   # (1, 2, 1, 2)
     >>> reciprocam(f, [[0]], head, scoring="logits")   # (4 - 0) / 2 + 0.5, (0 - 2) / 2 + 0.5
     array([[[[ 2.5, -0.5]]]])
+    >>> reciprocam(f, [[0]], head, scoring="logits", mask="gaussian")   # (4/4 - 2/8) / 2 + 0.5, (4/8 - 2/4) / 2 + 0.5
+    array([[[[0.875, 0.5  ]]]])
     """
     f = feature_array(features, layout)
     sel = _classes(classes, len(f))
     check_choice(scoring, _SCORINGS, "scoring")
+    check_choice(mask, _MASKS, "mask")
     chunk = _batch_size(batch_size)
     n = len(f)
     h, w = f.shape[2:] if layout == "NCHW" else f.shape[1:3]
     positions = h * w
+    if mask == "gaussian":
+        # weights[p] (h, w): the kernel centred on p, cut at the border
+        padded = np.zeros((positions, h + 2, w + 2), f.dtype)
+        ys, xs = np.divmod(np.arange(positions), w)
+        for dy in range(3):
+            for dx in range(3):
+                padded[np.arange(positions), ys + dy, xs + dx] = GAUSSIAN_3X3[dy, dx]
+        weights = padded[:, 1:-1, 1:-1]
 
     def make_rows(rows):
         items, p = np.divmod(rows, positions)
+        if mask == "gaussian":
+            m = weights[p]
+            batch = f[items] * (m[:, None] if layout == "NCHW" else m[..., None])
+            return (batch,)
         y, x = np.divmod(p, w)
         batch = np.zeros((len(rows), *f.shape[1:]), f.dtype)
         if layout == "NCHW":
@@ -308,9 +340,11 @@ def _ablationcam_maps(given):
 
 
 def _reciprocam_maps(given):
+    # On a transformer's tokens, ViT Recipro-CAM's Gaussian neighbourhood unless told otherwise.
     return reciprocam(given.features, given.classes, given.run_head, layout=given.layout,
                       batch_size=given.options.get("batch_size", 256),
-                      scoring=given.options.get("scoring", given.scoring))
+                      scoring=given.options.get("scoring", given.scoring),
+                      mask=given.options.get("mask", "gaussian" if given.token_model else "point"))
 
 
 def _scorecam_maps(given):
@@ -327,5 +361,5 @@ SPECS = (
     MethodSpec("scorecam", frozenset({"features", "model_runs"}), scorecam, _scorecam_maps,
                options=("batch_size", "max_channels")),
     MethodSpec("reciprocam", frozenset({"features", "head_runs"}), reciprocam, _reciprocam_maps,
-               options=("batch_size", "scoring")),
+               options=("batch_size", "scoring", "mask")),
 )

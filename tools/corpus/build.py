@@ -38,6 +38,7 @@ FRAMEWORKS = {
     "torch": ("export_torch.py", "export-torch"),
     "keras": ("export_keras.py", "export-tf"),
     "paddle": ("export_paddle.py", "export-paddle"),
+    "transformers": ("export_transformers.py", "export-transformers"),
 }
 
 
