@@ -5,7 +5,7 @@ import pytest
 from tests.fakes import BACKENDS
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend_name(request):
     """The runtime a backend-level test runs on (load with `tests.fakes.load_on`)."""
     return request.param
