@@ -299,7 +299,8 @@ class GraphBackend:
             part = rows[i:i + step]
             n = len(part)
             pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
-            feed = {graph.start.name: np.ascontiguousarray(_pad(part, pad))}
+            # The head's own input type: methods hand float32 copies of an fp16 model's features.
+            feed = {graph.start.name: np.ascontiguousarray(_pad(part, pad), dtype=graph.start.dtype)}
             for spec in graph.frontier:
                 dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
                 feed[spec.name] = np.zeros([n + pad, *dims[1:]], spec.dtype)
