@@ -11,23 +11,24 @@ import time
 from pathlib import Path
 
 from ..errors import CamError
-from ..outputs import (IMAGE_FORMATS, _record, _results, _unique_name, atomic_write_bytes, encode_image,
+from ..outputs import (IMAGE_FORMATS, _record, _results, _unique_name, atomic_write_bytes, encode_image, runtime_of,
                        overlay_format, render, write_results)
 from .console import EXIT_ERROR, EXIT_OK, Progress, fail
-from .options import (PROVIDERS_HELP, WORKERS_HELP, add_engine_arguments, add_method_arguments,
-                      add_output_arguments, add_preprocess_arguments, add_target_arguments, check_engine_arguments,
+from .options import (WORKERS_HELP, add_engine_arguments, add_method_arguments, add_output_arguments,
+                      add_preprocess_arguments, add_runtime_arguments, add_target_arguments, check_engine_arguments,
                       check_output_arguments, collect_images, describe_targets, fraction, nonnegative_int,
-                      positive_int, preprocess_from_args, provider_list, targets_from_args)
+                      positive_int, preprocess_from_args, runtime_options, targets_from_args)
 
 # NumPy and the rest of camcore are imported inside the commands: `camcore --help` stays fast.
 
 __all__ = ["add_arguments", "main"]
 
 
-def _load(model, providers, feature=None, size=None):
+def _load(model, args, feature=None):
+    """`camcore.load` with the runtime the `add_runtime_arguments` flags in `args` pick."""
     from ..api import load
 
-    return load(model, providers=providers, feature=feature, size=size)
+    return load(model, feature=feature, **runtime_options(args))
 
 
 def _table(records) -> str:
@@ -126,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="auto",
                         help="overlay file format; auto: jpg for JPEG images, else png (default: %(default)s)")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)
     add_method_arguments(parser)
     parser.add_argument("--workers", type=nonnegative_int, metavar="N", help=WORKERS_HELP)
     parser.add_argument("--results-format", choices=("json", "jsonl", "parquet"), default="json",
@@ -151,7 +152,7 @@ def main(args) -> int:
     check_engine_arguments(args)
     check_output_arguments(args)
     images = collect_images(paths)
-    explainer = _load(model, provider_list(args.providers), args.feature, args.size)
+    explainer = _load(model, args, args.feature)
     explainer.batch_size = args.batch_size or explainer.batch_size
     method = explainer.resolve_method(args.method)
     # the targets are read and checked before anything is explained or written
@@ -171,7 +172,7 @@ def main(args) -> int:
                                      image_format=args.format, workers=args.workers, classes=targets,
                                      maps_dtype=maps_dtype)
     seconds = (time.perf_counter() - started) / max(1, len(records))
-    results = _results(model, args.threshold, records, method)
+    results = _results(model, args.threshold, records, method, runtime=runtime_of(explainer))
     if targets is not None:
         results["targets"] = describe_targets(args)
     write_results(out, results, args.results_format)
@@ -196,10 +197,12 @@ def _explain_on_ray(model, images, out, preprocess, method, args, targets=None, 
     options = _explain_options(method, args.top_k, preprocess, args.threshold, "bilinear")
     options.update({"classes": targets} if targets is not None else {})
     progress = Progress(len(images), "explain", quiet=args.quiet)
+    runtime = runtime_options(args)
+    runtime.pop("size")  # the actors take it from the preprocessing
     try:
         return explain_files(model, [str(p) for p in images], out, options=options,
                              batch_size=args.batch_size or 64, concurrency=args.concurrency,
-                             num_gpus=args.num_gpus, providers=provider_list(args.providers),
+                             num_gpus=args.num_gpus, **runtime,
                              address=args.address, feature=args.feature, image_format=args.format,
                              progress=progress.update, maps_dtype=maps_dtype)
     finally:

@@ -7,7 +7,7 @@ import json
 
 from .console import EXIT_OK
 from .explain import _load
-from .options import PROVIDERS_HELP, input_size, provider_list
+from .options import add_runtime_arguments, input_size
 
 __all__ = ["add_arguments", "main"]
 
@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--feature", metavar="NAME",
                         help="target layer (a 4-D map or, in a transformer, a token tensor; default: found)")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)
     parser.add_argument("--size", type=input_size, metavar="S|HxW",
                         help="model input size, for a model whose height and width are dynamic")
 
@@ -32,9 +32,10 @@ def _dims(shape) -> list:
 def main(args) -> int:
     """Run `camcore inspect` with parsed `args`; returns the exit status."""
     from ..api import available_providers, candidate_layers
+    from ..outputs import runtime_of
     from ..token_explain import token_info, token_lines
 
-    explainer = _load(args.model, provider_list(args.providers), args.feature, args.size)
+    explainer = _load(args.model, args, args.feature)
     head = explainer.head
     layers = candidate_layers(explainer)
     info = {
@@ -53,6 +54,7 @@ def main(args) -> int:
         "layers": [{"name": name, "shape": _dims(shape), "layout": layout} for name, shape, layout in layers],
         "providers": available_providers(),
         "tokens": token_info(head),  # a vision transformer's pooling, prefix tokens, grid, token tensors
+        "runtime": runtime_of(explainer),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -78,4 +80,7 @@ def main(args) -> int:
     if info["tokens"] is not None:
         print("\n".join(token_lines(info["tokens"])))
     print(f"providers    {', '.join(info['providers'])}")
+    runtime = info["runtime"]
+    print(f"runtime      {runtime['backend']} {runtime['version']} on {', '.join(runtime['devices'])}, "
+          f"precision {runtime['precision']}")
     return EXIT_OK
