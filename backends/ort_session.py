@@ -183,23 +183,29 @@ class OrtBackend:
 
         return onnx_graph.fold_constants(self.model)
 
-    def _head_session(self, gradients: bool):
-        """The head alone (target -> logits), with the backward pass when asked; built once.
+    def _head_session(self, kind: str):
+        """The head alone (target -> logits), built once per `kind`.
 
-        Returns ``(session, input spec, frontier specs, seed spec, scale)``.  When the target
-        is read only by a whole-map average pooling, the gradient session starts at the
-        pooled tensor (``scale`` is then ``pooled / mean_xy(target)``; else None): the
-        gradient at the target is the pooled one spread over the map, and top-k classes
-        cost k rows of K numbers instead of k copies of the feature map.
+        ``"plain"``: from the target; ``"gradients"``: with the backward pass;
+        ``"pooled"``: from the pooled tensor, or None when the target is not read only by
+        a whole-map average pooling.  Returns ``(session, input spec, frontier specs,
+        seed spec, scale)``.  When the target is read only by a whole-map average pooling,
+        the gradient session starts at the pooled tensor (``scale`` is then
+        ``pooled / mean_xy(target)``; else None): the gradient at the target is the pooled
+        one spread over the map, and top-k classes cost k rows of K numbers instead of k
+        copies of the feature map.
         """
-        if gradients not in self._head_sessions:
+        if kind not in self._head_sessions:
             from . import backprop, onnx_graph
 
             model = self.folded_model
-            shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if gradients else None
+            shortcut = onnx_graph.sole_average_pool(model, self.head.feature) if kind != "plain" else None
+            if kind == "pooled" and shortcut is None:
+                self._head_sessions[kind] = None
+                return None
             start, scale = shortcut if shortcut else (self.head.feature, None)
             head, frontier = backprop.cut_head(model, start, self.head.logits)
-            if gradients:
+            if kind == "gradients":
                 head = backprop.add_backward(head, start, self.head.logits, seed=_SEED, grad=_GRAD)
             options = self._session_options
             if options is None:
@@ -210,9 +216,34 @@ class OrtBackend:
                 options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             session = make_session(head, self._providers, options=options)
             specs = {i.name: i for i in session.get_inputs()}
-            self._head_sessions[gradients] = (session, specs[start], [specs[name] for name in frontier],
-                                              specs.get(_SEED), scale)
-        return self._head_sessions[gradients]
+            self._head_sessions[kind] = (session, specs[start], [specs[name] for name in frontier],
+                                         specs.get(_SEED), scale)
+        return self._head_sessions[kind]
+
+    def _pooled_rows(self, means: np.ndarray, start, scale) -> np.ndarray:
+        """``(n, K)`` spatial means as the pooled tensor `start` holds them: times `scale`, its rank and dtype."""
+        n = len(means)
+        pooled = means.astype(np.float32) * np.float32(scale) if scale != 1 else means.astype(np.float32)
+        shape = {2: (n, -1), 4: (n, -1, 1, 1) if self.head.layout == "NCHW" else (n, 1, 1, -1)}
+        return pooled.reshape(shape[len(start.shape)]).astype(_ORT_DTYPES.get(start.type, np.float32), copy=False)
+
+    def pooled_head(self):
+        """``run((M, K) spatial means) -> (M, C)`` logits: the head from its average pooling on, or None.
+
+        None when the target is not read only by a whole-map average pooling.  A copy of
+        the feature map that keeps one position ``p`` pools to ``A[:, p] / (h w)``: the
+        forward-only methods run the head on such rows (see `camcore.backend`).
+        """
+        entry = self._head_session("pooled")
+        if entry is None:
+            return None
+        session, start, frontier, _, scale = entry
+
+        def run(means):
+            rows = self._pooled_rows(np.asarray(means), start, scale)
+            return self._run_rows(session, start, rows, frontier, self.head.logits)
+
+        return run
 
     def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
         """Run the head alone on any batch of feature maps; see `camcore.Backend.run_head`.
@@ -223,16 +254,14 @@ class OrtBackend:
         target read only by an average pooling come back as a read-only broadcast view.
         """
         if seeds is None:
-            session, start, frontier, _, _ = self._head_session(False)
+            session, start, frontier, _, _ = self._head_session("plain")
             return self._run_rows(session, start, features, frontier, self.head.logits)
-        session, start, frontier, seed_spec, scale = self._head_session(True)
+        session, start, frontier, seed_spec, scale = self._head_session("gradients")
         n, k, classes = seeds.shape
         spatial = (2, 3) if self.head.layout == "NCHW" else (1, 2)
         rows = features
         if scale is not None:
-            pooled = features.astype(np.float32).mean(axis=spatial) * scale  # (n, K)
-            shape = {2: (n, -1), 4: (n, -1, 1, 1) if self.head.layout == "NCHW" else (n, 1, 1, -1)}
-            rows = pooled.reshape(shape[len(start.shape)]).astype(_ORT_DTYPES.get(start.type, np.float32))
+            rows = self._pooled_rows(features.astype(np.float32).mean(axis=spatial), start, scale)
         if k > 1:
             rows = np.repeat(rows, k, axis=0)  # row i*k + j: item i, seed j
         seed = seeds.reshape(n * k, classes).astype(_ORT_DTYPES.get(seed_spec.type, np.float32))
