@@ -283,7 +283,8 @@ class OrtBackend:
             part = rows[i:i + step]
             n = len(part)
             pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
-            feed = {start.name: np.ascontiguousarray(_pad(part, pad))}
+            # Methods hand float32 rows (their dtype rule) to float16 heads too.
+            feed = {start.name: np.ascontiguousarray(_pad(part, pad), dtype=_ORT_DTYPES.get(start.type, part.dtype))}
             for spec in frontier:
                 dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
                 feed[spec.name] = np.zeros([n + pad, *dims[1:]], _ORT_DTYPES.get(spec.type, np.float32))
