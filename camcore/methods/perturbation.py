@@ -20,6 +20,12 @@ Inputs are never modified.
 Cost in runs per image (``K`` channels, ``h x w`` feature map):
 ``ablationcam`` K + 1 head runs, ``reciprocam`` h*w head runs, ``scorecam`` K (or
 ``max_channels``) full model runs.
+
+Where the head starts with a whole-map average pooling, ``ablationcam`` and
+``reciprocam`` take ``run_pooled((M, K) spatial means) -> (M, C)``: their copies pool to
+vectors known in advance, so the head runs on ``(M, K)`` rows instead of ``(M, K, h, w)``
+maps, with the same result.  Otherwise each head run gets at most `CHUNK_BYTES` of
+copies, made in one buffer reused from run to run.
 """
 
 from __future__ import annotations
