@@ -5,7 +5,7 @@ logits and the feature tensor that `onnx_graph.find_head` located:
 
 * ``cam_classes`` ``(N, k)`` int64: TopK on the logits (largest, sorted);
 * ``cam_scores`` ``(N, k)`` float32: softmax probabilities of those classes
-  (``exp(logit - logsumexp(logits))``), or their sigmoid for multi-label heads;
+  (``exp(logit - max) / sum(exp(logits - max))``), or their sigmoid for multi-label heads;
 * ``cam_maps`` ``(N, k, h, w)`` float32, or ``(N, k, H, W)`` with a `size`:
   Gather of the recovered classifier weights at the classes, a batched MatMul
   with the features, then optionally a half-pixel bilinear resize (two MatMuls
@@ -334,7 +334,7 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, metho
     Op sequence added to the graph (all names start with ``cam_``)::
 
         logits -> [Cast] -> [Flatten] -> TopK ---------------> cam_classes
-                                      \\-> ReduceLogSumExp -> Sub -> Exp
+                                      \\-> Exp(top - max) / ReduceSum(Exp(logits - max))
                                           (or Sigmoid) ------> cam_scores
         method="cam":
           cam_weights (C, K) -Gather(cam_classes)-> (N, k, K)
@@ -431,8 +431,12 @@ def fuse(model=None, *, top_k: int = 1, size=None, normalize: bool = True, metho
     if head.scoring == "sigmoid":
         b.op("Sigmoid", [values], "scores")
     else:
-        lse = b.reduce("ReduceLogSumExp", logits, [1], "logsumexp")
-        b.op("Exp", [b.op("Sub", [values, lse], "log_scores")], "scores")
+        # exp(v - max) / sum(exp(logits - max)), not ReduceLogSumExp: OpenVINO 2026.4 reduces
+        # ReduceLogSumExp with an axes attribute (opsets < 18) over every axis.
+        top = b.reduce("ReduceMax", logits, [1], "logits_max")
+        every = b.op("Exp", [b.op("Sub", [logits, top], "logits_shifted")], "exp_all")
+        total = b.reduce("ReduceSum", every, [1], "exp_sum")
+        b.op("Div", [b.op("Exp", [b.op("Sub", [values, top], "top_shifted")], "exp_top"), total], "scores")
 
     if method == "cam":
         maps, out_hw = _class_maps(b, head, g)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from camcore.errors import CamError, missing_dependency
 
-__all__ = ["import_onnxruntime", "provider_name", "resolve_providers", "make_session"]
+__all__ = ["import_onnxruntime", "provider_name", "resolve_providers", "make_session", "OrtRuntime"]
 
 _ALIASES = {
     "cpu": "CPUExecutionProvider",
@@ -70,3 +70,49 @@ def make_session(model, providers=None, *, options=None):
         return ort.InferenceSession(data, options, providers=providers)
     except Exception as exc:
         raise CamError(f"onnxruntime cannot create a session: {str(exc).splitlines()[0]}") from None
+
+
+class _OrtCompiled:
+    """An onnxruntime session behind `backends.runtime.Compiled`; `session` is the session itself."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def run(self, fetch, feed) -> list:
+        try:
+            return self.session.run(list(fetch), dict(feed))
+        except Exception as exc:
+            raise CamError(f"onnxruntime failed: {str(exc).splitlines()[0]}") from None
+
+
+class OrtRuntime:
+    """The onnxruntime adapter (`backends.runtime.Runtime`): sessions on `providers`.
+
+    onnxruntime runs each op at the model's own types: `precision` may only be None
+    or ``"f32"`` (use OpenVINO, or a converted model, for lower precisions).
+    Head and gradient sessions made with the default options do not spin: their idle
+    threads would compete with the forward session's for the cores (on 2 CPU cores
+    that doubled Grad-CAM's overhead).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, providers=None, *, session_options=None, precision=None):
+        ort = import_onnxruntime()
+        if precision not in (None, "f32"):
+            raise CamError(f"precision must be None or 'f32' on onnxruntime (it runs the model's own types), "
+                           f"got {precision!r}; use backend='openvino' for bf16 or f16")
+        self.version = ort.__version__
+        self.providers = resolve_providers(providers)
+        self.session_options = session_options
+
+    def compile(self, model, *, role: str = "model") -> _OrtCompiled:
+        options = self.session_options
+        if options is None and role != "model":
+            options = import_onnxruntime().SessionOptions()
+            options.log_severity_level = 3
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return _OrtCompiled(make_session(model, self.providers, options=options))
+
+    def precision(self, compiled) -> str:
+        return "f32"

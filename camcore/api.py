@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 
 from .backend import get_backend
+from .errors import CamError
 from .explainer import Explainer
 from .preprocess import Preprocess
 
@@ -12,7 +13,8 @@ __all__ = ["load", "fuse", "candidate_layers", "available_providers"]
 
 
 def load(model=None, *, providers=None, feature=None, logits=None, backend: str = "onnxruntime",
-         output=None, preprocess: Preprocess | None = None, class_names=None, batch_size: int = 32) -> Explainer:
+         output=None, preprocess: Preprocess | None = None, class_names=None, batch_size: int = 32,
+         device: str | None = None, precision: str | None = None) -> Explainer:
     """Load a model and find its CAM head.
 
     Parameters
@@ -35,6 +37,14 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
     class_names : sequence of str, optional
     batch_size : int
         Chunk size for large batches.
+    device : str, optional
+        The runtime's device, for runtimes that take one: OpenVINO's ``"CPU"`` (its
+        default), ``"GPU"``, ``"NPU"``, ``"AUTO"``.  onnxruntime picks devices by `providers`.
+    precision : {None, "f32", "bf16", "f16"}
+        None runs the model as the runtime deploys it: onnxruntime at the model's own
+        types, OpenVINO at the device's default (bf16 on CPUs with AVX512-BF16 or
+        AMX).  The others set OpenVINO's ``INFERENCE_PRECISION_HINT``; onnxruntime
+        accepts only ``"f32"``.  ``explainer.backend.precision`` says what ran.
 
     Returns
     -------
@@ -64,8 +74,11 @@ def load(model=None, *, providers=None, feature=None, logits=None, backend: str 
         model = default_model.path()
         preprocess = preprocess or default_model.preprocess()
         class_names = class_names if class_names is not None else default_model.class_names()
+    if precision is not None and precision not in ("f32", "bf16", "f16"):
+        raise CamError(f"precision must be None (the runtime's default), 'f32', 'bf16' or 'f16', got {precision!r}")
     factory = get_backend(backend)
-    runtime = factory(model, providers=providers, feature=feature, logits=logits, output=output)
+    chosen = {k: v for k, v in (("device", device), ("precision", precision)) if v is not None}
+    runtime = factory(model, providers=providers, feature=feature, logits=logits, output=output, **chosen)
     source = str(model) if not hasattr(model, "SerializeToString") else None
     return Explainer(runtime, preprocess=preprocess, class_names=class_names, batch_size=batch_size,
                      source=source)

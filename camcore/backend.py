@@ -133,8 +133,10 @@ class Backend(Protocol):
 
 
 # name -> "module:attribute" or a factory; a factory is called as
-# factory(model, providers=..., feature=..., logits=...) and returns a Backend.
-_REGISTRY: dict[str, Any] = {"onnxruntime": "backends.ort_session:OrtBackend"}
+# factory(model, providers=..., feature=..., logits=..., output=...) and returns a Backend;
+# `device=` and `precision=` are passed too when the caller gives them.
+_REGISTRY: dict[str, Any] = {"onnxruntime": "backends.ort_session:OrtBackend",
+                             "openvino": "backends.ov_session:OvBackend"}
 
 
 def register_backend(name: str, factory: Callable[..., Backend] | str) -> None:

@@ -141,6 +141,21 @@ def _providers(num_gpus) -> list:
     return ["cuda", "cpu"] if num_gpus else ["cpu"]
 
 
+def _runtime(backend="onnxruntime", device=None, precision=None) -> dict:
+    """The `camcore.load` arguments that pick the runtime, as the actors get them."""
+    return {"backend": backend, "device": device, "precision": precision}
+
+
+def _load_in_actor(model, providers, feature, runtime):
+    """`camcore.load` in an actor: onnxruntime's providers apply to onnxruntime only."""
+    from .api import load
+
+    runtime = runtime or _runtime()
+    if runtime.get("backend", "onnxruntime") != "onnxruntime":
+        providers = None
+    return load(model, providers=providers, feature=feature, **runtime)
+
+
 class ExplainBatch:
     """The ``map_batches`` callable: one model per actor, one batch of images per call.
 
@@ -152,10 +167,8 @@ class ExplainBatch:
     """
 
     def __init__(self, model, *, providers, feature=None, options: dict, maps=False, output: str = "columns",
-                 image_format: str = "auto"):
-        from .api import load
-
-        self.explainer = load(model, providers=providers, feature=feature)
+                 image_format: str = "auto", runtime=None):
+        self.explainer = _load_in_actor(model, providers, feature, runtime)
         self.options, self.maps, self.output, self.image_format = options, maps, output, image_format
 
     def __call__(self, batch: dict):
@@ -217,7 +230,8 @@ class ExplainBatch:
 
 def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, preprocess: Preprocess | None = None,
                     batch_size: int = 64, concurrency=1, num_gpus: float = 0, maps=False, threshold: float = 0.2,
-                    upsample: str = "bilinear", num_cpus: float = 1, feature: str | None = None):
+                    upsample: str = "bilinear", num_cpus: float = 1, feature: str | None = None,
+                    backend: str = "onnxruntime", device: str | None = None, precision: str | None = None):
     """Explain every image of a Ray Dataset (CAM or another `method`) on a pool of Ray actors.
 
     Each actor loads the model once (``concurrency`` actors, ``num_gpus`` GPUs
@@ -256,6 +270,10 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
         GPUs per actor; 0 runs on CPUs.
     feature : str, optional
         Target layer (`camcore.load`'s `feature`).
+    backend, device, precision : str, optional
+        The runtime each actor loads the model on (`camcore.load`'s): e.g.
+        ``backend="openvino", precision="f32"``.  onnxruntime's providers apply to
+        onnxruntime only.
     num_cpus : float
         CPUs Ray reserves per actor.  Leave some to the read tasks of `ds`
         (``concurrency * num_cpus`` below the cluster's CPUs, or read with
@@ -290,6 +308,7 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
         model = str(Path(model).resolve())  # actors do not share the driver's working directory
     return _map(ds, ExplainBatch, batch_size=int(batch_size), concurrency=concurrency, num_gpus=num_gpus,
                 num_cpus=num_cpus, model=model, providers=_providers(num_gpus), feature=feature, options=options,
+                runtime=_runtime(backend, device, precision),
                 maps="full" if maps is True else maps, output="columns")
 
 
@@ -403,7 +422,7 @@ class _Blocks:
 
 def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 64, concurrency=1,
                   num_gpus: float = 0, providers=None, address=None, feature=None, image_format: str = "auto",
-                  progress=None) -> list:
+                  progress=None, backend: str = "onnxruntime", device=None, precision=None) -> list:
     """Explain image files on Ray and write their overlays into `out`: the engine of ``--engine ray``.
 
     Returns the results.json records in the order of `paths`, the same as the local
@@ -455,7 +474,8 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
             ds = path_dataset(sorted(owner), concurrency, batch_size=batch_size)
             ds = _map(ds, ExplainBatch, batch_size=batch_size, concurrency=concurrency, num_gpus=num_gpus,
                       model=model, providers=providers or _providers(num_gpus), feature=feature,
-                      options=options, maps=False, output="cli", image_format=image_format)
+                      options=options, maps=False, output="cli", image_format=image_format,
+                      runtime=_runtime(backend, device, precision))
             for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                 for path, record, overlay in zip(*(batch.column(c).to_pylist() for c in ("path", "record", "overlay"))):
                     given = owner[path]
@@ -471,10 +491,8 @@ def explain_files(model, paths: list, out, *, options: dict, batch_size: int = 6
 class EvaluateBatch:
     """The ``map_batches`` callable of ``camcore eval --engine ray``: the counts of pickled sample batches."""
 
-    def __init__(self, model, *, providers, feature, scorer):
-        from .api import load
-
-        self.explainer = load(model, providers=providers, feature=feature)
+    def __init__(self, model, *, providers, feature, scorer, runtime=None):
+        self.explainer = _load_in_actor(model, providers, feature, runtime)
         self.scorer = scorer
 
     def __call__(self, batch: dict):
@@ -488,7 +506,8 @@ class EvaluateBatch:
         return pa.table({"counts": pa.array(counts, pa.binary())})
 
 
-def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None):
+def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None, feature=None,
+                    backend: str = "onnxruntime", device=None, precision=None):
     """An `engine` for `camcore.evaluation.evaluate` that runs the batches on a Ray actor pool.
 
     Call it inside `ray_session`.  Images (and masks, and ``save_maps``) are read from
@@ -502,7 +521,8 @@ def evaluate_engine(model, *, concurrency=1, num_gpus: float = 0, providers=None
         ray = import_ray()
         ds = ray.data.from_items([{"samples": pickle.dumps((i, b))} for i, b in enumerate(batches)])
         ds = _map(ds, EvaluateBatch, batch_size=1, concurrency=concurrency, num_gpus=num_gpus, model=model,
-                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer)
+                  providers=providers or _providers(num_gpus), feature=feature, scorer=scorer,
+                  runtime=_runtime(backend, device, precision))
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             for blob in batch.column("counts").to_pylist():
                 yield pickle.loads(blob)

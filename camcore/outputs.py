@@ -22,6 +22,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "write_json",
+    "runtime_of",
     "encode_image",
     "overlay_format",
     "title_strip",
@@ -220,9 +221,26 @@ def _record(path, result, explainer) -> dict:
     return {"path": path, "width": width, "height": height, "error": None, "classes": classes}
 
 
-def _results(model, threshold, records, method="cam") -> dict:
-    return {"model": str(model if model is not None else "embedded:efficientnet_lite0"),
-            "method": method, "threshold": threshold, "images": records}
+def runtime_of(explainer) -> dict:
+    """Which runtime ran: ``{"backend", "version", "devices", "precision"}`` (the precision read back from it).
+
+    A backend without a `runtime` (a fake, a third-party one) reports what it has, else None.
+    """
+    backend = explainer.backend
+    runtime = getattr(backend, "runtime", None)
+    devices = getattr(backend, "providers", None)
+    return {"backend": getattr(runtime, "name", type(backend).__name__),
+            "version": getattr(runtime, "version", None),
+            "devices": list(devices) if devices is not None else [],
+            "precision": getattr(backend, "precision", None)}
+
+
+def _results(model, threshold, records, method="cam", runtime=None) -> dict:
+    results = {"model": str(model if model is not None else "embedded:efficientnet_lite0"),
+               "method": method, "threshold": threshold, "images": records}
+    if runtime is not None:
+        results["runtime"] = runtime
+    return results
 
 
 def write_results(out: Path, results: dict, fmt: str = "json") -> Path:
@@ -244,7 +262,8 @@ def write_results(out: Path, results: dict, fmt: str = "json") -> Path:
     schema = pa.schema([("path", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
                         ("error", pa.string()), ("classes", pa.list_(cls)), ("overlay", pa.string())],
                        metadata={"model": results["model"], "method": results["method"],
-                                 "threshold": str(results["threshold"])})
+                                 "threshold": str(results["threshold"]),
+                                 **({"runtime": json.dumps(results["runtime"])} if "runtime" in results else {})})
     table = pa.Table.from_pylist([{**{"overlay": None}, **r} for r in results["images"]], schema=schema)
     buffer = pa.BufferOutputStream()
     pq.write_table(table, buffer)

@@ -16,3 +16,51 @@ def gap_linear_head(features, weights, bias, layout="NCHW", seeds=None):
     per_channel = (seeds @ weights / (h * w)).astype(features.dtype)  # (M, k, K)
     expand = per_channel[..., None, None] if layout == "NCHW" else per_channel[:, :, None, None, :]
     return np.broadcast_to(expand, (*seeds.shape[:2], *features.shape[1:])).copy()
+
+
+# ----------------------------------------------------------------- runtimes
+
+# Every backend-level suite runs on each of these (the `backend_name` fixture of tests/conftest.py).
+BACKENDS = ("onnxruntime", "openvino")
+
+
+def load_on(backend, model=None, **kwargs):
+    """`camcore.load` on `backend`: OpenVINO at f32 (for equality checks), without onnxruntime's providers."""
+    import camcore
+
+    if backend != "onnxruntime":
+        kwargs.pop("providers", None)
+        kwargs.setdefault("precision", "f32")
+    return camcore.load(model, backend=backend, **kwargs)
+
+
+class ReferenceRuntime:
+    """A third runtime in a few lines: onnx's reference evaluator behind `backends.runtime.Runtime`.
+
+    It shows what an adapter takes (compile and run ONNX, nothing else): `GraphBackend`
+    on it explains models with every method.
+    """
+
+    name = "onnx-reference"
+
+    def __init__(self):
+        import onnx
+
+        self.version = onnx.__version__
+        self.compiled = []
+
+    def compile(self, model, *, role="model"):
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(onnx.load_from_string(model))
+        self.compiled.append(role)
+
+        class Compiled:
+            def run(self, fetch, feed):
+                return [np.array(a) for a in evaluator.run(list(fetch), dict(feed))]
+
+        return Compiled()
+
+    def precision(self, compiled):
+        return "f32"

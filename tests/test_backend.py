@@ -1,4 +1,4 @@
-"""The ONNX backend against the fixture zoo: head discovery, the CAM oracle, refusals, errors."""
+"""The ONNX backends against the fixture zoo: head discovery, the CAM oracle, refusals, errors (on every runtime)."""
 
 import numpy as np
 import onnx
@@ -8,6 +8,7 @@ import pytest
 import camcore
 from camcore import CamError, InvalidInput, NotCamCompatible
 from backends import onnx_graph
+from tests.fakes import BACKENDS, load_on
 from tests.zoo import CASES, REFUSED, hot_spot_input
 
 ALIASES = {  # tensors that hold the same values as the zoo's "logits" (through Flatten/Squeeze/Cast)
@@ -35,10 +36,12 @@ def reference_logits(zm, x):
     return first
 
 
-@pytest.fixture(scope="module", params=sorted(CASES))
+@pytest.fixture(scope="module", params=[(b, name) for b in BACKENDS for name in sorted(CASES)],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request):
-    zm = CASES[request.param]()
-    return zm, camcore.load(zm.model, providers=["CPUExecutionProvider"])
+    backend, name = request.param
+    zm = CASES[name]()
+    return zm, load_on(backend, zm.model, providers=["CPUExecutionProvider"])
 
 
 def test_head_found(case):
@@ -85,13 +88,13 @@ def test_top_k_scores(case):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_refused_by_cam_with_one_line_reason(name):
+def test_refused_by_cam_with_one_line_reason(name, backend_name):
     """CAM refuses these heads; loading still succeeds, for the gradient methods."""
     zm = REFUSED[name]()
     with pytest.raises(NotCamCompatible, match=zm.refuse) as info:
         onnx_graph.find_head(zm.model)
     assert "\n" not in str(info.value)
-    ex = camcore.load(zm.model)
+    ex = load_on(backend_name, zm.model)
     assert not ex.head.affine and ex.head.cam_refusal == str(info.value)
     with pytest.raises(NotCamCompatible, match=zm.refuse):
         ex.explain(zm.random_input(0), method="cam")
@@ -100,9 +103,9 @@ def test_refused_by_cam_with_one_line_reason(name):
 
 @pytest.mark.parametrize("name", ["hot_spot_nchw", "hot_spot_nhwc"])
 @pytest.mark.parametrize("y, x", [(0, 0), (2, 5), (8, 6), (4, 1)])
-def test_orientation(name, y, x):
+def test_orientation(name, y, x, backend_name):
     zm = CASES[name]()
-    ex = camcore.load(zm.model)
+    ex = load_on(backend_name, zm.model)
     out = ex.explain(hot_spot_input(zm, y, x), classes=[0])
     maps = out.maps[:, 0]
     assert maps.shape[1:] == (9, 7)
@@ -111,9 +114,9 @@ def test_orientation(name, y, x):
         assert np.count_nonzero(m) == 1
 
 
-def test_explain_chunking_is_invisible():
+def test_explain_chunking_is_invisible(backend_name):
     zm = CASES["dynamic_batch"]()
-    ex = camcore.load(zm.model)
+    ex = load_on(backend_name, zm.model)
     x = zm.random_input(3, (11, *zm.input_shape[1:]))
     whole = ex.explain(x, top_k=3, batch_size=64)
     chunked = ex.explain(x, top_k=3, batch_size=4)
@@ -122,9 +125,9 @@ def test_explain_chunking_is_invisible():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_per_item_classes():
+def test_per_item_classes(backend_name):
     zm = CASES["dynamic_batch"]()
-    ex = camcore.load(zm.model)
+    ex = load_on(backend_name, zm.model)
     x = zm.random_input(1, (3, *zm.input_shape[1:]))
     classes = np.array([[0, 4], [1, 1], [3, 2]])
     out = ex.explain(x, classes=classes)
@@ -137,18 +140,18 @@ def test_per_item_classes():
         ex.explain(x, classes=np.zeros((2, 1), int))
 
 
-def test_external_data_loads_from_its_folder(tmp_path):
+def test_external_data_loads_from_its_folder(tmp_path, backend_name):
     zm = CASES["external_data"]()
     path = zm.save(tmp_path)
     assert (tmp_path / f"{zm.name}.onnx.data").is_file()
-    ex = camcore.load(path)
+    ex = load_on(backend_name, path)
     np.testing.assert_allclose(ex.head.weights, zm.weights, atol=1e-5)
     (tmp_path / f"{zm.name}.onnx.data").unlink()
     with pytest.raises(CamError, match="external data file missing"):
-        camcore.load(path)
+        load_on(backend_name, path)
 
 
-def test_external_data_cannot_escape_the_folder(tmp_path):
+def test_external_data_cannot_escape_the_folder(tmp_path, backend_name):
     zm = CASES["external_data"]()
     inner = tmp_path / "model"
     inner.mkdir()
@@ -160,20 +163,20 @@ def test_external_data_cannot_escape_the_folder(tmp_path):
                 entry.value = f"../{entry.value}"
     onnx.save(model, inner / "escaping.onnx")
     with pytest.raises(CamError, match="outside the model folder"):
-        camcore.load(inner / "escaping.onnx")
+        load_on(backend_name, inner / "escaping.onnx")
 
 
 @pytest.mark.parametrize("content", [b"", b"not an onnx model at all \x00\xff\x13", b"\x08\x07\x12\x04junk"])
-def test_corrupt_file(tmp_path, content):
+def test_corrupt_file(tmp_path, content, backend_name):
     path = tmp_path / "bad.onnx"
     path.write_bytes(content)
     with pytest.raises(CamError, match="bad.onnx"):
-        camcore.load(path)
+        load_on(backend_name, path)
 
 
-def test_missing_file(tmp_path):
+def test_missing_file(tmp_path, backend_name):
     with pytest.raises(CamError, match="model file not found"):
-        camcore.load(tmp_path / "nope.onnx")
+        load_on(backend_name, tmp_path / "nope.onnx")
 
 
 def test_unknown_provider():
@@ -184,9 +187,9 @@ def test_unknown_provider():
     assert ex.backend.providers == ["CPUExecutionProvider"]
 
 
-def test_wrong_input_shape_and_dtype():
+def test_wrong_input_shape_and_dtype(backend_name):
     zm = CASES["gap_gemm"]()
-    ex = camcore.load(zm.model)
+    ex = load_on(backend_name, zm.model)
     x = zm.random_input()
     with pytest.raises(InvalidInput, match=r"input 'input' must be float32 with shape \(2, 3, 8, 8\), got float64"):
         ex.explain(x.astype(np.float64))
@@ -194,29 +197,29 @@ def test_wrong_input_shape_and_dtype():
         ex.explain(np.zeros((2, 3, 8, 9), np.float32))
 
 
-def test_overrides():
+def test_overrides(backend_name):
     zm = CASES["two_outputs_prob_embedding"]()
-    ex = camcore.load(zm.model, feature=zm.feature, logits=zm.logits)
+    ex = load_on(backend_name, zm.model, feature=zm.feature, logits=zm.logits)
     assert (ex.head.feature, ex.head.logits) == (zm.feature, zm.logits)
     with pytest.raises(CamError, match="feature tensor 'nope' not found"):
-        camcore.load(zm.model, feature="nope")
+        load_on(backend_name, zm.model, feature="nope")
 
 
-def test_load_from_path_equals_in_memory(tmp_path):
+def test_load_from_path_equals_in_memory(tmp_path, backend_name):
     zm = CASES["nhwc_reducemean"]()
-    a = camcore.load(zm.save(tmp_path))
-    b = camcore.load(zm.model)
+    a = load_on(backend_name, zm.save(tmp_path))
+    b = load_on(backend_name, zm.model)
     np.testing.assert_array_equal(a.head.weights, b.head.weights)
     assert a.source == str(tmp_path / "nhwc_reducemean.onnx") and b.source is None
 
 
 @pytest.mark.parametrize("opset", [7, 8, 9])
-def test_old_opsets_without_inferred_shapes(opset):
+def test_old_opsets_without_inferred_shapes(opset, backend_name):
     """Old graphs (Caffe2-era opsets): shape inference finds no channel count; one run does."""
     from tests.zoo import _build
 
     zm = _build(f"opset{opset}", opset=opset)
-    ex = camcore.load(zm.model)
+    ex = load_on(backend_name, zm.model)
     assert ex.head.feature_shape[1:] == (8, 8, 8)
     np.testing.assert_allclose(ex.head.weights, zm.weights, atol=1e-5)
     x = zm.random_input()
@@ -229,7 +232,7 @@ def test_old_opsets_without_inferred_shapes(opset):
 
 
 @pytest.mark.parametrize("fixed", [1, 2])
-def test_fixed_batch_models_take_any_number_of_items(fixed):
+def test_fixed_batch_models_take_any_number_of_items(fixed, backend_name):
     """gap_gemm is exported with batch 2; chunks are cut to the model's batch and the last one padded."""
     zm = CASES["gap_gemm"]() if fixed == 2 else CASES["reshape_const"]()
     model = zm.model
@@ -237,7 +240,7 @@ def test_fixed_batch_models_take_any_number_of_items(fixed):
         model = onnx.ModelProto()
         model.CopyFrom(zm.model)
         model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 1
-    ex = camcore.load(model)
+    ex = load_on(backend_name, model)
     assert ex.fixed_batch == fixed
     x = zm.random_input(4, (5, *zm.input_shape[1:]))
     out = ex.explain(x, classes=range(5), batch_size=64)

@@ -18,6 +18,7 @@ import pytest
 import camcore
 from camcore import NotCamCompatible
 from tests import corpus
+from tests.fakes import load_on
 
 RTOL = 1e-4
 ENTRIES = corpus.manifest()
@@ -43,13 +44,13 @@ def test_corpus_built(framework):
 
 
 @pytest.fixture(scope="module")
-def case(request):
-    """One export, loaded once for all the tests that use it (pytest groups them by entry)."""
+def case(request, backend_name):
+    """One export, loaded once per runtime for all the tests that use it (pytest groups them by entry)."""
     entry = corpus.load(request.param)
     corpus.require(entry["framework"])
     explainer, error = None, None
     try:
-        explainer = camcore.load(entry["path"], providers=["cpu"])
+        explainer = load_on(backend_name, entry["path"], providers=["cpu"])
     except camcore.CamError as exc:
         error = exc
     return entry, explainer, error

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import camcore
+from tests.fakes import load_on
 
 corpus = pytest.importorskip("tests.corpus", reason="tests/corpus.py (the real-export corpus) is not in this checkout")
 
@@ -27,12 +28,12 @@ def _nchw(array: np.ndarray, layout: str) -> np.ndarray:
 
 
 @pytest.mark.parametrize("entry", CNNS, ids=corpus.entry_id)
-def test_gradients_match_framework_autograd(entry):
+def test_gradients_match_framework_autograd(entry, backend_name):
     """``|g_camcore - g| <= 1e-4 max|g|`` at the framework's own feature layer, per export."""
     corpus.require(entry["framework"])
     case = corpus.load(entry)
     d = case["data"]
-    explainer = camcore.load(case["path"], providers=["cpu"])
+    explainer = load_on(backend_name, case["path"], providers=["cpu"])
     assert explainer.resolve_method("auto") == ("cam" if entry["affine"] else "gradcam")
     g = explainer.gradients({explainer.head.input.name: d["x"]}, classes=d["grad_classes"][:, None])
     features = _nchw(g.features.astype(np.float64), g.layout)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import camcore
+from tests.fakes import load_on
 from camcore import NotCamCompatible
 
 corpus = pytest.importorskip("tests.corpus", reason="tests/corpus.py (the real-export corpus) is not in this checkout")
@@ -25,11 +26,11 @@ def _close(actual, expected, rtol=RTOL):
 
 
 @pytest.mark.parametrize("entry", ENTRIES, ids=corpus.entry_id)
-def test_forward_only_methods_on_real_exports(entry):
+def test_forward_only_methods_on_real_exports(entry, backend_name):
     corpus.require(entry["framework"])
     case = corpus.load(entry)
     try:
-        explainer = camcore.load(case["path"], providers=["cpu"])
+        explainer = load_on(backend_name, case["path"], providers=["cpu"])
     except NotCamCompatible:
         assert entry["pooling"] == "token" or not entry["affine"]  # no 4-D target layer: nothing to perturb
         return

@@ -1,5 +1,6 @@
-"""Fused CAM graphs: full ONNX checking, runs under plain onnxruntime in a process that never
-imports camcore, and agreement with the NumPy path (`Explainer.explain` + `upsample` + `normalize`)."""
+"""Fused CAM graphs: full ONNX checking, runs under plain onnxruntime and plain OpenVINO in a process
+that never imports camcore, and agreement with the NumPy path (`Explainer.explain` + `upsample` +
+`normalize`) on the same runtime."""
 
 import json
 import subprocess
@@ -21,6 +22,7 @@ from backends.fuse_graph import OUTPUTS, _extreme_rows, fuse
 from camcore import CamError, InvalidInput, NotCamCompatible, default_model
 from camcore.explainer import softmax
 from camcore.maps import resize_matrix
+from tests.fakes import BACKENDS, load_on
 from tests.zoo import CASES, NUM_CLASSES, REFUSED, _build, hot_spot_input
 
 DYNAMO = Path(__file__).parent / "models" / "efficientnet_lite0_dynamo.onnx"
@@ -44,9 +46,30 @@ RUNNER = textwrap.dedent("""
     np.savez(sys.argv[2], **results)
 """)
 
+# The same under OpenVINO alone (at f32, for equality checks), outputs fetched by their ONNX names.
+OV_RUNNER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import openvino as ov
 
-def run_plain(directory, jobs):
-    """Run ``{key: (model, [feed, ...])}`` in a fresh interpreter with onnxruntime only.
+    core = ov.Core()
+    results = {}
+    for job in json.load(open(sys.argv[1])):
+        feeds = np.load(job["feeds"])
+        compiled = core.compile_model(core.read_model(job["model"]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        request = compiled.create_infer_request()
+        for i in range(job["count"]):
+            out = request.infer({name: feeds[f"{i}.{name}"] for name in job["inputs"]})
+            for name in job["outputs"]:
+                results[f"{job['key']}|{i}|{name}"] = np.array(out[compiled.output(name)])
+    assert "camcore" not in sys.modules and "backends" not in sys.modules, sorted(sys.modules)
+    np.savez(sys.argv[2], **results)
+""")
+RUNNERS = {"onnxruntime": RUNNER, "openvino": OV_RUNNER}
+
+
+def run_plain(directory, jobs, runtime="onnxruntime"):
+    """Run ``{key: (model, [feed, ...])}`` in a fresh interpreter with `runtime` only (onnxruntime or openvino).
 
     Returns ``{key: [{output name: array}, ...]}``, one dict per feed.
     """
@@ -56,10 +79,10 @@ def run_plain(directory, jobs):
         onnx.save_model(model, model_path)
         np.savez(feeds_path, **{f"{i}.{name}": v for i, feed in enumerate(feeds) for name, v in feed.items()})
         manifest.append(dict(key=key, model=str(model_path), feeds=str(feeds_path), count=len(feeds),
-                             inputs=sorted(feeds[0])))
+                             inputs=sorted(feeds[0]), outputs=[o.name for o in model.graph.output]))
     (directory / "jobs.json").write_text(json.dumps(manifest))
     out = directory / "results.npz"
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(directory / "jobs.json"), str(out)],
+    done = subprocess.run([sys.executable, "-c", RUNNERS[runtime], str(directory / "jobs.json"), str(out)],
                           cwd=directory, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     results = {key: [{} for _ in feeds] for key, (_, feeds) in jobs.items()}
@@ -101,23 +124,25 @@ class Matrix:
     feeds: dict = field(default_factory=dict)
     fused: dict = field(default_factory=dict)
     results: dict = field(default_factory=dict)
+    runtime: str = "onnxruntime"
 
 
-@pytest.fixture(scope="module")
-def matrix(tmp_path_factory):
-    """Every zoo case fused in every configuration, all run in one plain-onnxruntime process."""
+@pytest.fixture(scope="module", params=BACKENDS)
+def matrix(tmp_path_factory, request):
+    """Every zoo case fused in every configuration, all run in one plain-runtime process (per runtime)."""
     m, jobs = Matrix(), {}
+    m.runtime = request.param
     for name in sorted(CASES):
         zm = CASES[name]()
         m.zoo[name] = zm
-        m.explainers[name] = camcore.load(zm.model, providers=["CPUExecutionProvider"])
+        m.explainers[name] = load_on(m.runtime, zm.model, providers=["CPUExecutionProvider"])
         shapes = (zm.input_shape, *zm.other_input_shapes)
         m.feeds[name] = [{zm.input_name: zm.random_input(seed, shape)} for seed, shape in enumerate(shapes)]
         jobs[(name, "plain")] = (zm.model, m.feeds[name])
         for config, kw in CONFIGS.items():
             m.fused[name, config] = fuse(zm.model, **kw)
             jobs[(name, config)] = (m.fused[name, config], m.feeds[name])
-    flat = run_plain(tmp_path_factory.mktemp("fuse_matrix"), {"/".join(k): v for k, v in jobs.items()})
+    flat = run_plain(tmp_path_factory.mktemp("fuse_matrix"), {"/".join(k): v for k, v in jobs.items()}, m.runtime)
     m.results = {tuple(k.split("/")): v for k, v in flat.items()}
     return m
 
@@ -207,7 +232,7 @@ def test_fp16_fused_math_exact(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["embedded", "dynamo"])
-def test_efficientnet_lite0(tmp_path, source):
+def test_efficientnet_lite0(tmp_path, source, backend_name):
     model = None if source == "embedded" else DYNAMO
     fused = fuse(model, top_k=3, size="input")
     onnx.checker.check_model(fused, full_check=True)
@@ -217,10 +242,10 @@ def test_efficientnet_lite0(tmp_path, source):
     assert dims == ["batch", 3, 224, 224]
     plain = onnx.load(str(default_model.path() if model is None else model))
     assert (fused.ir_version, list(fused.opset_import)) == (plain.ir_version, list(plain.opset_import))
-    ex = camcore.load(model, providers=["CPUExecutionProvider"])
+    ex = load_on(backend_name, model, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     feeds = [{"input": rng.standard_normal((n, 3, 224, 224)).astype(np.float32)} for n in (1, 3)]
-    results = run_plain(tmp_path, {"fused": (fused, feeds), "plain": (plain, feeds)})
+    results = run_plain(tmp_path, {"fused": (fused, feeds), "plain": (plain, feeds)}, backend_name)
     for feed, got, base in zip(feeds, results["fused"], results["plain"]):
         e, want = reference(ex, feed["input"], top_k=3, size="input")
         assert got["cam_maps"].shape == (len(feed["input"]), 3, 224, 224)

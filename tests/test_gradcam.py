@@ -12,20 +12,21 @@ import pytest
 import camcore
 from camcore import InvalidInput, NotCamCompatible
 from camcore.methods import GRADIENT_METHODS
+from tests.fakes import load_on
 from tests.test_fuse import reference, run_plain
 from tests.zoo import CASES, REFUSED
 
 NUMPY_DTYPES = {np.float16: 2e-3, np.float32: 1e-5}
 
 
-def _load(zm, **kwargs):
-    return camcore.load(zm.model, providers=["cpu"], **kwargs)
+def _load(zm, backend="onnxruntime", **kwargs):
+    return load_on(backend, zm.model, providers=["cpu"], **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_gradcam_is_relu_cam_over_hw_across_the_zoo(name):
+def test_gradcam_is_relu_cam_over_hw_across_the_zoo(name, backend_name):
     zm = CASES[name]()
-    ex = _load(zm)
+    ex = _load(zm, backend_name)
     x = zm.random_input(0)
     k = min(3, ex.head.num_classes)
     cam = ex.explain(x, top_k=k, method="cam")
@@ -53,9 +54,9 @@ def _directional_check(ex, features, classes, rng, eps):
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_cam_refused_heads_get_gradients_matching_finite_differences(name):
+def test_cam_refused_heads_get_gradients_matching_finite_differences(name, backend_name):
     zm = REFUSED[name]()
-    ex = _load(zm)
+    ex = _load(zm, backend_name)
     x = zm.random_input(1)
     features, logits = ex.forward({zm.input_name: x})
     classes = np.argsort(-logits, axis=1)[:, :2]
@@ -65,21 +66,21 @@ def test_cam_refused_heads_get_gradients_matching_finite_differences(name):
     np.testing.assert_array_equal(out.classes, classes)
 
 
-def test_earlier_target_layer_and_bypassed_layer():
+def test_earlier_target_layer_and_bypassed_layer(backend_name):
     zm = CASES["gap_gemm"]()
-    ex = _load(zm, feature="conv_0")  # the Conv before the Relu that feeds the pooling
+    ex = _load(zm, backend_name, feature="conv_0")  # the Conv before the Relu that feeds the pooling
     assert ex.head.feature == "conv_0" and not ex.head.affine and ex.head.layout == "NCHW"
     features, logits = ex.forward({zm.input_name: zm.random_input(2)})
     _directional_check(ex, features, np.argsort(-logits, axis=1)[:, :3], np.random.default_rng(1), eps=1e-3)
     se = CASES["se_block_backbone"]()
     with pytest.raises(NotCamCompatible, match="bypassed"):
-        _load(se, feature="sigmoid_6")  # the SE gate: the logits also see the features it gates
+        _load(se, backend_name, feature="sigmoid_6")  # the SE gate: the logits also see the features it gates
 
 
 @pytest.mark.parametrize("method", sorted(GRADIENT_METHODS))
-def test_methods_batch_equals_item_by_item_and_public_gradients(method):
+def test_methods_batch_equals_item_by_item_and_public_gradients(method, backend_name):
     zm = REFUSED["conv_hardswish_after_pool"]()
-    ex = _load(zm)
+    ex = _load(zm, backend_name)
     x = np.concatenate([zm.random_input(s) for s in range(3)])
     batch = ex.explain(x, top_k=3, method=method, batch_size=4)
     for i in range(len(x)):
@@ -92,9 +93,9 @@ def test_methods_batch_equals_item_by_item_and_public_gradients(method):
     np.testing.assert_allclose(batch.maps, expected, rtol=1e-5, atol=1e-7)
 
 
-def test_method_validation():
+def test_method_validation(backend_name):
     zm = REFUSED["mlp_head"]()
-    ex = _load(zm)
+    ex = _load(zm, backend_name)
     with pytest.raises(InvalidInput, match="method must be one of .*'gradcam'.*got 'grad-cam'"):
         ex.explain(zm.random_input(0), method="grad-cam")
     with pytest.raises(NotCamCompatible, match="Relu"):

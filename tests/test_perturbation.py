@@ -11,6 +11,7 @@ from camcore import Explainer, InvalidInput
 from camcore.methods import eigencam
 from camcore.perturbation import ablationcam, reciprocam, scorecam
 from tests.test_explainer import FakeBackend, make
+from tests.fakes import load_on
 from tests.zoo import CASES
 
 FORWARD = ("ablationcam", "reciprocam", "scorecam")
@@ -173,9 +174,9 @@ ZOO = ["gap_gemm", "conv1x1_flatten", "batchnorm_4d", "nhwc_reducemean", "nhwc_t
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_zoo_closed_forms_and_item_by_item(name):
+def test_zoo_closed_forms_and_item_by_item(name, backend_name):
     zm = CASES[name]()
-    ex = camcore.load(zm.model, providers=["CPUExecutionProvider"], batch_size=4)
+    ex = load_on(backend_name, zm.model, providers=["CPUExecutionProvider"], batch_size=4)
     ex.method_options = {"scoring": "logits", "batch_size": 5}
     shape = zm.other_input_shapes[-1] if zm.other_input_shapes else zm.input_shape
     shape = (4, *shape[1:]) if ex.fixed_batch is None else shape
@@ -194,9 +195,9 @@ def test_zoo_closed_forms_and_item_by_item(name):
         np.testing.assert_allclose(together, alone, rtol=1e-5, atol=1e-6)
 
 
-def test_zoo_scorecam_matches_a_direct_computation():
+def test_zoo_scorecam_matches_a_direct_computation(backend_name):
     zm = CASES["gap_gemm"]()
-    ex = camcore.load(zm.model, providers=["CPUExecutionProvider"])
+    ex = load_on(backend_name, zm.model, providers=["CPUExecutionProvider"])
     x = zm.random_input(seed=4)
     out = ex.explain(x, classes=[1], method="scorecam")
     f, logits = ex.forward({ex.head.input.name: x})

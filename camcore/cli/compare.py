@@ -8,10 +8,10 @@ from pathlib import Path
 from ..compare import DEFAULT_METHODS, _method_list, compare, grid
 from ..errors import CamError
 from ..methods import METHODS
-from ..outputs import _unique_name, atomic_write_bytes, encode_image, write_json
+from ..outputs import _unique_name, atomic_write_bytes, encode_image, runtime_of, write_json
 from .console import EXIT_OK, Progress
-from .options import (PROVIDERS_HELP, add_preprocess_arguments, collect_images, fraction, positive_int,
-                      preprocess_from_args, provider_list)
+from .options import (add_preprocess_arguments, add_runtime_arguments, collect_images, fraction, positive_int,
+                      preprocess_from_args, runtime_options)
 
 __all__ = ["add_arguments", "main"]
 
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=fraction, default=0.2, metavar="T",
                         help="box threshold as a fraction of the map's max (default: 0.2)")
     parser.add_argument("--feature", metavar="NAME", help="target layer (default: found)")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     add_preprocess_arguments(parser)
 
@@ -52,7 +52,7 @@ def main(args) -> int:
     if not paths:
         raise CamError("no images given: camcore compare [MODEL.onnx] IMAGE_OR_FOLDER... --methods LIST")
     files = collect_images(paths)
-    explainer = load(model, providers=provider_list(args.providers), feature=args.feature)
+    explainer = load(model, feature=args.feature, **runtime_options(args))
     if args.max_channels is not None:
         explainer.method_options["max_channels"] = args.max_channels
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -78,7 +78,8 @@ def main(args) -> int:
                       for m, e in cells}})
     summary = {"model": str(model or "embedded:efficientnet_lite0"), "methods": result["methods"],
                "images": records, "seconds_per_image": result["seconds_per_image"],
-               "faithfulness": result["faithfulness"], "max_channels": args.max_channels}
+               "faithfulness": result["faithfulness"], "max_channels": args.max_channels,
+               "runtime": runtime_of(explainer)}
     write_json(out / "compare.json", summary)
     if not args.quiet:
         header = f"{'method':<12}{'s/image':>9}"

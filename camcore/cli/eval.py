@@ -9,10 +9,10 @@ import sys
 import numpy as np
 
 from ..errors import CamError
-from ..outputs import write_json
+from ..outputs import runtime_of, write_json
 from .console import EXIT_OK, Progress
-from .options import (PROVIDERS_HELP, add_engine_arguments, add_method_arguments, add_preprocess_arguments,
-                      check_engine_arguments, fraction, positive_int, preprocess_from_args, provider_list)
+from .options import (add_engine_arguments, add_method_arguments, add_preprocess_arguments, add_runtime_arguments,
+                      check_engine_arguments, fraction, positive_int, preprocess_from_args, runtime_options)
 
 __all__ = ["add_arguments", "main"]
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write every figure and setting to FILE")
     parser.add_argument("--save-maps", metavar="DIR", help="write score maps as DIR/<image_id>.npy")
     parser.add_argument("--batch-size", type=positive_int, metavar="N", help="images per model run")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)
     parser.add_argument("--faithfulness", action="store_true",
                         help="also report Average Drop, Increase in Confidence, deletion/insertion AUC and the "
                              "pointing game of the CAMs (2 * (steps + 2) more model runs per image)")
@@ -80,7 +80,7 @@ def main(args) -> int:
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
               f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, providers=provider_list(args.providers), feature=args.feature)
+    explainer = load(args.model, feature=args.feature, **runtime_options(args))
     preprocess = preprocess_from_args(args, explainer)
     method = explainer.resolve_method(args.method)
     bar = Progress(len(dataset.samples), "eval", quiet=args.quiet)
@@ -89,7 +89,7 @@ def main(args) -> int:
         from ..distributed import evaluate_engine, ray_session
 
         engine = evaluate_engine(args.model, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                 providers=provider_list(args.providers), feature=args.feature)
+                                 feature=args.feature, **runtime_options(args))
         session = ray_session(args.address)
     try:
         with session:
@@ -100,6 +100,7 @@ def main(args) -> int:
     finally:
         bar.close()
     results["dataset"].update(metadata=str(args.metadata), images=str(args.images))
+    results["runtime"] = runtime_of(explainer)
     if args.json:
         write_json(args.json, results)
     if not args.quiet:

@@ -9,22 +9,23 @@ import sys
 from pathlib import Path
 
 from ..errors import CamError
-from ..outputs import (IMAGE_FORMATS, _record, _results, _unique_name, atomic_write_bytes, encode_image,
+from ..outputs import (IMAGE_FORMATS, _record, _results, _unique_name, atomic_write_bytes, encode_image, runtime_of,
                        overlay_format, render, write_results)
 from .console import EXIT_ERROR, EXIT_OK, Progress, fail
-from .options import (PROVIDERS_HELP, WORKERS_HELP, add_engine_arguments, add_method_arguments,
+from .options import (WORKERS_HELP, add_engine_arguments, add_method_arguments, add_runtime_arguments,
                       add_preprocess_arguments, check_engine_arguments, collect_images, fraction, nonnegative_int,
-                      positive_int, preprocess_from_args, provider_list)
+                      positive_int, preprocess_from_args, runtime_options)
 
 # NumPy and the rest of camcore are imported inside the commands: `camcore --help` stays fast.
 
 __all__ = ["add_arguments", "main"]
 
 
-def _load(model, providers, feature=None):
+def _load(model, args, feature=None):
+    """`camcore.load` with the runtime the `add_runtime_arguments` flags in `args` pick."""
     from ..api import load
 
-    return load(model, providers=providers, feature=feature)
+    return load(model, feature=feature, **runtime_options(args))
 
 
 def _table(records) -> str:
@@ -111,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no table, no progress bar")
     parser.add_argument("--format", choices=IMAGE_FORMATS, default="auto",
                         help="overlay file format; auto: jpg for JPEG images, else png (default: %(default)s)")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)
     add_method_arguments(parser)
     parser.add_argument("--workers", type=nonnegative_int, metavar="N", help=WORKERS_HELP)
     parser.add_argument("--results-format", choices=("json", "jsonl", "parquet"), default="json",
@@ -133,7 +134,7 @@ def main(args) -> int:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
     check_engine_arguments(args)
     images = collect_images(paths)
-    explainer = _load(model, provider_list(args.providers), args.feature)
+    explainer = _load(model, args, args.feature)
     explainer.batch_size = args.batch_size or explainer.batch_size
     method = explainer.resolve_method(args.method)
     preprocess = preprocess_from_args(args, explainer)
@@ -145,7 +146,7 @@ def main(args) -> int:
         records = _explain_and_write(explainer, items, out, preprocess=preprocess, top_k=args.top_k,
                                      threshold=args.threshold, quiet=args.quiet, label="explain", method=method,
                                      image_format=args.format, workers=args.workers)
-    results = _results(model, args.threshold, records, method)
+    results = _results(model, args.threshold, records, method, runtime=runtime_of(explainer))
     write_results(out, results, args.results_format)
     if args.json:
         print(json.dumps(results, indent=2))
@@ -168,7 +169,7 @@ def _explain_on_ray(model, images, out, preprocess, method, args) -> list:
     try:
         return explain_files(model, [str(p) for p in images], out, options=options,
                              batch_size=args.batch_size or 64, concurrency=args.concurrency,
-                             num_gpus=args.num_gpus, providers=provider_list(args.providers),
+                             num_gpus=args.num_gpus, **runtime_options(args),
                              address=args.address, feature=args.feature, image_format=args.format,
                              progress=progress.update)
     finally:

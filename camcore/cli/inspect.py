@@ -7,7 +7,7 @@ import json
 
 from .console import EXIT_OK
 from .explain import _load
-from .options import PROVIDERS_HELP, provider_list
+from .options import add_runtime_arguments
 
 __all__ = ["add_arguments", "main"]
 
@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument("--feature", metavar="NAME", help="target layer (a 4-D tensor name; default: found)")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)
 
 
 def _dims(shape) -> list:
@@ -29,8 +29,9 @@ def _dims(shape) -> list:
 def main(args) -> int:
     """Run `camcore inspect` with parsed `args`; returns the exit status."""
     from ..api import available_providers, candidate_layers
+    from ..outputs import runtime_of
 
-    explainer = _load(args.model, provider_list(args.providers), args.feature)
+    explainer = _load(args.model, args, args.feature)
     head = explainer.head
     layers = candidate_layers(explainer)
     info = {
@@ -48,6 +49,7 @@ def main(args) -> int:
         "default_method": explainer.resolve_method("auto"),
         "layers": [{"name": name, "shape": _dims(shape), "layout": layout} for name, shape, layout in layers],
         "providers": available_providers(),
+        "runtime": runtime_of(explainer),
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -71,4 +73,7 @@ def main(args) -> int:
     for name, shape, layout in reversed(layers):
         print(f"  {name} {shape_text(_dims(shape))} {layout}")
     print(f"providers    {', '.join(info['providers'])}")
+    runtime = info["runtime"]
+    print(f"runtime      {runtime['backend']} {runtime['version']} on {', '.join(runtime['devices'])}, "
+          f"precision {runtime['precision']}")
     return EXIT_OK

@@ -17,6 +17,8 @@ __all__ = [
     "add_engine_arguments",
     "add_method_arguments",
     "add_preprocess_arguments",
+    "add_runtime_arguments",
+    "runtime_options",
     "check_engine_arguments",
     "collect_images",
     "fraction",
@@ -122,6 +124,28 @@ def add_method_arguments(parser) -> None:
     parser.add_argument("--feature", metavar="NAME",
                         help="target layer: a 4-D tensor name (default: the one feeding the last global "
                              "pooling; camcore inspect lists them)")
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser, *, providers_default=None) -> None:
+    """Add ``--backend --device --precision --providers``: which runtime runs the model, where, at what precision."""
+    parser.add_argument("--backend", default="onnxruntime", metavar="NAME",
+                        help="runtime: onnxruntime or openvino (or a registered backend; default: %(default)s)")
+    parser.add_argument("--device", metavar="NAME",
+                        help="OpenVINO device: CPU (default), GPU, NPU, AUTO (onnxruntime: use --providers)")
+    parser.add_argument("--precision", choices=("f32", "bf16", "f16"),
+                        help="inference precision; default: the runtime's own (OpenVINO: the device's, bf16 on "
+                             "CPUs with AVX512-BF16 or AMX; onnxruntime: the model's types)")
+    parser.add_argument("--providers", metavar="LIST", default=providers_default, help=PROVIDERS_HELP)
+
+
+def runtime_options(args) -> dict:
+    """The `camcore.load` keywords from the `add_runtime_arguments` flags."""
+    backend = getattr(args, "backend", None) or "onnxruntime"
+    providers = provider_list(getattr(args, "providers", None))
+    if backend != "onnxruntime" and providers is not None:
+        raise CamError(f"--providers is for --backend onnxruntime; --backend {backend} takes --device")
+    return {"backend": backend, "providers": providers, "device": getattr(args, "device", None),
+            "precision": getattr(args, "precision", None)}
 
 
 # ----------------------------------------------------------------- argparse types and inputs

@@ -1,0 +1,189 @@
+"""The runtime seam: OpenVINO against onnxruntime, precision, a third runtime, and errors.
+
+At f32, every method's maps and logits on OpenVINO equal onnxruntime's within 1e-4 of
+their largest magnitude (the zoo here; the corpus in test_corpus_runtimes below).  At
+OpenVINO's default precision (bf16 on CPUs with AVX512-BF16 or AMX), the maps of the
+sample photos correlate >= 0.99 with f32 and the top-1 class agrees.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from skimage import data
+
+import camcore
+from backends.graph_backend import GraphBackend
+from camcore import CamError, Explainer
+from camcore.errors import MissingDependency
+from camcore.methods import METHODS
+from tests import corpus
+from tests.fakes import ReferenceRuntime, load_on
+from tests.zoo import CASES, REFUSED
+
+RTOL = 1e-4
+FORWARD = ("eigencam", "ablationcam", "reciprocam", "scorecam")
+PHOTOS = ("chelsea", "coffee", "rocket")
+
+
+def _methods(ex: Explainer) -> list:
+    return [m for m in METHODS if m != "auto" and (m != "cam" or ex.head.affine)]
+
+
+def _close(ours, theirs, what):
+    scale = max(float(np.abs(theirs).max()), 1e-12)
+    error = float(np.abs(np.asarray(ours, np.float64) - theirs).max())
+    assert error <= RTOL * scale, f"{what}: max difference {error:.2e} > {RTOL} x {scale:.3g}"
+    return error / scale
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(REFUSED))
+def test_openvino_f32_equals_onnxruntime_on_the_zoo(name):
+    zm = (CASES.get(name) or REFUSED[name])()
+    ort_ex = camcore.load(zm.model, providers=["cpu"])
+    ov_ex = camcore.load(zm.model, backend="openvino", precision="f32")
+    assert ov_ex.backend.precision == "f32"
+    x = zm.random_input(3)
+    k = min(3, ort_ex.head.num_classes)
+    for method in _methods(ort_ex):
+        ours = ov_ex.explain(x, top_k=k, method=method)
+        theirs = ort_ex.explain(x, top_k=k, method=method)
+        np.testing.assert_array_equal(ours.classes, theirs.classes)
+        _close(ours.logits, theirs.logits.astype(np.float64), f"{name} {method} logits")
+        _close(ours.maps, theirs.maps.astype(np.float64), f"{name} {method} maps")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return [getattr(data, name)() for name in PHOTOS]
+
+
+def _pearson(a, b) -> float:
+    a, b = np.ravel(a).astype(np.float64), np.ravel(b).astype(np.float64)
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "eigencam", "reciprocam"])
+def test_default_precision_maps_correlate_with_f32_on_the_photos(photos, method):
+    """OpenVINO as deployed (its default precision) against f32: maps correlate >= 0.99, same top-1."""
+    default = camcore.load(backend="openvino")
+    f32 = camcore.load(backend="openvino", precision="f32")
+    assert default.backend.precision in ("bf16", "f16", "f32") and f32.backend.precision == "f32"
+    low = default.explain_images(photos, method=method)
+    full = f32.explain_images(photos, method=method)
+    for name, a, b in zip(PHOTOS, low, full):
+        assert a.classes[0] == b.classes[0], f"{name}: top-1 {a.classes[0]} at {default.backend.precision}, " \
+                                             f"{b.classes[0]} at f32"
+        r = _pearson(a.cams[0], b.cams[0])
+        assert r >= 0.99, f"{name} {method}: correlation {r:.4f}"
+
+
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_explicit_precision_is_what_runs(precision):
+    ex = camcore.load(backend="openvino", precision=precision)
+    assert ex.backend.precision == precision
+    assert ex.backend.runtime.config["INFERENCE_PRECISION_HINT"] == precision
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="openvino", precision="fp32"), r"precision must be None .*'f32', 'bf16' or 'f16', got 'fp32'"),
+    (dict(backend="onnxruntime", precision="bf16"), "precision must be None or 'f32' on onnxruntime"),
+    (dict(backend="openvino", device="TPU"), "OpenVINO device 'TPU' is not available here"),
+    (dict(backend="openvino", providers=["cuda"]), "providers are onnxruntime's"),
+    (dict(backend="onnxruntime", device="GPU"), "device is for backend='openvino'"),
+    (dict(backend="tensorrt"), "unknown backend 'tensorrt'; known backends: .*onnxruntime, openvino"),
+])
+def test_runtime_arguments_are_validated_in_one_line(kwargs, message):
+    with pytest.raises(CamError, match=message) as info:
+        camcore.load(CASES["gap_gemm"]().model, **kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_openvino_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(MissingDependency, match=r"openvino is required .*camcore\[openvino\]"):
+        camcore.load(CASES["gap_gemm"]().model, backend="openvino")
+
+
+def test_the_analysis_cache_serves_both_runtimes(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAMCORE_CACHE_DIR", str(tmp_path / "cache"))
+    path = CASES["gap_gemm"]().save(tmp_path)
+    first = camcore.load(path, backend="openvino", precision="f32")
+    second = camcore.load(path)
+    third = camcore.load(path, backend="openvino")
+    assert not first.backend.cache_hit and second.backend.cache_hit and third.backend.cache_hit
+    x = CASES["gap_gemm"]().random_input(0)
+    _close(first.explain(x, top_k=2).maps, second.explain(x, top_k=2).maps.astype(np.float64), "cached")
+
+
+def test_a_third_runtime_is_an_adapter():
+    """onnx's reference evaluator in ~20 lines (tests/fakes.py) runs every method, equal to onnxruntime's."""
+    zm = REFUSED["conv_hardswish_after_pool"]()
+    runtime = ReferenceRuntime()
+    camcore.register_backend("onnx-reference", lambda model, **kw: GraphBackend(
+        model, runtime, feature=kw.get("feature"), logits=kw.get("logits"), output=kw.get("output")))
+    ref = camcore.load(zm.model, backend="onnx-reference")
+    ort_ex = camcore.load(zm.model)
+    x = zm.random_input(0)
+    for method in ("gradcam", "reciprocam"):
+        _close(ref.explain(x, top_k=2, method=method).maps,
+               ort_ex.explain(x, top_k=2, method=method).maps.astype(np.float64), method)
+    assert runtime.compiled == ["model", "gradients", "head"]
+
+
+def test_cli_inspect_and_explain_say_which_precision_ran(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "camcore.cli", *map(str, args)], capture_output=True, text=True)
+
+    proc = cli("inspect", "--json", CASES["gap_gemm"]().save(tmp_path), "--backend", "openvino", "--precision", "f32")
+    assert proc.returncode == 0, proc.stderr
+    runtime = json.loads(proc.stdout)["runtime"]
+    assert (runtime["backend"], runtime["precision"], runtime["devices"]) == ("openvino", "f32", ["openvino:CPU"])
+    from skimage import io as skio
+
+    skio.imsave(tmp_path / "coffee.png", data.coffee(), check_contrast=False)
+    results = {}
+    for backend in ("onnxruntime", "openvino"):
+        out = tmp_path / backend
+        proc = cli("explain", tmp_path / "coffee.png", "--out", out, "--quiet", "--backend", backend,
+                   *(["--precision", "f32"] if backend == "openvino" else []))
+        assert proc.returncode == 0, proc.stderr
+        results[backend] = json.loads((out / "results.json").read_text())
+    assert results["openvino"]["runtime"]["precision"] == "f32"
+    assert results["onnxruntime"]["runtime"]["backend"] == "onnxruntime"
+    a, b = (results[k]["images"][0]["classes"][0] for k in ("onnxruntime", "openvino"))
+    assert a["index"] == b["index"] and abs(a["score"] - b["score"]) < 1e-4
+    proc = cli("explain", tmp_path / "coffee.png", "--out", tmp_path / "x", "--backend", "openvino",
+               "--providers", "cpu")
+    assert proc.returncode != 0 and proc.stderr.strip().splitlines() == [
+        "camcore: error: --providers is for --backend onnxruntime; --backend openvino takes --device"]
+
+
+# --------------------------------------------------------------------------- the corpus
+
+ENTRIES = corpus.manifest()
+
+
+@pytest.mark.parametrize("entry", ENTRIES, ids=corpus.entry_id)
+def test_corpus_openvino_f32_equals_onnxruntime(entry):
+    """Every real export, every method that applies: OpenVINO f32 within 1e-4 of onnxruntime."""
+    corpus.require(entry["framework"])
+    case = corpus.load(entry)
+    try:
+        ort_ex = camcore.load(case["path"], providers=["cpu"])
+    except camcore.NotCamCompatible:
+        with pytest.raises(camcore.NotCamCompatible):
+            load_on("openvino", case["path"])
+        return
+    ov_ex = load_on("openvino", case["path"])
+    d = case["data"]
+    x, classes = d["x"], d["grad_classes"][:, None]
+    for ex in (ort_ex, ov_ex):
+        ex.method_options = {"max_channels": 4}
+    for method in _methods(ort_ex):
+        ours = ov_ex.explain(x, classes=classes, method=method)
+        theirs = ort_ex.explain(x, classes=classes, method=method)
+        _close(ours.logits, theirs.logits.astype(np.float64), f"{method} logits")
+        _close(ours.maps, theirs.maps.astype(np.float64), f"{method} maps")
