@@ -348,10 +348,10 @@ def _without_pooled_head(ex):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_zoo_pooled_head_equals_the_masked_maps(name):
-    """On onnxruntime, the head run from the pooled tensor gives the maps of the masked copies."""
+def test_zoo_pooled_head_equals_the_masked_maps(name, backend_name):
+    """On each runtime, the head run from the pooled tensor gives the maps of the masked copies."""
     zm = CASES[name]()
-    ex = camcore.load(zm.model, providers=["CPUExecutionProvider"], batch_size=4)
+    ex = load_on(backend_name, zm.model, providers=["CPUExecutionProvider"], batch_size=4)
     ex.method_options = {"scoring": "logits", "batch_size": 5}
     run_pooled = ex.backend.pooled_head()
     shape = zm.other_input_shapes[-1] if zm.other_input_shapes else zm.input_shape
@@ -372,11 +372,11 @@ def test_zoo_pooled_head_equals_the_masked_maps(name):
 
 
 @pytest.mark.parametrize("name", ["global_max_pool", "mlp_head"])
-def test_zoo_pooled_head_only_after_an_average_pooling(name):
+def test_zoo_pooled_head_only_after_an_average_pooling(name, backend_name):
     """A max pooling gives no pooled head (the masked maps are run); a non-affine head after a GAP does."""
     from tests.zoo import REFUSED
 
-    ex = camcore.load(REFUSED[name]().model, providers=["CPUExecutionProvider"])
+    ex = load_on(backend_name, REFUSED[name]().model, providers=["CPUExecutionProvider"])
     assert (ex.backend.pooled_head() is None) == (name == "global_max_pool")
     x = np.random.default_rng(0).standard_normal((2, *ex.head.input.shape[1:])).astype(np.float32)
     out = ex.explain(x, method="reciprocam")
