@@ -73,17 +73,21 @@ class HeadGraph:
     scale: float | None
 
 
-def head_graph(folded, head: Head, gradients: bool) -> HeadGraph:
+def head_graph(folded, head: Head, gradients: bool, *, pooled: bool = False) -> HeadGraph | None:
     """The head alone (target -> logits) as ONNX, with the backward pass when asked.
 
     When the target is read only by a whole-map average pooling, the gradient graph
     starts at the pooled tensor: the gradient at the target is the pooled one spread
     over the map, and top-k classes cost k rows of K numbers instead of k copies of
-    the feature map.  `folded` is the model with its constants folded.
+    the feature map.  With `pooled`, the forward head starts there too (`scale` set),
+    or None when the target has no such pooling.  `folded` is the model with its
+    constants folded.
     """
     from . import backprop, contrib_ops, onnx_graph, precision, quant_graph
 
-    shortcut = onnx_graph.sole_average_pool(folded, head.feature) if gradients else None
+    shortcut = onnx_graph.sole_average_pool(folded, head.feature) if gradients or pooled else None
+    if pooled and shortcut is None:
+        return None
     start, scale = shortcut if shortcut else (head.feature, None)
     # int8 logits: the gradient is taken before their own output quantization
     of = quant_graph.before_output_quantization(folded, head.logits) if gradients else head.logits
@@ -277,14 +281,41 @@ class GraphBackend:
         """The head graph `run_head` runs (see `head_graph`), built once."""
         return self._head(gradients)[0]
 
-    def _head(self, gradients: bool):
-        if gradients not in self._heads:
-            graph = head_graph(self.folded_model, self.head, gradients)
-            graph = dataclasses.replace(graph, frontier=tuple(self._frontier_spec(s) for s in graph.frontier))
-            compiled = self.runtime.compile(graph.model.SerializeToString(),
-                                            role="gradients" if gradients else "head")
-            self._heads[gradients] = (graph, compiled)
-        return self._heads[gradients]
+    def _head(self, gradients: bool, pooled: bool = False):
+        key = "pooled" if pooled else gradients
+        if key not in self._heads:
+            graph = head_graph(self.folded_model, self.head, gradients, pooled=pooled)
+            if graph is not None:
+                graph = dataclasses.replace(graph, frontier=tuple(self._frontier_spec(s) for s in graph.frontier))
+            compiled = None if graph is None else self.runtime.compile(
+                graph.model.SerializeToString(), role="gradients" if gradients else "head")
+            self._heads[key] = (graph, compiled)
+        return self._heads[key]
+
+    def _pooled_rows(self, means: np.ndarray, graph: HeadGraph) -> np.ndarray:
+        """``(n, K)`` spatial means as the pooled tensor holds them: times `scale`, at its rank and dtype."""
+        n = len(means)
+        pooled = means.astype(np.float32)
+        if graph.scale != 1:
+            pooled = pooled * np.float32(graph.scale)
+        shape = {2: (n, -1), 4: (n, -1, 1, 1) if self.head.layout == "NCHW" else (n, 1, 1, -1)}
+        return pooled.reshape(shape[len(graph.start.shape)]).astype(graph.start.dtype, copy=False)
+
+    def pooled_head(self):
+        """``run((M, K) spatial means) -> (M, C)`` logits: the head from its average pooling on, or None.
+
+        None when the target is not read only by a whole-map average pooling.  A copy of
+        the feature map that keeps one position ``p`` pools to ``A[:, p] / (h w)``: the
+        forward-only methods run the head on such rows (see `camcore.backend`).
+        """
+        graph, compiled = self._head(False, pooled=True)
+        if graph is None:
+            return None
+
+        def run(means):
+            return self._run_rows(compiled, graph, self._pooled_rows(np.asarray(means), graph), self.head.logits)
+
+        return run
 
     def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
         """Run the head alone on any batch of feature maps; see `camcore.Backend.run_head`.
@@ -302,9 +333,7 @@ class GraphBackend:
         spatial = (2, 3) if self.head.layout == "NCHW" else (1, 2)
         rows = features
         if graph.scale is not None:
-            pooled = features.astype(np.float32).mean(axis=spatial) * graph.scale  # (n, K)
-            shape = {2: (n, -1), 4: (n, -1, 1, 1) if self.head.layout == "NCHW" else (n, 1, 1, -1)}
-            rows = pooled.reshape(shape[len(graph.start.shape)]).astype(graph.start.dtype)
+            rows = self._pooled_rows(features.astype(np.float32).mean(axis=spatial), graph)  # (n, K)
         if k > 1:
             rows = np.repeat(rows, k, axis=0)  # row i*k + j: item i, seed j
         seed = seeds.reshape(n * k, classes).astype(graph.seed.dtype)

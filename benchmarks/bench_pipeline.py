@@ -11,6 +11,11 @@ EfficientNet-Lite0, batch 16):
 * batch-1 latency of ``Explainer.explain`` against plain inference, paired (goal: plain's
   speed / explain's speed >= 0.95).
 
+With ``--openvino`` the rounds also run ``explain_images(paths)`` and the CLI on the
+``openvino`` backend at its default precision (``camcore.load(backend="openvino")``,
+``camcore explain --backend openvino``), and the report gives both against onnxruntime
+(issue 21).
+
 Every measurement runs in a fresh subprocess (same interpreter), and the rounds
 interleave the paths in a rotating order, so a busy machine slows them alike; figures
 are medians over rounds.  The model-analysis cache (``CAMCORE_CACHE_DIR``) is a
@@ -48,6 +53,7 @@ SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "
 TARGETS = {"explain_images/floor": 0.8, "cli/floor": 0.5, "batch1 explain/plain": 0.95}
 # Paths timed in every round (a child process each); the "before" ones run on --before.
 PATHS = ("floor", "explain_images", "cli")
+OPENVINO_PATHS = ("explain_images_openvino", "cli_openvino")  # with --openvino
 CONTEXT = ("pillow_decode_resize", "camcore_read_preprocess", "skimage_decode_resize", "explain_arrays",
            "plain_arrays")
 LABELS = {
@@ -59,6 +65,8 @@ LABELS = {
     "skimage_decode_resize": "decode + resize with scikit-image, as the old `Preprocess` (one thread)",
     "explain_arrays": "`explain()` on ready arrays, batch 16",
     "plain_arrays": "plain onnxruntime on ready arrays, batch 16",
+    "explain_images_openvino": "`explainer.explain_images(paths)`, `backend=\"openvino\"` (its default precision)",
+    "cli_openvino": "`camcore explain DIR --out OUT --quiet --backend openvino`",
 }
 
 
@@ -111,7 +119,7 @@ def _to_input(batch, preprocess):
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def child(path_name: str, folder: Path, workers) -> dict:
+def child(path_name: str, folder: Path, workers) -> dict:  # noqa: C901
     """Time one path over every photo in `folder`; imports and model loading are not timed."""
     import camcore
     from camcore import default_model
@@ -125,8 +133,10 @@ def child(path_name: str, folder: Path, workers) -> dict:
         start = time.perf_counter()
         for i in range(0, len(paths), BATCH):
             session.run(None, {name: _to_input([_pillow_load(p) for p in paths[i:i + BATCH]], preprocess)})
-    elif path_name == "explain_images":
-        explainer = camcore.load(batch_size=BATCH)
+    elif path_name in ("explain_images", "explain_images_openvino"):
+        chosen = {"backend": "openvino"} if path_name.endswith("_openvino") else {}
+        explainer = camcore.load(batch_size=BATCH, **chosen)
+        result["precision"] = getattr(explainer.backend, "precision", "f32")
         options = {} if workers is None else {"workers": workers}
         explainer.explain_images(paths[:BATCH], **options)  # warm-up
         start = time.perf_counter()
@@ -217,11 +227,11 @@ def run_child(path_name: str, folder: Path, tree: Path, workers=None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_cli(folder: Path, tree: Path, out: Path, count: int) -> dict:
+def run_cli(folder: Path, tree: Path, out: Path, count: int, extra=()) -> dict:
     env = _env(tree)
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "camcore.cli", "explain", str(folder), "--out", str(out), "--quiet"],
-                   env=env, cwd=tree, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "camcore.cli", "explain", str(folder), "--out", str(out), "--quiet",
+                    *extra], env=env, cwd=tree, check=True, capture_output=True)
     seconds = time.perf_counter() - start
     if len(list(out.glob("*.cam.*"))) != count or not (out / "results.json").is_file():
         raise SystemExit(f"the CLI in {tree} did not write {count} overlays and results.json")
@@ -279,13 +289,17 @@ def measure(args) -> dict:
                             str(tmp / "warm-up"), "--quiet"], env=_env(tree), cwd=tree, check=True,
                            capture_output=True)
         rounds, loads = [], []
+        paths = PATHS + (OPENVINO_PATHS if args.openvino else ())
         for r in range(args.rounds):
             loads.append(load_average())
-            order = PATHS[r % len(PATHS):] + PATHS[:r % len(PATHS)]
+            order = paths[r % len(paths):] + paths[:r % len(paths)]
             this = {}
             for path_name in order:
                 if path_name == "cli":
                     this[path_name] = run_cli(folder, ROOT, tmp / f"out-{r}", len(photos))["seconds"]
+                elif path_name == "cli_openvino":
+                    this[path_name] = run_cli(folder, ROOT, tmp / f"out-ov-{r}", len(photos),
+                                              ("--backend", "openvino"))["seconds"]
                 else:
                     this[path_name] = run_child(path_name, folder, ROOT)["seconds"]
             rounds.append(this)
@@ -302,8 +316,13 @@ def measure(args) -> dict:
         starts = {tree_name: startup(tree, one, tmp / f"one-{tree_name}", args.startup_repeat)
                   for tree_name, tree in trees.items()}
         loads.append(load_average())
-    median = {name: statistics.median(r[name] for r in rounds) for name in PATHS}
+    median = {name: statistics.median(r[name] for r in rounds) for name in paths}
     rate = {name: args.count / s for name, s in {**median, **context}.items()}
+    backends = {}
+    if args.openvino:
+        backends = {"explain_images openvino/onnxruntime": rate["explain_images_openvino"] / rate["explain_images"],
+                    "cli openvino/onnxruntime": rate["cli_openvino"] / rate["cli"],
+                    "openvino precision": run_child("explain_images_openvino", folder, ROOT).get("precision")}
     return {
         "command": " ".join(["python", "benchmarks/bench_pipeline.py", *(args.argv or [])]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -316,6 +335,7 @@ def measure(args) -> dict:
         "batch1": b1, "before_images_per_s": {k: args.count / v for k, v in before.items()},
         "before_label": args.before_label,
         "startup_s": starts, "load_average": loads, "workers_default": min(4, os.cpu_count() or 1),
+        "backends": backends,
     }
 
 
@@ -346,7 +366,7 @@ def markdown(result: dict, machine_text: str) -> str:
         f"| path | img/s | before ({result.get('before_label') or 'older checkout'}) |",
         "|---|---:|---:|",
     ]
-    for name in (*PATHS, *CONTEXT):
+    for name in (*PATHS, *[p for p in OPENVINO_PATHS if p in rate], *CONTEXT):
         old = f"{before[name]:.1f}" if name in before else ""
         lines.append(f"| {LABELS[name]} | {rate[name]:.1f} | {old} |")
     lines += [
@@ -366,6 +386,14 @@ def markdown(result: dict, machine_text: str) -> str:
                  f"latency plain {b1['plain_ms']:.2f} ms, explain {b1['explain_ms']:.2f} ms "
                  f"(ratio of medians {b1['ratio_of_medians']:.3f}), {b1['count']} photos, {b1['repeat']} runs of "
                  f"each per photo, order alternating")
+    backends = result.get("backends") or {}
+    if backends:
+        lines += ["", f"Runtimes, same photos and rounds (OpenVINO at its default precision, which ran as "
+                      f"{backends['openvino precision']}; onnxruntime at f32), images/s ratios:", ""]
+        for key in ("explain_images openvino/onnxruntime", "cli openvino/onnxruntime"):
+            base = key.split()[0]  # rounds hold seconds: the ratio of rates is onnxruntime's / openvino's
+            rounds = ", ".join(f"{r[base] / r[base + '_openvino']:.2f}" for r in result["rounds"])
+            lines.append(f"- {key} = **{backends[key]:.3f}** [{rounds}]")
     lines += ["", "Start-up, median wall seconds of repeated runs:", "",
               "| command | " + " | ".join(result["startup_s"]) + " |",
               "|---|" + "---:|" * len(result["startup_s"])]
@@ -414,6 +442,8 @@ def main(argv=None) -> int:
     parser.add_argument("--startup-repeat", type=int, default=7)
     parser.add_argument("--json", default=str(HERE / "pipeline.json"))
     parser.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md and the plot")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also run explain_images and the CLI on the openvino backend (issue 21)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--photos", help=argparse.SUPPRESS)
     parser.add_argument("--workers", type=int, help=argparse.SUPPRESS)

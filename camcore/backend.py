@@ -138,6 +138,16 @@ class Backend(Protocol):
         ...
 
 
+# A backend may also offer, outside the Protocol (the Explainer looks it up with getattr):
+#
+#     pooled_head() -> callable or None
+#
+# ``run((M, K) spatial means of the feature map) -> (M, C)`` logits when the target is read
+# only by a whole-map average pooling (the head from the pooled tensor on), else None.
+# Forward-only methods whose copies pool to known vectors (Recipro-CAM, Ablation-CAM) then
+# run the head on ``(M, K)`` rows instead of ``(M, K, h, w)`` maps.
+
+
 # name -> "module:attribute" or a factory; a factory is called as
 # factory(model, providers=..., feature=..., logits=..., output=...) and returns a Backend;
 # `device=` and `precision=` are passed too when the caller gives them.

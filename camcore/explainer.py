@@ -433,6 +433,8 @@ class Explainer:
             given["gradients"] = self._class_gradients(features, classes)
         if "head_runs" in spec.needs:
             given["run_head"] = self.backend.run_head
+            pooled_head = getattr(self.backend, "pooled_head", None)  # optional (see camcore.backend)
+            given["run_pooled"] = pooled_head() if callable(pooled_head) else None
         if "model_runs" in spec.needs:
             if feed is None:
                 raise InvalidInput(f"{spec.name} re-runs the model: maps() needs the `inputs` that gave `features`")

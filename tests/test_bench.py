@@ -72,10 +72,11 @@ def test_settings_and_machine_are_recorded(result, model_path):
 def test_table_lists_every_run_and_skip(result):
     table = bench.format_table(result)
     rows = [line.split() for line in table.splitlines() if line.startswith("cpu ")]
-    assert [int(r[1]) for r in rows] == list(BATCHES)
+    assert [r[1] for r in rows] == ["f32"] * len(BATCHES)  # the precision that ran
+    assert [int(r[2]) for r in rows] == list(BATCHES)
     first = result["providers"][0]["runs"][0]
-    assert float(rows[0][2]) == pytest.approx(first["plain"]["images_per_s"], abs=0.06)
-    assert float(rows[0][4]) == pytest.approx(first["ratios"]["explain"], abs=6e-4)
+    assert float(rows[0][3]) == pytest.approx(first["plain"]["images_per_s"], abs=0.06)
+    assert float(rows[0][5]) == pytest.approx(first["ratios"]["explain"], abs=6e-4)
     assert "cuda: skipped (" in table
     assert "no-such: skipped (unknown provider" in table
 
@@ -100,6 +101,53 @@ def test_command_line_defaults():
     args = parser.parse_args([])
     assert args.model is None and bench_command._int_list(args.batch) == (1, 16, 64)
     assert args.providers == "cpu" and args.repeat == 10 and args.warmup == 2 and args.json is None
+    assert args.methods == ""
+
+
+def test_methods_are_timed_with_their_ratio_to_plain(model_path, capsys):
+    result = bench.run_benchmark(model_path, batches=(2,), providers=("cpu",), repeat=2, warmup=0, memory=False,
+                                 methods=("gradcam", "reciprocam"))
+    cpu = result["providers"][0]
+    assert cpu["runtime"] == "onnxruntime" and cpu["precision"] == "f32"
+    assert result["settings"]["methods"] == ["gradcam", "reciprocam"]
+    run = cpu["runs"][0]
+    for method in ("gradcam", "reciprocam"):
+        assert len(run[method]["seconds"]) == 2 and "peak_rss_mib" not in run[method]
+        assert run["ratios"][method] == run[method]["images_per_s"] / run["plain"]["images_per_s"]
+    table = bench.format_table(result)
+    line = next(row for row in table.splitlines() if row.startswith("reciprocam "))
+    assert f"{1000 / run['reciprocam']['images_per_s']:.2f} ({run['ratios']['reciprocam']:.2f})" in line
+    with pytest.raises(InvalidInput, match="methods must be among .* got \\['nocam'\\]"):
+        bench.run_benchmark(model_path, batches=(1,), methods=("nocam",), memory=False)
+
+
+@pytest.mark.parametrize("name, parsed", [("cpu", ("onnxruntime", "cpu")), ("openvino", ("openvino", "CPU", None)),
+                                          ("openvino:f32", ("openvino", "CPU", "f32")),
+                                          ("openvino:GPU:f16", ("openvino", "GPU", "f16"))])
+def test_runtime_names(name, parsed):
+    assert bench.parse_runtime(name) == parsed
+
+
+def test_openvino_runs_at_the_precision_it_reports_or_says_why_not(model_path):
+    """OpenVINO at its default and at f32: the precision read back, or skipped with the reason."""
+    result = bench.run_benchmark(model_path, batches=(2,), providers=("openvino", "openvino:f32"), repeat=1,
+                                 warmup=0, memory=False, methods=("cam",))
+    default, f32 = result["providers"]
+    try:
+        import openvino  # noqa: F401
+        from backends import ov_session  # noqa: F401
+    except ImportError:
+        assert default["status"] == f32["status"] == "skipped"
+        assert "openvino" in default["reason"].lower() or "OpenVINO" in default["reason"]
+        return
+    assert default["status"] == f32["status"] == "ok"
+    assert f32["precision"] == "f32" and f32["requested_precision"] == "f32"
+    assert default["requested_precision"] is None and default["precision"] in ("f32", "bf16", "f16")
+    for entry in (default, f32):
+        assert entry["explainer_precision"] == entry["precision"]
+        run = entry["runs"][0]
+        assert run["plain"]["images_per_s"] > 0 and run["cam"]["images_per_s"] > 0
+    assert "auto" not in bench.available_runtimes() and bench.available_runtimes()[-2:] == ["openvino", "openvino:f32"]
 
 
 @pytest.mark.parametrize("batches", [(), (0, 4), ("a",)])

@@ -260,3 +260,126 @@ def test_eigencam_equals_the_svd_projection(shape):
         m *= np.sign(((m - m.mean()) * (f[i].sum(0).ravel() - f[i].sum())).sum())
         np.testing.assert_allclose(maps[i].ravel(), m, atol=1e-9)
     assert eigencam(f.astype(np.float32)).dtype == np.float32
+
+
+# ---------------------------------------------------------------- pooled head, bounded chunks
+
+from camcore.methods import perturbation as _perturbation  # noqa: E402
+
+
+def _mlp_on_means(layout, k, c=4, seed=0):
+    """A non-linear head after a global average pooling: ``(head(maps), head_from_means)``."""
+    rng = np.random.default_rng(seed)
+    w1, w2 = rng.standard_normal((k, 6)), rng.standard_normal((6, c))
+    after = lambda m: np.tanh(m @ w1) @ w2  # noqa: E731
+    axes = (2, 3) if layout == "NCHW" else (1, 2)
+    return (lambda f: after(f.mean(axis=axes))), after
+
+
+_SHAPES = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=_SHAPES, layout=st.sampled_from(["NCHW", "NHWC"]), dtype=st.sampled_from([np.float32, np.float64]),
+       scoring=st.sampled_from(["softmax", "logits"]), batch_size=st.integers(1, 40), seed=st.integers(0, 99))
+def test_reciprocam_from_pooled_vectors_equals_the_masked_maps(shape, layout, dtype, scoring, batch_size, seed):
+    n, k, h, w = shape
+    rng = np.random.default_rng(seed)
+    f = rng.standard_normal((n, k, h, w) if layout == "NCHW" else (n, h, w, k)).astype(dtype)
+    before = f.copy()
+    run_head, run_pooled = _mlp_on_means(layout, k, seed=seed)
+    classes = rng.integers(0, 4, (n, 2))
+    plain = reciprocam(f, classes, run_head, layout=layout, scoring=scoring, batch_size=batch_size)
+    pooled = reciprocam(f, classes, run_head=None, layout=layout, scoring=scoring, batch_size=batch_size,
+                        run_pooled=run_pooled)
+    # The pooling of a copy that keeps one position is that position's vector / (h w), exactly.
+    np.testing.assert_array_equal(pooled, plain)
+    np.testing.assert_array_equal(f, before)
+    assert pooled.dtype == dtype and pooled.shape == (n, 2, h, w)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=_SHAPES, layout=st.sampled_from(["NCHW", "NHWC"]), batch_size=st.integers(1, 40),
+       seed=st.integers(0, 99))
+def test_ablationcam_from_pooled_vectors_equals_the_zeroed_maps(shape, layout, batch_size, seed):
+    n, k, h, w = shape
+    rng = np.random.default_rng(seed)
+    f = rng.standard_normal((n, k, h, w) if layout == "NCHW" else (n, h, w, k))
+    run_head, run_pooled = _mlp_on_means(layout, k, seed=seed)
+    classes = rng.integers(0, 4, (n, 1))
+    plain = ablationcam(f, classes, run_head, layout=layout, batch_size=batch_size)
+    pooled = ablationcam(f, classes, None, layout=layout, batch_size=batch_size, run_pooled=run_pooled)
+    np.testing.assert_allclose(pooled, plain, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["reciprocam", "ablationcam"])
+@pytest.mark.parametrize("n", [1, 16])
+def test_masked_copies_are_bounded_and_made_in_one_buffer(monkeypatch, method, n):
+    """Whatever the batch and `batch_size`, a run gets at most CHUNK_BYTES, always in the same buffer."""
+    k, h, w = 4, 5, 6
+    row_bytes = k * h * w * 8
+    monkeypatch.setattr(_perturbation, "CHUNK_BYTES", 7 * row_bytes)
+    f = np.random.default_rng(n).standard_normal((n, k, h, w))
+    run_head, _ = _mlp_on_means("NCHW", k)
+    seen = []
+    recording = lambda batch: seen.append(batch) or run_head(batch)  # noqa: E731
+    function = reciprocam if method == "reciprocam" else ablationcam
+    got = function(f, np.zeros((n, 1), np.int64), recording, batch_size=1000)
+    rows = n * (h * w if method == "reciprocam" else k + 1)
+    assert [len(b) for b in seen] == [7] * (rows // 7) + ([rows % 7] if rows % 7 else [])
+    assert all(b.nbytes <= 7 * row_bytes for b in seen)
+    assert all(np.shares_memory(b, seen[0]) for b in seen)
+    monkeypatch.setattr(_perturbation, "CHUNK_BYTES", 10**9)
+    np.testing.assert_allclose(got, function(f, np.zeros((n, 1), np.int64), run_head, batch_size=1000),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_run_pooled_must_be_callable():
+    with pytest.raises(InvalidInput, match="run_pooled must be None or a callable, got int"):
+        reciprocam(np.ones((1, 2, 2, 2)), [[0]], lambda f: f.mean((2, 3)), run_pooled=3)
+
+
+def _without_pooled_head(ex):
+    """The same explainer, its backend's pooled head hidden: the masked-map path."""
+    hidden = camcore.Explainer(ex.backend, method_options=ex.method_options)
+    hidden.backend = type("Plain", (), {"head": ex.backend.head, "run": ex.backend.run,
+                                        "run_head": ex.backend.run_head})()
+    return hidden
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_zoo_pooled_head_equals_the_masked_maps(name, backend_name):
+    """On each runtime, the head run from the pooled tensor gives the maps of the masked copies."""
+    zm = CASES[name]()
+    ex = load_on(backend_name, zm.model, providers=["CPUExecutionProvider"], batch_size=4)
+    ex.method_options = {"scoring": "logits", "batch_size": 5}
+    run_pooled = ex.backend.pooled_head()
+    shape = zm.other_input_shapes[-1] if zm.other_input_shapes else zm.input_shape
+    shape = (4, *shape[1:]) if ex.fixed_batch is None else shape
+    x = zm.random_input(seed=3, shape=shape)
+    plain = _without_pooled_head(ex)
+    for method in ("reciprocam", "ablationcam"):
+        got, expected = ex.explain(x, top_k=2, method=method), plain.explain(x, top_k=2, method=method)
+        scale = np.abs(expected.maps).max()
+        if ex.head.input.dtype == np.float16 or "fp16" in name:
+            tol = dict(rtol=2e-3, atol=2e-3 * scale)
+        elif method == "ablationcam":  # the means are summed by NumPy, not by the pooling: float32 order
+            tol = dict(rtol=1e-5, atol=1e-5 * scale)
+        else:  # one position kept: the pooling sums it with zeros, exactly
+            tol = dict(rtol=1e-6, atol=1e-7 * scale)
+        np.testing.assert_allclose(got.maps, expected.maps, **tol)
+    assert run_pooled is not None  # every case of the zoo averages the whole map
+
+
+@pytest.mark.parametrize("name", ["global_max_pool", "mlp_head"])
+def test_zoo_pooled_head_only_after_an_average_pooling(name, backend_name):
+    """A max pooling gives no pooled head (the masked maps are run); a non-affine head after a GAP does."""
+    from tests.zoo import REFUSED
+
+    ex = load_on(backend_name, REFUSED[name]().model, providers=["CPUExecutionProvider"])
+    assert (ex.backend.pooled_head() is None) == (name == "global_max_pool")
+    x = np.random.default_rng(0).standard_normal((2, *ex.head.input.shape[1:])).astype(np.float32)
+    out = ex.explain(x, method="reciprocam")
+    assert out.maps.shape[:2] == (2, 1) and np.isfinite(out.maps).all() and out.maps.max() > 0
+    expected = _without_pooled_head(ex).explain(x, method="reciprocam").maps
+    np.testing.assert_allclose(out.maps, expected, rtol=1e-6, atol=1e-7 * np.abs(expected).max())

@@ -46,6 +46,10 @@ class MethodInputs:
         ``"gradients"``: ``d logit[i, classes[i, j]] / d features[i]``.
     run_head : callable or None
         ``"head_runs"``: ``run_head((M, *features.shape[1:])) -> (M, C)`` logits.
+    run_pooled : callable or None
+        With ``"head_runs"``, when the backend finds the target read only by a whole-map
+        average pooling: ``run_pooled((M, K) spatial means) -> (M, C)`` logits, the head
+        from the pooled vector on (see `camcore.backend`).
     run_model : callable or None
         ``"model_runs"``: ``run_model(masked (M, ...), items (M,)) -> (M, C)`` logits.
     inputs : ndarray or None
@@ -68,6 +72,7 @@ class MethodInputs:
     weights: np.ndarray | None = None
     gradients: np.ndarray | None = None
     run_head: Callable | None = None
+    run_pooled: Callable | None = None
     run_model: Callable | None = None
     inputs: np.ndarray | None = None
     input_layout: str = "NCHW"

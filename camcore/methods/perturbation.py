@@ -20,6 +20,12 @@ Inputs are never modified.
 Cost in runs per image (``K`` channels, ``h x w`` feature map):
 ``ablationcam`` K + 1 head runs, ``reciprocam`` h*w head runs, ``scorecam`` K (or
 ``max_channels``) full model runs.
+
+Where the head starts with a whole-map average pooling, ``ablationcam`` and
+``reciprocam`` take ``run_pooled((M, K) spatial means) -> (M, C)``: their copies pool to
+vectors known in advance, so the head runs on ``(M, K)`` rows instead of ``(M, K, h, w)``
+maps, with the same result.  Otherwise each head run gets at most `CHUNK_BYTES` of
+copies, made in one buffer reused from run to run.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from ..scores import sigmoid, softmax
 from ._common import LAYOUTS, feature_array, weighted_sum
 from ._registry import MethodSpec
 
-__all__ = ["ablationcam", "reciprocam", "scorecam", "FORWARD_METHODS", "runs_per_image"]
+__all__ = ["ablationcam", "reciprocam", "scorecam", "FORWARD_METHODS", "runs_per_image", "CHUNK_BYTES"]
 
 _SCORINGS = ("softmax", "sigmoid", "logits")
 
@@ -56,11 +62,27 @@ def _run_rows(run, make_rows, n_rows: int, batch_size: int) -> np.ndarray:
     out = []
     for start in range(0, n_rows, batch_size):
         rows = np.arange(start, min(start + batch_size, n_rows))
-        logits = np.asarray(run(*make_rows(rows)), dtype=np.float64)
+        # A copy (np.array): `make_rows` refills the buffer it handed out, which a run may return a view of.
+        logits = np.array(run(*make_rows(rows)), dtype=np.float64)
         if logits.ndim < 1 or len(logits) != len(rows):
             raise InvalidInput(f"the run returned {len(logits)} rows of logits for {len(rows)} inputs")
         out.append(logits.reshape(len(rows), -1))
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+# Perturbed copies of the feature map per head run are capped at this many bytes, whatever
+# `batch_size` and the batch: a 1280 x 7 x 7 float32 map is 250 kB, so 128 copies a run.
+CHUNK_BYTES = 32 * 2**20
+
+
+def _chunk_rows(batch_size: int, row_bytes: int) -> int:
+    """Rows per run: `batch_size`, fewer when that many rows would exceed `CHUNK_BYTES`."""
+    return max(1, min(batch_size, CHUNK_BYTES // max(int(row_bytes), 1)))
+
+
+def _check_pooled(run_pooled):
+    if run_pooled is not None and not callable(run_pooled):
+        raise InvalidInput(f"run_pooled must be None or a callable, got {type(run_pooled).__name__}")
 
 
 def _scores(logits: np.ndarray, scoring: str) -> np.ndarray:
@@ -76,7 +98,7 @@ def _weighted_maps(weights: np.ndarray, f: np.ndarray, layout: str) -> np.ndarra
     return weighted_sum(weights.astype(f.dtype), f if layout == "NCHW" else f.transpose(0, 3, 1, 2))
 
 
-def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
+def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256, run_pooled=None):
     """Ablation-CAM (Desai & Ramaswamy, WACV 2020): the drop of the class logit when a channel is zeroed.
 
     For each channel ``k`` the head is re-run on the features with ``A_k`` set to zero,
@@ -88,6 +110,12 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
     On a GAP + affine head (``y_c = sum_k W[c, k] mean_xy(A_k) + b_c``),
     ``y_c - y_c^(-k) = W[c, k] mean_xy(A_k)``.
 
+    When the head starts with a whole-map average pooling, a copy with ``A_k`` zeroed
+    pools to the mean vector with entry ``k`` zeroed: given `run_pooled`, the head is
+    run from the pooled vectors, ``(K + 1, K)`` numbers per item instead of
+    ``(K + 1, K, h, w)``.  Otherwise the copies are made in one reused buffer of at
+    most `CHUNK_BYTES`.
+
     Parameters
     ----------
     features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
@@ -96,7 +124,10 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
         ``run_head((M, *features.shape[1:])) -> (M, C)`` logits.
     layout : {"NCHW", "NHWC"}, optional
     batch_size : int, optional
-        Rows per `run_head` call.
+        Rows per `run_head` call (fewer when they would exceed `CHUNK_BYTES`).
+    run_pooled : callable, optional
+        ``run_pooled((M, K) spatial means) -> (M, C)`` logits: the head after its
+        global average pooling (see `camcore.backend`); used instead of `run_head`.
 
     Returns
     -------
@@ -116,19 +147,34 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256):
     chunk = _batch_size(batch_size)
     n = len(f)
     k_feat = f.shape[1] if layout == "NCHW" else f.shape[3]
+    _check_pooled(run_pooled)
     per_item = k_feat + 1  # row 0 of an item: unmodified; row 1 + k: channel k zeroed
 
-    def make_rows(rows):
-        items, channel = np.divmod(rows, per_item)
-        batch = f[items]  # fancy indexing copies: `features` is never modified
-        ablated = np.flatnonzero(channel > 0)
-        if layout == "NCHW":
-            batch[ablated, channel[ablated] - 1] = 0
-        else:
-            batch[ablated, :, :, channel[ablated] - 1] = 0
-        return (batch,)
+    if run_pooled is not None:
+        means = f.mean(axis=(2, 3) if layout == "NCHW" else (1, 2))  # (N, K)
 
-    logits = _run_rows(run_head, make_rows, n * per_item, chunk).reshape(n, per_item, -1)
+        def make_rows(rows):
+            items, channel = np.divmod(rows, per_item)
+            batch = means[items]
+            ablated = np.flatnonzero(channel > 0)
+            batch[ablated, channel[ablated] - 1] = 0
+            return (batch,)
+
+        logits = _run_rows(run_pooled, make_rows, n * per_item, chunk).reshape(n, per_item, -1)
+    else:
+        buffer = np.empty((min(_chunk_rows(chunk, f[0].nbytes), n * per_item), *f.shape[1:]), f.dtype)
+
+        def make_rows(rows):
+            items, channel = np.divmod(rows, per_item)
+            batch = np.take(f, items, axis=0, out=buffer[:len(rows)])  # `features` is never modified
+            ablated = np.flatnonzero(channel > 0)
+            if layout == "NCHW":
+                batch[ablated, channel[ablated] - 1] = 0
+            else:
+                batch[ablated, :, :, channel[ablated] - 1] = 0
+            return (batch,)
+
+        logits = _run_rows(run_head, make_rows, n * per_item, len(buffer)).reshape(n, per_item, -1)
     picked = np.take_along_axis(logits, sel[:, None, :], axis=2)  # (N, K + 1, k)
     base, ablated = picked[:, :1], picked[:, 1:]
     drop = base - ablated
@@ -141,7 +187,8 @@ GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64) / 1
 _MASKS = ("point", "gaussian")
 
 
-def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax", batch_size=256, mask="point"):
+def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax", batch_size=256, mask="point",
+               run_pooled=None):
     """Recipro-CAM (Byun & Lee, 2022, arXiv:2209.14074): the class score of each position kept alone.
 
     For each position ``p`` of the ``h x w`` map, the head is re-run on the features
@@ -164,6 +211,12 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     ``M_c[p] = sum_k W[c, k] A_k[p] / (h w) + b_c``: the CAM divided by ``h w``,
     plus the bias.
 
+    When the head starts with a whole-map average pooling, ``A * 1_p`` pools to
+    ``A[:, p] / (h w)``: given `run_pooled`, the head is run from these vectors,
+    ``(h w, K)`` numbers per item instead of ``(h w, K, h, w)``, with the same
+    result.  Otherwise the masked copies are written into one reused buffer of at most
+    `CHUNK_BYTES`, and only the position each row keeps is written and cleared.
+
     Parameters
     ----------
     features : (N, K, h, w) ndarray, or (N, h, w, K) with ``layout="NHWC"``
@@ -173,9 +226,13 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     layout : {"NCHW", "NHWC"}, optional
     scoring : {"softmax", "sigmoid", "logits"}, optional
     batch_size : int, optional
-        Rows per `run_head` call.
+        Rows per `run_head` call (fewer when they would exceed `CHUNK_BYTES`).
     mask : {"point", "gaussian"}, optional
         The position alone (Recipro-CAM), or its 3x3 Gaussian neighbourhood (ViT Recipro-CAM).
+    run_pooled : callable, optional
+        ``run_pooled((M, K) spatial means) -> (M, C)`` logits: the head after its
+        global average pooling (see `camcore.backend`); used instead of `run_head`
+        with ``mask="point"``.
 
     Returns
     -------
@@ -200,6 +257,8 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     n = len(f)
     h, w = f.shape[2:] if layout == "NCHW" else f.shape[1:3]
     positions = h * w
+    _check_pooled(run_pooled)
+
     if mask == "gaussian":
         # weights[p] (h, w): the kernel centred on p, cut at the border
         padded = np.zeros((positions, h + 2, w + 2), f.dtype)
@@ -209,23 +268,45 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
                 padded[np.arange(positions), ys + dy, xs + dx] = GAUSSIAN_3X3[dy, dx]
         weights = padded[:, 1:-1, 1:-1]
 
-    def make_rows(rows):
-        items, p = np.divmod(rows, positions)
-        if mask == "gaussian":
+        def masked_rows(rows):
+            items, p = np.divmod(rows, positions)
             m = weights[p]
-            batch = f[items] * (m[:, None] if layout == "NCHW" else m[..., None])
-            return (batch,)
-        y, x = np.divmod(p, w)
-        batch = np.zeros((len(rows), *f.shape[1:]), f.dtype)
-        if layout == "NCHW":
-            batch[np.arange(len(rows)), :, y, x] = f[items, :, y, x]
-        else:
-            batch[np.arange(len(rows)), y, x, :] = f[items, y, x, :]
-        return (batch,)
+            return (f[items] * (m[:, None] if layout == "NCHW" else m[..., None]),)
 
-    scores = _scores(_run_rows(run_head, make_rows, n * positions, chunk), scoring)
+        logits = _run_rows(run_head, masked_rows, n * positions, _chunk_rows(chunk, f[0].nbytes))
+    elif run_pooled is not None:
+        k_feat = f.shape[1] if layout == "NCHW" else f.shape[3]
+        vectors = f.reshape(n, k_feat, positions).transpose(0, 2, 1) if layout == "NCHW" else \
+            f.reshape(n, positions, k_feat)
+        # What the pooling computes on the masked copy: the kept vector (a sum with zeros) / (h w).
+        vectors = (vectors / f.dtype.type(positions)).reshape(n * positions, k_feat)
+        logits = _run_rows(run_pooled, lambda rows: (vectors[rows],), n * positions, chunk)
+    else:
+        buffer = np.zeros((min(_chunk_rows(chunk, f[0].nbytes), n * positions), *f.shape[1:]), f.dtype)
+        written = []  # the (rows, y, x) the buffer holds besides zeros
+
+        def make_rows(rows):
+            if written:
+                _keep(buffer, layout, *written.pop(), 0)
+            items, p = np.divmod(rows, positions)
+            y, x = np.divmod(p, w)
+            at = np.arange(len(rows))
+            _keep(buffer, layout, at, y, x, f[items, :, y, x] if layout == "NCHW" else f[items, y, x, :])
+            written.append((at, y, x))
+            return (buffer[:len(rows)],)
+
+        logits = _run_rows(run_head, make_rows, n * positions, len(buffer))
+    scores = _scores(logits, scoring)
     picked = np.take_along_axis(scores.reshape(n, positions, -1), sel[:, None, :], axis=2)  # (N, h*w, k)
     return picked.transpose(0, 2, 1).reshape(n, sel.shape[1], h, w).astype(f.dtype, copy=False)
+
+
+def _keep(buffer, layout, at, y, x, values):
+    """Write `values` ``(M, K)`` at position ``(y[m], x[m])`` of row ``at[m]`` of `buffer`."""
+    if layout == "NCHW":
+        buffer[at, :, y, x] = values
+    else:
+        buffer[at, y, x, :] = values
 
 
 def _top_variance(f_nchw: np.ndarray, max_channels) -> np.ndarray:
@@ -336,14 +417,14 @@ def runs_per_image(method: str, *, channels: int, positions: int, max_channels=N
 
 def _ablationcam_maps(given):
     return ablationcam(given.features, given.classes, given.run_head, layout=given.layout,
-                       batch_size=given.options.get("batch_size", 256))
+                       batch_size=given.options.get("batch_size", 256), run_pooled=given.run_pooled)
 
 
 def _reciprocam_maps(given):
     # On a transformer's tokens, ViT Recipro-CAM's Gaussian neighbourhood unless told otherwise.
     return reciprocam(given.features, given.classes, given.run_head, layout=given.layout,
                       batch_size=given.options.get("batch_size", 256),
-                      scoring=given.options.get("scoring", given.scoring),
+                      scoring=given.options.get("scoring", given.scoring), run_pooled=given.run_pooled,
                       mask=given.options.get("mask", "gaussian" if given.token_model else "point"))
 
 
