@@ -13,7 +13,9 @@ float16 transforms compute every activation with an 11-bit significand (unit rou
 2**-11 = 4.9e-4) through tens of layers; their maps are held to 2e-2 of the largest map value
 and a Pearson correlation >= 0.999 with the source's (largest error seen: 7.7e-3, on
 torch mobilenetv2_050_dynamo), and their top-1 to the source's where its top-2 margin exceeds
-that error.
+that error.  Where the source's maps are nearly flat (`FLOAT16_CONTRAST`) float16 rounding
+is as large as their spatial variation; those float16 maps are held instead to the exact CAM of
+the float16 model itself.
 
 The transforms are built here from the corpus (CI builds the corpus first), one model at a
 time in a temporary folder removed before the next model's.
@@ -52,12 +54,30 @@ REFUSED = {
 }
 LITE0 = "efficientnet_lite0"
 
+# The source maps' spatial contrast (smallest per-item std over the largest |value|) above which
+# the float16 maps must correlate >= 0.999 with the float32 ones: 4 float16 unit roundoffs.
+# Below it the maps are nearly flat and float16's own rounding of the features is as large as
+# their spatial variation, so the correlation measures rounding noise, not camcore.  Measured
+# (random weights, the noise inputs below): the Hugging Face EfficientNet exports have contrast
+# 1.2e-4 (optimum), 2.3e-4 (dynamo) and 5.9e-4 (ts), at most 1.2 roundoffs: their features are
+# nearly constant over space (spatial std / |channel mean| 1.3e-4 to 2.0e-4), and the float16
+# model's own features differ from float32's by up to 5.5e-4 to 6.5e-4 of their largest value,
+# so those features' spatial deviations correlate only 0.60 to 0.74 across precisions and the
+# maps 0.74 to 0.79, though the logits agree (correlation 0.99999994, largest difference 9e-5
+# on logits up to 0.21) and camcore reads the same feature tensor, pooling and head in both
+# forms (the float32 model's head weights on float16 features reproduce the 0.74; the float16
+# head weights on float32 features give 0.999999).  Every other corpus CNN has contrast >= 3.3e-3
+# (mobilenetv2_avgpool7_fromkeras_opt) and keeps the correlation check.  Below the threshold the
+# float16 maps are judged against the float16 model itself (`_assert_exact_cam_of_itself`).
+FLOAT16_CONTRAST = 4 * 2.0**-11
+
 
 def _models() -> list:
-    """``(name, path, Source, (H, W), framework)`` for Lite0 and every corpus CNN (ViT excluded)."""
+    """``(name, path, Source, (H, W), framework)`` for Lite0 and every corpus CNN, the
+    transformers framework's CNNs (Hugging Face EfficientNet) included, ViTs excluded."""
     lite = default_model.preprocess()
     models = [(LITE0, default_model.path(), deployed.Source(mean=lite.mean, std=lite.std), tuple(lite.size), None)]
-    for entry in corpus.manifest():
+    for entry in corpus.manifest(*corpus.FRAMEWORKS, corpus.TRANSFORMERS):
         # CNNs: a 4-D feature map pooled over space (transformers' token poolings are another issue's)
         if entry["layout"] not in ("NCHW", "NHWC") or entry["pooling"] not in ("avg", "max", "gap"):
             continue
@@ -106,6 +126,30 @@ def _inspect_and_explain(path, x, classes=None):
     method = explainer.resolve_method("auto")
     out = explainer.explain(x, method="auto", classes=classes)
     return explainer, layers, method, out
+
+
+def _assert_exact_cam_of_itself(explainer, x, out, classes) -> None:
+    """`out.maps` are the exact CAM of the deployed (float16) model: its own features weighted
+    by its head, and their spatial means plus the bias give its own logits.
+
+    The float16 model rounds its logits to float16, and the head weights are read back through
+    those logits, so the identity holds to one float16 step of the largest logit (2**-10 of it;
+    measured on the Hugging Face EfficientNets: 6.9e-5 on logits up to 0.13, optimum).
+    """
+    assert out.method == "cam", f"a nearly flat {out.method} map has no exact reference here"
+    head = explainer.head
+    own = explainer.gradients(x, classes=classes)
+    features = own.features.astype(np.float64)
+    if head.layout == "NHWC":
+        features = features.transpose(0, 3, 1, 2)
+    weights = head.weights.astype(np.float64)[classes]  # (N, k, K)
+    reference = np.einsum("nkhw,njk->njhw", features, weights)
+    maps = out.maps.astype(np.float64)
+    np.testing.assert_allclose(maps, reference, rtol=0, atol=1e-5 * np.abs(reference).max())
+    logits = own.logits.astype(np.float64)
+    picked = np.take_along_axis(logits, classes, axis=1)
+    np.testing.assert_allclose(maps.mean(axis=(-2, -1)) + head.bias[classes], picked,
+                               rtol=0, atol=2.0**-10 * np.abs(logits).max())
 
 
 class _Built:
@@ -166,8 +210,11 @@ def test_deployed_form_explains_or_refuses_in_one_line(built, model, transform):
     top1 = out.logits.argmax(axis=1)  # the deployed model's own top-1
     if transform in FLOAT16:
         assert np.abs(a - b).max() <= 2e-2 * scale
-        if a.std() > 0:  # Grad-CAM's ReLU leaves some random-weight maps all zero, in both forms
+        contrast = a.std(axis=(-2, -1)).min() / scale if scale else 0.0
+        if contrast > FLOAT16_CONTRAST:
             assert np.corrcoef(a.ravel(), b.ravel())[0, 1] >= 0.999
+        elif a.std() > 0:  # (Grad-CAM's ReLU leaves some random-weight maps all zero, in both forms)
+            _assert_exact_cam_of_itself(explainer, x, out, source.classes)
         logits = np.sort(source.logits, axis=1)
         clear = logits[:, -1] - logits[:, -2] > 2e-2 * np.abs(logits).max(axis=1)
         np.testing.assert_array_equal(top1[clear], source.classes[clear, 0])
