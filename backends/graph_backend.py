@@ -101,6 +101,10 @@ def head_graph(folded, head: Head, gradients: bool, *, pooled: bool = False) -> 
     if gradients:  # onnxruntime's fused nodes (offline-optimized models) as the ops they fused
         model = contrib_ops.as_standard_ops(model)
         model = backprop.add_backward(model, start, of, seed=SEED, grad=GRAD)
+        # The backward pass reads weights through Transposes and other constant subgraphs: folded
+        # here, so no runtime sees them (OpenVINO 2026.4 at f32 gave a ViT's gradients 1 % off
+        # through a Transpose of a weight the forward MatMul shares; folded, 1e-7).
+        model = onnx_graph.fold_constants(model)
     specs = {s.name: s for s in onnx_graph.graph_inputs(model)}
     return HeadGraph(model, specs[start], tuple(specs[name] for name in frontier), specs.get(SEED), scale)
 

@@ -38,7 +38,13 @@ def import_openvino():
 
 
 def _first_line(exc: Exception) -> str:
-    lines = [line for line in str(exc).splitlines() if line.strip()]
+    """OpenVINO's message in one line: the failed op and its reason when its ONNX reader names them
+    (its first line is only a source location)."""
+    lines = [line.strip(" -") for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith("Conversion is failed for") or "Node:" in line]
+    if named:
+        return "; ".join(dict.fromkeys(named[::-1]))
+    lines = [line for line in lines if not line.startswith("Exception from")] or lines
     return lines[0] if lines else type(exc).__name__
 
 

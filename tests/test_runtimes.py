@@ -18,9 +18,9 @@ import camcore
 from backends.graph_backend import GraphBackend
 from camcore import CamError, Explainer
 from camcore.errors import MissingDependency
-from camcore.methods import METHODS
+from camcore.methods import METHODS, REGISTRY
 from tests import corpus
-from tests.fakes import ReferenceRuntime, load_on
+from tests.fakes import ReferenceRuntime, load_on, openvino_reads_no_gradients
 from tests.zoo import CASES, REFUSED
 
 RTOL = 1e-4
@@ -29,13 +29,41 @@ PHOTOS = ("chelsea", "coffee", "rocket")
 
 
 def _methods(ex: Explainer) -> list:
-    return [m for m in METHODS if m != "auto" and (m != "cam" or ex.head.affine)]
+    """The methods that apply: CAM on affine heads, the attention methods on token models."""
+    return [m for m in METHODS if m != "auto" and (m != "cam" or ex.head.affine)
+            and ("attention" not in REGISTRY[m].needs or ex.head.tokens is not None)]
 
 
-def _close(ours, theirs, what):
+def _tolerance(method: str, ex: Explainer, x, classes, maps: np.ndarray, logits: np.ndarray) -> float:
+    """The largest map difference two f32 runtimes may show for `method`, from onnxruntime's values.
+
+    A map entry is in units of a logit's share per position, so differences are measured against
+    ``max(max|maps|, max|logits| / positions)`` (a map that cancels to about 0, as HiResCAM's can,
+    is not held to its own rounding).  AblationCAM divides logit drops by the logit
+    (``w_k = (y_c - y_c^k) / y_c``): a relative difference ``RTOL`` of the logits moves each weight
+    by up to ``2 RTOL max|y| / |y_c|``, and the map by that times ``sum_k |A_k|``.  XGrad-CAM divides
+    by each channel's activation sum: the difference grows by ``sum|A_k| / |sum A_k|``.
+    """
+    positions = int(np.prod(maps.shape[2:]))
+    scale = max(float(np.abs(maps).max()), float(np.abs(logits).max()) / positions, 1e-30)
+    if method not in ("ablationcam", "xgradcam"):
+        return RTOL * scale
+    features, _ = ex.forward({ex.head.input.name: x})
+    f = np.asarray(features, np.float64)
+    channel = 1 if ex.head.layout == "NCHW" else -1
+    if method == "ablationcam":
+        y = np.abs(logits.astype(np.float64))
+        ratio = float(y.max() / np.take_along_axis(y, classes, 1).min())
+        return max(RTOL * scale, 2 * RTOL * ratio * float(np.abs(f).sum(axis=channel).max()))
+    axes = {"NCHW": (2, 3), "NHWC": (1, 2)}.get(ex.head.layout, (1,))  # tokens (N, T, C): over T
+    return RTOL * scale * max(1.0, float((np.abs(f).sum(axis=axes) / np.maximum(np.abs(f.sum(axis=axes)), 1e-30)).max()))
+
+
+def _close(ours, theirs, what, tolerance=None):
     scale = max(float(np.abs(theirs).max()), 1e-12)
     error = float(np.abs(np.asarray(ours, np.float64) - theirs).max())
-    assert error <= RTOL * scale, f"{what}: max difference {error:.2e} > {RTOL} x {scale:.3g}"
+    tolerance = RTOL * scale if tolerance is None else tolerance
+    assert error <= tolerance, f"{what}: max difference {error:.2e} > {tolerance:.3g} (largest value {scale:.3g})"
     return error / scale
 
 
@@ -182,8 +210,17 @@ def test_corpus_openvino_f32_equals_onnxruntime(entry):
     x, classes = d["x"], d["grad_classes"][:, None]
     for ex in (ort_ex, ov_ex):
         ex.method_options = {"max_channels": 4}
+    no_gradients = openvino_reads_no_gradients(ort_ex)
     for method in _methods(ort_ex):
+        needs = REGISTRY[method].needs
+        if (no_gradients and "gradients" in needs) or \
+                ("attention_gradients" in needs and openvino_reads_no_gradients(ort_ex, attention=True)):
+            # A known OpenVINO limit (README, Runtimes): refused in one line naming the op.
+            with pytest.raises(CamError, match=r"openvino cannot read the model: .*ReduceSum.*axes"):
+                ov_ex.explain(x, classes=classes, method=method)
+            continue
         ours = ov_ex.explain(x, classes=classes, method=method)
         theirs = ort_ex.explain(x, classes=classes, method=method)
         _close(ours.logits, theirs.logits.astype(np.float64), f"{method} logits")
-        _close(ours.maps, theirs.maps.astype(np.float64), f"{method} maps")
+        _close(ours.maps, theirs.maps.astype(np.float64), f"{method} maps",
+               _tolerance(method, ort_ex, x, classes, theirs.maps, theirs.logits))
