@@ -321,7 +321,9 @@ def test_results_as_json_lines_and_parquet(local_run, tmp_path):
     assert [json.loads(line) for line in lines] == records
     table = pq.read_table(tmp_path / "results.parquet")
     assert table.to_pylist() == [{**{"overlay": None}, **r} for r in records]
-    assert table.schema.metadata == {b"model": results["model"].encode(), b"method": b"cam", b"threshold": b"0.2"}
+    assert results["runtime"]["backend"] == "onnxruntime"  # which runtime and precision ran
+    assert table.schema.metadata == {b"model": results["model"].encode(), b"method": b"cam", b"threshold": b"0.2",
+                                     b"runtime": json.dumps(results["runtime"]).encode()}
 
 
 def test_an_interrupted_run_resumes_with_the_blocks_not_yet_complete(ray_cluster, local_run, tmp_path):
