@@ -56,7 +56,7 @@ def main(args) -> int:
     if not paths:
         raise CamError("no images given: camcore compare [MODEL.onnx] IMAGE_OR_FOLDER... --methods LIST")
     files = collect_images(paths)
-    explainer = load(model, feature=args.feature, **runtime_options(args))
+    explainer = load(model, feature=args.feature, size=args.size, **runtime_options(args))
     if args.max_channels is not None:
         explainer.method_options["max_channels"] = args.max_channels
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]

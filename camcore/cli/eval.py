@@ -82,7 +82,7 @@ def main(args) -> int:
     if dataset.unannotated:
         print(f"camcore: warning: {len(dataset.unannotated)} listed images have no annotations and are left "
               f"out (first: {dataset.unannotated[0]})", file=sys.stderr)
-    explainer = load(args.model, feature=args.feature, **runtime_options(args))
+    explainer = load(args.model, feature=args.feature, size=args.size, **runtime_options(args))
     preprocess = preprocess_from_args(args, explainer)
     method = explainer.resolve_method(args.method)
     contrast = None if args.contrast is None else targets_from_args(args, explainer).contrast
@@ -92,7 +92,7 @@ def main(args) -> int:
         from ..distributed import evaluate_engine, ray_session
 
         engine = evaluate_engine(args.model, concurrency=args.concurrency, num_gpus=args.num_gpus,
-                                 feature=args.feature, **runtime_options(args))
+                                 feature=args.feature, size=args.size, **runtime_options(args))
         session = ray_session(args.address)
     try:
         with session:

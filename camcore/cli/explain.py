@@ -28,7 +28,7 @@ def _load(model, args, feature=None):
     """`camcore.load` with the runtime the `add_runtime_arguments` flags in `args` pick."""
     from ..api import load
 
-    return load(model, feature=feature, **runtime_options(args))
+    return load(model, feature=feature, size=getattr(args, "size", None), **runtime_options(args))
 
 
 def _table(records) -> str:
@@ -197,12 +197,10 @@ def _explain_on_ray(model, images, out, preprocess, method, args, targets=None, 
     options = _explain_options(method, args.top_k, preprocess, args.threshold, "bilinear")
     options.update({"classes": targets} if targets is not None else {})
     progress = Progress(len(images), "explain", quiet=args.quiet)
-    runtime = runtime_options(args)
-    runtime.pop("size")  # the actors take it from the preprocessing
     try:
         return explain_files(model, [str(p) for p in images], out, options=options,
                              batch_size=args.batch_size or 64, concurrency=args.concurrency,
-                             num_gpus=args.num_gpus, **runtime,
+                             num_gpus=args.num_gpus, **runtime_options(args),
                              address=args.address, feature=args.feature, image_format=args.format,
                              progress=progress.update, maps_dtype=maps_dtype)
     finally:

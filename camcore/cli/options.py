@@ -158,7 +158,7 @@ def runtime_options(args) -> dict:
     if backend != "onnxruntime" and providers is not None:
         raise CamError(f"--providers is for --backend onnxruntime; --backend {backend} takes --device")
     return {"backend": backend, "providers": providers, "device": getattr(args, "device", None),
-            "precision": getattr(args, "precision", None), "size": getattr(args, "size", None)}
+            "precision": getattr(args, "precision", None)}
 
 
 # ----------------------------------------------------------------- argparse types and inputs
