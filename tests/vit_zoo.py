@@ -44,8 +44,14 @@ class _G:
 
 
 def vit(*, pooling="cls", prefix=1, grid=(2, 3), channels=8, classes=5, blocks=2, patch=2, seed=None,
-        final_norm=True):
-    """A tiny ViT ``ModelProto`` (input ``x`` ``(N, 3, gh*patch, gw*patch)``, output ``logits``)."""
+        final_norm=True, qkv="separate"):
+    """A tiny ViT ``ModelProto`` (input ``x`` ``(N, 3, gh*patch, gw*patch)``, output ``logits``).
+
+    ``qkv="separate"`` projects the query, key and value with a MatMul each, one head; ``"split"``
+    and ``"gather"`` as timm does, two heads: one fused ``x W + b`` reshaped to
+    ``(N, T, 3, heads, d)``, transposed to ``(3, N, heads, T, d)`` and split (``Split`` + ``Squeeze``,
+    or a ``Gather`` per part).
+    """
     gh, gw = grid
     c = channels
     g = _G(zlib.crc32(f"{pooling}-{prefix}-{grid}-{seed}".encode()))
@@ -67,12 +73,29 @@ def vit(*, pooling="cls", prefix=1, grid=(2, 3), channels=8, classes=5, blocks=2
         if i:
             h = g.op("Identity", [h], f"block{i}_in")
         a = g.ln(h, c)
-        q, k, v = (g.op("MatMul", [a, g.weight(c, c)]) for _ in range(3))
-        s = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])]), g.const(c ** -0.5)])
-        s4 = g.op("Unsqueeze", [s, g.const([1], dtype=np.int64)])
-        p = g.op("Softmax", [s4], f"attn{i}", axis=-1)
-        o = g.op("MatMul", [g.op("MatMul", [g.op("Squeeze", [p, g.const([1], dtype=np.int64)]), v]),
-                            g.weight(c, c)])
+        if qkv == "separate":
+            q, k, v = (g.op("MatMul", [a, g.weight(c, c)]) for _ in range(3))
+            s = g.op("Mul", [g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 2, 1])]), g.const(c ** -0.5)])
+            s4 = g.op("Unsqueeze", [s, g.const([1], dtype=np.int64)])
+            p = g.op("Softmax", [s4], f"attn{i}", axis=-1)
+            o = g.op("MatMul", [g.op("MatMul", [g.op("Squeeze", [p, g.const([1], dtype=np.int64)]), v]),
+                                g.weight(c, c)])
+        else:
+            heads = 2
+            fused = g.op("Add", [g.weight(3 * c), g.op("MatMul", [a, g.weight(c, 3 * c)])])
+            parts = g.op("Transpose", [g.op("Reshape", [fused, g.const([0, t, 3, heads, c // heads],
+                                                                        dtype=np.int64)])], perm=[2, 0, 3, 1, 4])
+            if qkv == "split":
+                split = g.op("Split", [parts, g.const([1, 1, 1], dtype=np.int64)], axis=0)
+                g.nodes[-1].output[:] = [f"{split}_{j}" for j in range(3)]
+                q, k, v = (g.op("Squeeze", [f"{split}_{j}", g.const([0], dtype=np.int64)]) for j in range(3))
+            else:
+                q, k, v = (g.op("Gather", [parts, g.const(j, dtype=np.int64)], axis=0) for j in range(3))
+            s = g.op("MatMul", [g.op("Mul", [q, g.const((c // heads) ** -0.5)]),
+                                g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+            p = g.op("Softmax", [s], f"attn{i}", axis=-1)
+            merged = g.op("Transpose", [g.op("MatMul", [p, v])], perm=[0, 2, 1, 3])
+            o = g.op("MatMul", [g.op("Reshape", [merged, g.const([0, t, c], dtype=np.int64)]), g.weight(c, c)])
         h1 = g.op("Add", [h, o], f"block{i}_mid")
         m = g.op("MatMul", [g.op("Relu", [g.op("MatMul", [g.ln(h1, c), g.weight(c, 2 * c)])]), g.weight(2 * c, c)])
         h = g.op("Add", [h1, m], f"block{i}_out")

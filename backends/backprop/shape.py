@@ -78,6 +78,10 @@ def _gather(c):
     e = c.e
     op = c.node.op_type
     axis = attr(c.node, "axis", 0)
+    if op == "Gather":
+        padded = _gather_run(c, axis)
+        if padded is not None:
+            return {0: padded}
     selected = e.op(op, [e.flat_indices(c.x()), c.x(1)], axis=axis)
     if e.opset >= _SCATTER_ADD_OPSET:
         return {0: e.scatter(c.x(), selected, c.g(), add=True)}
@@ -89,6 +93,25 @@ def _gather(c):
     if not unique:
         c.refuse(f"indices that may repeat need ScatterElements reduction (opset {_SCATTER_ADD_OPSET})")
     return {0: e.scatter(c.x(), selected, c.g(), add=False)}
+
+
+def _gather_run(c, axis: int):
+    """A Gather of a constant run of consecutive indices ``[s, s + m)`` on an axis of static size:
+    its gradient is `g` zero-padded on that axis (no index tensor, no scatter)."""
+    e = c.e
+    indices = e.ix.constant(c.x(1))
+    dims = c.dims(c.x())
+    axis = _normalize_axes(c, [axis], len(dims))[0]
+    size = dims[axis]
+    if indices is None or np.ndim(indices) > 1 or not isinstance(size, int) or e.opset < 11:
+        return None
+    flat = np.where(indices < 0, indices + size, indices).reshape(-1)
+    if not flat.size or (flat != np.arange(flat[0], flat[0] + flat.size)).any() or flat[-1] >= size:
+        return None
+    g = c.g() if np.ndim(indices) == 1 else e.unsqueeze(c.g(), [axis])
+    pads = np.zeros(2 * len(dims), np.int64)
+    pads[axis], pads[len(dims) + axis] = flat[0], size - 1 - flat[-1]
+    return e.typed(e.op("Pad", [g, e.ints(pads)]), c.x())
 
 
 def _expand(c):
