@@ -14,6 +14,8 @@ calls measure the other processes):
 * ``camcore reciprocam``: ``Explainer.explain(method="reciprocam")`` (ViT Recipro-CAM: 196
   masked copies of the tokens at the last block's input, each through the last block and the
   head) at ``--recipro-batch`` images; ratio against ``ort plain`` at that batch;
+* with ``--openvino``: ``ov plain`` and ``camcore reciprocam (openvino)``, the same on camcore's
+  OpenVINO backend at OpenVINO's default precision (bfloat16 on CPUs that have it), as OVX runs;
 * ``ovx plain`` and ``ovx vit-reciprocam`` (with ``--ovx-python``, a Python with openvino-xai
   1.1.0): OpenVINO inference of the same ONNX file, and ``openvino_xai.Explainer`` with
   ``Method.VITRECIPROCAM`` (white-box, its own target layer search) on one image at a time
@@ -114,6 +116,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--recipro-batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--openvino", action="store_true",
+                        help="also camcore's reciprocam on OpenVINO (its default precision) against plain OpenVINO")
     parser.add_argument("--json", type=Path, default=HERE / "vit.json")
     args = parser.parse_args(argv)
 
@@ -152,6 +156,15 @@ def run(path: Path, args) -> list:
         "ort plain": lambda: plain_session.run(None, {"x": small}),
         "camcore reciprocam": lambda: explainer.explain(small, method="reciprocam"),
     }, args.repeat)
+    if args.openvino:  # camcore on OpenVINO at its default precision, as OVX runs
+        from backends.ov_session import OvRuntime
+
+        ov_explainer = camcore.load(str(path), backend="openvino")
+        ov_plain = OvRuntime("CPU").compile(path.read_bytes())
+        t_ov = _median_times({
+            "ov plain": lambda: ov_plain.run(["logits"], {"x": small}),
+            "camcore reciprocam (openvino)": lambda: ov_explainer.explain(small, method="reciprocam"),
+        }, args.repeat)
     rows = [
         dict(config="ort plain", batch=args.batch, seconds=t["ort plain"], ratio=None),
         dict(config="camcore gradcam top-1", batch=args.batch, seconds=t["camcore gradcam top-1"],
@@ -160,6 +173,12 @@ def run(path: Path, args) -> list:
         dict(config="camcore reciprocam", batch=args.recipro_batch, seconds=t_small["camcore reciprocam"],
              ratio=t_small["ort plain"] / t_small["camcore reciprocam"]),
     ]
+    if args.openvino:
+        rows += [dict(config=f"ov plain ({ov_explainer.backend.precision})", batch=args.recipro_batch,
+                      seconds=t_ov["ov plain"], ratio=None),
+                 dict(config="camcore reciprocam (openvino)", batch=args.recipro_batch,
+                      seconds=t_ov["camcore reciprocam (openvino)"],
+                      ratio=t_ov["ov plain"] / t_ov["camcore reciprocam (openvino)"])]
     if args.ovx_python:
         out = subprocess.run([args.ovx_python, "-c", OVX, str(path), str(args.repeat)],
                              check=True, capture_output=True, text=True).stdout
