@@ -11,10 +11,11 @@ measured in one run:
 * against OpenVINO XAI's Recipro-CAM at the same precision, batch 1: camcore's is at
   least 1.3x faster (OVX's time / camcore's >= 1.3).
 
-Part 1, one interleaved run (`camcore.benchmark.time_interleaved`): for each runtime
+Part 1, interleaved runs (`camcore.benchmark.time_interleaved`): for each runtime
 (onnxruntime; OpenVINO at its default; OpenVINO at f32) and batch (1, 16), plain
 inference, ``explain(top_k=1, method=m)`` for CAM, Grad-CAM and Recipro-CAM (maps at
-feature resolution), all in the same rounds, order rotating.  Plain inference and camcore
+feature resolution), all in the same rounds, order rotating; one runtime after the other
+(onnxruntime's spinning worker threads slow an OpenVINO call that follows one).  Plain inference and camcore
 on OpenVINO are compiled by the ``openvino`` backend's adapter with the same settings.
 
 Part 2, OpenVINO XAI: OVX 1.1 pins OpenVINO 2024.4 and numpy 1.x, so it runs in its own
@@ -129,7 +130,14 @@ def main(argv=None) -> int:
             for mode in MODES:
                 for b in BATCHES:
                     steps[f"{name}|{mode}", b] = setup.step(mode, b)
-        times = bench.time_interleaved(steps, repeat=args.repeat, warmup=args.warmup)
+        # Each runtime's configurations are interleaved among themselves, and the runtimes timed one
+        # after the other: onnxruntime's worker threads spin for a while after each run, and on a
+        # 2-core machine an OpenVINO call right after one ran up to 2x slower.  Goals compare
+        # configurations of one runtime.
+        times = {}
+        for name in setups:
+            own = {key: step for key, step in steps.items() if key[0].split("|")[0] == name}
+            times.update(bench.time_interleaved(own, repeat=args.repeat, warmup=args.warmup))
         for (key, b), seconds in times.items():
             name, mode = key.split("|")
             runs = result["runtimes"][name].setdefault("runs", {}).setdefault(str(b), {})
