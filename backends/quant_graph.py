@@ -207,6 +207,24 @@ def _rewrite_qlinear(w: _Writer, node) -> bool:
 _INTEGER_POOLS = {"MaxPool", "GlobalMaxPool"}
 
 
+def _shared_dequantization(w: _Writer, node) -> bool | None:
+    """One float tensor per dequantized int8 tensor: a DequantizeLinear of the graph that repeats
+    one already written becomes an Identity of it, and one written first is reused by the
+    rewritten ops.  Otherwise a transformer's residual stream would have two float copies (the
+    Add's and the next block's), and a gradient at one would miss the branch that reads the other.
+    True: replaced; False: kept (and reused); None: not a shareable DequantizeLinear."""
+    i = list(node.input) + [""]
+    if _attrs(node).get("block_size", 0):
+        return None
+    key = (i[0], i[1], i[2], w.per_channel_axis(i[1], _attrs(node).get("axis", 1)))
+    if key in w._dq:
+        w.nodes.append(helper.make_node("Identity", [w._dq[key]], [node.output[0]], name=w.name(f"{node.output[0]}_id")))
+        return True
+    w._dq[key] = node.output[0]
+    w.nodes.append(node)
+    return False
+
+
 def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every QOperator op (`QLINEAR_OPS`) as DQ -> float op -> Q.
 
@@ -240,6 +258,8 @@ def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             out = w.op(node.op_type, [w.dq(node.input[0], scale, zero)], f"{node.output[0]}_float", **_attrs(node))
             w.q(out, scale, zero, node.output[0])
             changed = True
+        elif node.op_type == "DequantizeLinear" and (shared := _shared_dequantization(w, node)) is not None:
+            changed = changed or shared
         else:
             if node.op_type == "QuantizeLinear":
                 w.params[node.output[0]] = tuple((list(node.input) + [""])[1:3])
