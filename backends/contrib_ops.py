@@ -118,7 +118,9 @@ def as_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
 
     FusedConv becomes Conv (+ Add of its sum input) + its activation, FusedGemm Gemm + its
     activation, QuickGelu ``x * Sigmoid(alpha * x)``, Gelu and BiasGelu
-    ``0.5 * x * (1 + Erf(x / sqrt 2))``.  Other nodes, and fused nodes with an activation
+    ``0.5 * x * (1 + Erf(x / sqrt 2))``, FusedMatMul ``alpha * op(A) @ op(B)`` (MatMul, Transposes of
+    the last two axes, Mul), SkipLayerNormalization ``LayerNormalization(input + skip + bias)``
+    (with the sum as its fourth output where the graph reads it).  Other nodes, and fused nodes with an activation
     this does not know, are kept (a backward pass then names them).  New tensors and nodes
     are named ``cam_unfused_<node index>_...``.
 
@@ -134,6 +136,7 @@ def as_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     nodes, extra = [], []
+    ranks = _ranks(model) if any(n.op_type == "FusedMatMul" for n in model.graph.node) else {}
     for index, node in enumerate(model.graph.node):
         if node.domain != "com.microsoft":
             nodes.append(node)
@@ -147,7 +150,7 @@ def as_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
             extra.append(tensor)
             return tensor.name
 
-        replaced = _unfuse(node, prefix, const)
+        replaced = _unfuse(node, prefix, const, ranks)
         nodes.extend(replaced if replaced is not None else [node])
     del out.graph.node[:]
     out.graph.node.extend(nodes)
@@ -155,7 +158,29 @@ def as_standard_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _unfuse(node, prefix: str, const) -> list | None:
+def _ranks(model: onnx.ModelProto) -> dict:
+    """tensor -> rank, where the model's value_info (`complete_types`) or onnx's inference tell it."""
+    try:
+        inferred = shape_inference.infer_shapes(model)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    ranks = {t.name: len(t.dims) for t in g.initializer}
+    for vi in (*g.input, *g.output, *g.value_info, *model.graph.value_info):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    return ranks
+
+
+def _last_two_swapped(x: str, rank: int | None, name: str) -> object:
+    """A Transpose of `x` swapping its last two axes (None when its rank is unknown)."""
+    if rank is None or rank < 2:
+        return None
+    perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+    return helper.make_node("Transpose", [x], [name], name=name, perm=perm)
+
+
+def _unfuse(node, prefix: str, const, ranks=None) -> list | None:
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     kind = attrs.pop("activation", b"")
     kind = kind.decode() if isinstance(kind, bytes) else kind
@@ -182,6 +207,39 @@ def _unfuse(node, prefix: str, const) -> list | None:
                                   name=f"{prefix}_ax")
         gate = helper.make_node("Sigmoid", [f"{prefix}_ax"], [f"{prefix}_gate"], name=f"{prefix}_gate")
         return [scaled, gate, helper.make_node("Mul", [x, f"{prefix}_gate"], [y], name=f"{prefix}_mul")]
+    if node.op_type == "FusedMatMul":  # alpha * op(A) @ op(B), op a swap of the last two axes
+        if attrs.get("transBatchA", 0) or attrs.get("transBatchB", 0):
+            return None
+        found, operands = [], []
+        for x, flag, side in zip(node.input[:2], ("transA", "transB"), "ab"):
+            if attrs.get(flag, 0):
+                swap = _last_two_swapped(x, (ranks or {}).get(x), f"{prefix}_{side}_t")
+                if swap is None:
+                    return None
+                found.append(swap)
+                x = swap.output[0]
+            operands.append(x)
+        alpha = attrs.get("alpha", 1.0)
+        product = y if alpha == 1.0 else f"{prefix}_matmul"
+        found.append(helper.make_node("MatMul", operands, [product], name=f"{prefix}_matmul"))
+        if alpha != 1.0:
+            found.append(helper.make_node("Mul", [product, const(alpha, "alpha")], [y], name=f"{prefix}_alpha"))
+        return found
+    if node.op_type == "SkipLayerNormalization":
+        # (input, skip, gamma[, beta[, bias]]) -> (output[, mean, inv_std_var, input + skip + bias])
+        x, skip, gamma, beta, bias = (list(node.input) + ["", ""])[:5]
+        outputs = list(node.output) + [""] * 3
+        total = outputs[3] or f"{prefix}_sum"
+        summed = f"{prefix}_skip" if bias else total
+        found = [helper.make_node("Add", [x, skip], [summed], name=f"{prefix}_skip")]
+        if bias:
+            found.append(helper.make_node("Add", [summed, bias], [total], name=f"{prefix}_bias"))
+        found.append(helper.make_node("LayerNormalization", [total, gamma] + ([beta] if beta else []),
+                                      [y, *outputs[1:3]], name=f"{prefix}_norm", axis=-1,
+                                      epsilon=attrs.get("epsilon", 1e-5)))
+        while found[-1].output[-1] == "":  # no trailing empty optional outputs
+            del found[-1].output[-1]
+        return found
     if node.op_type in ("Gelu", "BiasGelu"):
         x, found = node.input[0], []
         if node.op_type == "BiasGelu":

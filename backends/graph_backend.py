@@ -90,7 +90,9 @@ def head_graph(folded, head: Head, gradients: bool, *, pooled: bool = False) -> 
         return None
     start, scale = shortcut if shortcut else (head.feature, None)
     # int8 logits: the gradient is taken before their own output quantization
-    of = quant_graph.before_output_quantization(folded, head.logits) if gradients else head.logits
+    of = head.logits
+    if gradients:
+        folded, of = quant_graph.output_quantization_bypassed(folded, head.logits)
     model, frontier = backprop.cut_head(folded, start, of)
     if head.tokens is not None:  # a one-token head: its MLP on that token alone
         from .token_gather import push_token_gather
@@ -373,11 +375,17 @@ class GraphBackend:
         """The whole model with its attention probabilities (and their gradients) as outputs; built once."""
         key = ("attention", gradients, tokens)
         if key not in self._heads:
-            from . import attention_graph, onnx_graph
+            from . import attention_graph, contrib_ops, onnx_graph, precision, quant_graph
 
             model = self.folded_model
             names = attention_graph.attention_probabilities(model, tokens)
-            built = attention_graph.attention_model(model, names, self.head.logits, gradients=gradients)
+            logits = self.head.logits
+            if gradients:  # as for the head: fused nodes unfused, int8 logits before their rounding
+                model = contrib_ops.as_standard_ops(model)
+                model, logits = quant_graph.output_quantization_bypassed(model, logits)
+            built = attention_graph.attention_model(model, names, logits, gradients=gradients)
+            if gradients and precision.has_float16(built):  # the float16 forward kept (it is the deployed one)
+                built = precision.float32_scatter_adds(built)
             seed = next((s for s in onnx_graph.graph_inputs(built) if s.name == attention_graph.ATTENTION_SEED), None)
             self._heads[key] = (self.runtime.compile(built.SerializeToString(), role="gradients"), names, seed)
         return self._heads[key]

@@ -6,6 +6,10 @@ head in float16.  Its gradient graph needs ops that onnxruntime's CPU provider l
 small products lose most of their digits.  The head's function is fixed by its float16
 weights, which float32 holds exactly; computing it, and its gradient, in float32 gives that
 function's gradient without float16 rounding.
+
+Where the float16 forward itself must stay (a whole float16 vision transformer, whose attention
+probabilities GAE reads with their gradients), `float32_scatter_adds` computes only the
+reducing scatters, which the CPU provider lacks in float16, in float32 between Casts.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-__all__ = ["has_float16", "as_float32"]
+__all__ = ["has_float16", "as_float32", "float32_scatter_adds"]
 
 # Attributes naming an element type: float16 there becomes float32.
 _TYPE_ATTRIBUTES = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype",
@@ -79,4 +83,66 @@ def as_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     _graph(out.graph)
+    return out
+
+
+_SCATTERS = ("ScatterElements", "ScatterND")
+
+
+def float32_scatter_adds(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` where every reducing ``ScatterElements``/``ScatterND`` on float16 data
+    is computed in float32: its data and updates are Cast to float32, its output back to float16.
+
+    The sums are then rounded to float16 once, not at every added term; everything else in the
+    graph keeps its type.  Nodes are named ``cam_f32_<node name or index>_...``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> d = helper.make_tensor_value_info("d", TensorProto.FLOAT16, [3])
+    >>> u = helper.make_tensor_value_info("u", TensorProto.FLOAT16, [2])
+    >>> y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, [3])
+    >>> i = numpy_helper.from_array(np.array([0, 0], np.int64), "i")
+    >>> node = helper.make_node("ScatterElements", ["d", "i", "u"], ["y"], reduction="add")
+    >>> m = helper.make_model(helper.make_graph([node], "g", [d, u], [y], [i]),
+    ...                       opset_imports=[helper.make_opsetid("", 18)])
+    >>> [n.op_type for n in float32_scatter_adds(m).graph.node]
+    ['Cast', 'Cast', 'ScatterElements', 'Cast']
+    """
+    from onnx import shape_inference
+
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    scatters = [n for n in model.graph.node if n.op_type in _SCATTERS
+                and any(a.name == "reduction" and a.s not in (b"", b"none") for a in n.attribute)]
+    if not scatters:
+        return out
+    try:
+        g = shape_inference.infer_shapes(model).graph
+    except Exception:
+        g = model.graph
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in (*g.input, *g.output, *g.value_info)}
+    types.update({t.name: t.data_type for t in g.initializer})
+    nodes = []
+    for index, node in enumerate(model.graph.node):
+        if not any(node is s for s in scatters) or types.get(node.input[0]) != TensorProto.FLOAT16:
+            nodes.append(node)
+            continue
+        prefix = f"cam_f32_{node.name or index}"
+        data, indices, updates = node.input[:3]
+        wide = []
+        for x, tag in ((data, "data"), (updates, "updates")):
+            nodes.append(helper.make_node("Cast", [x], [f"{prefix}_{tag}"], name=f"{prefix}_{tag}", to=TensorProto.FLOAT))
+            wide.append(f"{prefix}_{tag}")
+        scatter = onnx.NodeProto()
+        scatter.CopyFrom(node)
+        del scatter.input[:]
+        scatter.input.extend([wide[0], indices, wide[1]])
+        scatter.output[0] = f"{prefix}_sum"
+        scatter.name = f"{prefix}_sum"
+        nodes.append(scatter)
+        nodes.append(helper.make_node("Cast", [f"{prefix}_sum"], [node.output[0]], name=f"{prefix}_out",
+                                      to=TensorProto.FLOAT16))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
     return out

@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["is_quantized", "qoperator_as_qdq", "dequantized", "runnable", "cam_bound", "quant_range",
-           "before_output_quantization", "QLINEAR_OPS",
+           "before_output_quantization", "output_quantization_bypassed", "QLINEAR_OPS",
            "QUANTIZED_OPS"]
 
 _MS = "com.microsoft"
@@ -43,7 +43,7 @@ _MS = "com.microsoft"
 QLINEAR_OPS = {
     ("", "QLinearConv"), ("", "QLinearMatMul"), (_MS, "QGemm"), (_MS, "QLinearAdd"), (_MS, "QLinearMul"),
     (_MS, "QLinearGlobalAveragePool"), (_MS, "QLinearAveragePool"), (_MS, "QLinearSigmoid"),
-    (_MS, "QLinearLeakyRelu"), (_MS, "QLinearConcat"),
+    (_MS, "QLinearLeakyRelu"), (_MS, "QLinearConcat"), (_MS, "QLinearSoftmax"),
 }
 # Every op whose presence makes a graph "quantized".
 QUANTIZED_OPS = {op for _, op in QLINEAR_OPS} | {
@@ -185,6 +185,16 @@ def _rewrite_qlinear(w: _Writer, node) -> bool:
         w.q(pooled, i[3], i[4], y)
     elif op == "QLinearSigmoid":
         w.q(w.op("Sigmoid", [w.dq(i[0], i[1], i[2])], f"{y}_float"), i[3], i[4], y)
+    elif op == "QLinearSoftmax":  # a transformer's attention probabilities
+        x = w.dq(i[0], i[1], i[2])
+        axis = attrs.get("axis", -1)
+        if attrs.get("opset", 13) < 13 and axis != -1:
+            # Softmax before opset 13 normalizes the 2-D view that `axis` splits off
+            flat = w.op("Softmax", [w.op("Flatten", [x], f"{y}_2d", axis=axis)], f"{y}_2d_softmax", axis=-1)
+            probs = w.op("Reshape", [flat, w.op("Shape", [x], f"{y}_shape")], f"{y}_float")
+        else:
+            probs = w.op("Softmax", [x], f"{y}_float", axis=axis)
+        w.q(probs, i[3], i[4], y)
     elif op == "QLinearLeakyRelu":
         w.q(w.op("LeakyRelu", [w.dq(i[0], i[1], i[2])], f"{y}_float", alpha=attrs.get("alpha", 0.01)),
             i[3], i[4], y)
@@ -195,6 +205,24 @@ def _rewrite_qlinear(w: _Writer, node) -> bool:
 
 
 _INTEGER_POOLS = {"MaxPool", "GlobalMaxPool"}
+
+
+def _shared_dequantization(w: _Writer, node) -> bool | None:
+    """One float tensor per dequantized int8 tensor: a DequantizeLinear of the graph that repeats
+    one already written becomes an Identity of it, and one written first is reused by the
+    rewritten ops.  Otherwise a transformer's residual stream would have two float copies (the
+    Add's and the next block's), and a gradient at one would miss the branch that reads the other.
+    True: replaced; False: kept (and reused); None: not a shareable DequantizeLinear."""
+    i = list(node.input) + [""]
+    if _attrs(node).get("block_size", 0):
+        return None
+    key = (i[0], i[1], i[2], w.per_channel_axis(i[1], _attrs(node).get("axis", 1)))
+    if key in w._dq:
+        w.nodes.append(helper.make_node("Identity", [w._dq[key]], [node.output[0]], name=w.name(f"{node.output[0]}_id")))
+        return True
+    w._dq[key] = node.output[0]
+    w.nodes.append(node)
+    return False
 
 
 def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -230,6 +258,8 @@ def qoperator_as_qdq(model: onnx.ModelProto) -> onnx.ModelProto:
             out = w.op(node.op_type, [w.dq(node.input[0], scale, zero)], f"{node.output[0]}_float", **_attrs(node))
             w.q(out, scale, zero, node.output[0])
             changed = True
+        elif node.op_type == "DequantizeLinear" and (shared := _shared_dequantization(w, node)) is not None:
+            changed = changed or shared
         else:
             if node.op_type == "QuantizeLinear":
                 w.params[node.output[0]] = tuple((list(node.input) + [""])[1:3])
@@ -494,3 +524,40 @@ def before_output_quantization(model: onnx.ModelProto, logits: str) -> str:
         return logits
     between = producer.get(logits)
     return q.input[0] if between is node else logits
+
+
+def _constant_affine(consts, node) -> bool:
+    """A Mul, Div, Add or Sub of a computed first input by a constant: DeiT's ``(head + head_dist) / 2``."""
+    return (node.op_type in ("Mul", "Div", "Add", "Sub") and len(node.input) == 2
+            and node.input[1] in consts and node.input[0] not in consts)
+
+
+def output_quantization_bypassed(model: onnx.ModelProto, logits: str) -> tuple:
+    """``(model', of)``: the graph whose `of` a gradient method differentiates for `logits`.
+
+    As `before_output_quantization`, and where the last QuantizeLinear -> DequantizeLinear pair
+    is followed by reshapes or by products and sums with constants (DeiT with its teacher writes
+    ``logits = DQ(Q(head + head_dist)) / 2``), a copy whose first node after the pair reads the
+    pair's float input: the logits up to that pair's rounding and saturation.  Otherwise
+    `model` itself.
+    """
+    of = before_output_quantization(model, logits)
+    if of != logits:
+        return model, of
+    consts = {t.name: t for t in model.graph.initializer}
+    constant = set(consts) | {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node, after = producer.get(logits), None
+    while node is not None and (node.op_type in _MOVES or _constant_affine(constant, node)):
+        node, after = producer.get(node.input[0]), node
+    if node is None or after is None or node.op_type != "DequantizeLinear":
+        return model, logits
+    chain, q = _through_moves(producer, node.input[0])
+    if q is None or chain or _pair_bounds(consts, q, node) is None:
+        return model, logits
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for n in out.graph.node:
+        if n.name == after.name and list(n.output) == list(after.output):
+            n.input[0] = q.input[0]
+    return out, logits

@@ -33,7 +33,7 @@ from camcore.backend import Head
 from camcore.errors import CamError, NotCamCompatible
 from camcore.tokens import TokenLayout
 
-from . import onnx_graph
+from . import onnx_graph, quant_graph
 from ._proto import attr as _attr
 from ._proto import node_label as _node_label
 from .onnx_graph import _Graph, _layouts, _resolve_logits, _value_nodes, graph_inputs
@@ -155,6 +155,11 @@ def _reduce_axes(g: _Graph, node) -> tuple | None:
     return tuple(sorted(int(a) % rank for a in axes)) if rank else None
 
 
+# Ops that keep each token where it is: int8 graphs put a QuantizeLinear -> DequantizeLinear pair
+# (per tensor, or per channel) on the tensors between the blocks and the pooling.
+_PER_VALUE = ("Identity", "Cast", "QuantizeLinear", "DequantizeLinear")
+
+
 def _token_reads(g: _Graph, nodes) -> list:
     """Every node on the logits' value path that reduces the token axis of a rank-3 tensor."""
     slices, transposed, reads = {}, {}, []
@@ -181,6 +186,8 @@ def _token_reads(g: _Graph, nodes) -> list:
         tokens = shape[1]
         if op == "Transpose" and tuple(_attr(node, "perm", ())) == (0, 2, 1):
             transposed[node.output[0]] = x
+        elif op in _PER_VALUE and x in transposed:
+            transposed[node.output[0]] = transposed[x]
         elif op == "Slice":
             starts, ends = _const_ints(g, node.input[1]), _const_ints(g, node.input[2])
             axes = _const_ints(g, node.input[3]) if len(node.input) > 3 else list(range(len(starts or ())))
@@ -204,7 +211,7 @@ def _token_reads(g: _Graph, nodes) -> list:
             for out, size in zip(node.output, sizes):
                 slices[out] = (base, offset, offset + int(size))
                 offset += int(size)
-        elif op in ("LayerNormalization", "Identity", "Cast") and x in slices:
+        elif op in ("LayerNormalization", *_PER_VALUE) and x in slices:
             slices[node.output[0]] = slices[x]  # per-token ops keep the token range they read
         elif op == "Gather" and _attr(node, "axis", 0) % 3 == 1:
             index = _const_ints(g, node.input[1])
@@ -328,11 +335,20 @@ def _residual_adds(g: _Graph, nodes, shape: tuple) -> list:
             continue
         if not (_fits(g.shape(a), shape) and _fits(g.shape(b), shape)):
             continue
-        if _depends(g, b, a):
+        if _reads(g, b, a):
             found.append((node, a, b))
-        elif _depends(g, a, b):
+        elif _reads(g, a, b):
             found.append((node, b, a))
     return found
+
+
+def _reads(g: _Graph, branch: str, x: str) -> bool:
+    """Whether `branch` is computed from `x`, or from the int8 tensor that `x` dequantizes (a
+    QOperator graph: the Add and the branch each dequantize the stream on their own)."""
+    if _depends(g, branch, x):
+        return True
+    node = g.producer.get(x)
+    return node is not None and node.op_type == "DequantizeLinear" and _depends(g, branch, node.input[0])
 
 
 def _final_norm_input(g: _Graph, source: str) -> str | None:
@@ -344,12 +360,15 @@ def _final_norm_input(g: _Graph, source: str) -> str | None:
             return None
         if node.op_type == "LayerNormalization":
             return node.input[0]
-        if node.op_type not in ("Reshape", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Flatten"):
+        if node.op_type not in ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", *_PER_VALUE):
             return None
         tensor = node.input[0]
 
 
 def _has_attention(g: _Graph, branch: str, residual: str) -> bool:
+    node = g.producer.get(residual)
+    if node is not None and node.op_type == "DequantizeLinear":
+        residual = node.input[0]  # the int8 stream, which the branch may dequantize on its own (`_reads`)
     return any(n.op_type in ("Softmax", "Attention", "MultiHeadAttention")
                for n in g.ancestors(branch, stop=residual, shape_only_stops=True))
 
@@ -572,6 +591,8 @@ def _affine_patch_mean(a: TokenAnalysis):
                       f"{layout.pooling} ({layout.detail})")
     read = a.reads[0]
     g = a.graph
+    if quant_graph.is_quantized(g.model):  # as for a CNN: the dequantized classifier (issue 20)
+        g = _Graph.build(quant_graph.dequantized(g.model))
     pooled = read.out
     try:
         nodes = onnx_graph._check_head_structure(g, pooled, a.logits, a.output)
