@@ -89,6 +89,52 @@ def _explain_options(method, top_k, preprocess, threshold, upsample) -> dict:
             "upsample": upsample}
 
 
+def _dataset_targets(classes):
+    """`explain_dataset`'s `classes`, checked before Ray starts: None, the same ``(k,)`` classes for every
+    image, or a `camcore.targets.Targets`, whose per-image rows are keyed by path (`Targets.keyed`)
+    and are re-keyed here by absolute path, as `path_dataset` names the rows.
+
+    Class indices are checked against the model by `_check_targets`.
+    """
+    from .targets import Targets
+
+    if classes is None:
+        return None
+    if isinstance(classes, Targets):
+        if classes.rows is None:
+            return classes
+        by_key = getattr(classes, "by_key", None)
+        if by_key is None:
+            raise InvalidInput("per-image targets on a Ray Dataset must be keyed by the images' paths: "
+                               "Targets(rows).keyed(paths) (the dataset's row order is its own)")
+        keyed = classes[slice(None)]
+        keyed.by_key = {os.path.abspath(k): row for k, row in by_key.items()}
+        return keyed
+    try:
+        chosen = np.asarray(classes)
+    except (TypeError, ValueError):
+        chosen = np.asarray(None)
+    if chosen.ndim != 1 or chosen.size == 0 or chosen.dtype.kind not in "iu":
+        raise InvalidInput(f"classes must be the same (k,) class indices for every image, or a "
+                           f"camcore.targets.Targets (per-image rows keyed by path), got {classes!r}")
+    return [int(c) for c in chosen]
+
+
+def _check_targets(targets, model, *, feature, preprocess, method) -> None:
+    """Check `targets` against the model here, before Ray starts: a bad class fails in one line
+    (`InvalidInput`) rather than inside an actor, wrapped in Ray's exceptions.  The model's head is
+    found on onnxruntime's CPU provider: the classes do not depend on the runtime."""
+    from .explainer import _class_selection
+
+    explainer = _load_in_actor(model, ["cpu"], feature, None, size=preprocess.size if preprocess is not None else None)
+    num_classes = explainer.head.num_classes
+    if isinstance(targets, list):
+        _class_selection(targets, 1, num_classes)
+        return
+    targets.validate(len(targets), num_classes)
+    targets.check_method(explainer.resolve_method(method), num_classes)
+
+
 def read_options(concurrency, *, files: int | None = None, batch_size: int = 64) -> dict:
     """Options of ``ray.data.read_*`` feeding `concurrency` actors.
 
@@ -173,7 +219,7 @@ class ExplainBatch:
         self.explainer = _load_in_actor(model, providers, feature, runtime,
                                         size=preprocess.size if preprocess is not None else None)
         self.options, self.maps, self.output, self.image_format = dict(options), maps, output, image_format
-        self.targets = self.options.pop("classes", None)  # a camcore.targets.Targets, keyed by path
+        self.targets = self.options.pop("classes", None)  # (k,) ints, or a camcore.targets.Targets keyed by path
         self.maps_dtype = maps_dtype
 
     def __call__(self, batch: dict):
@@ -190,7 +236,7 @@ class ExplainBatch:
         else:
             images = [EncodedImage(item, path or "<bytes>") if key == "bytes" else np.asarray(item)
                       for path, item in zip(paths, batch[key])]
-        classes = None if self.targets is None else self.targets.for_keys(paths)
+        classes = self.targets.for_keys(paths) if hasattr(self.targets, "for_keys") else self.targets
         stream = self.explainer._explain_image_stream(
             images, classes=classes, batch_size=None, errors="report", workers=None,
             keep_pixels=self.output == "cli", **self.options)
@@ -244,7 +290,8 @@ class ExplainBatch:
 def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, preprocess: Preprocess | None = None,
                     batch_size: int = 64, concurrency=1, num_gpus: float = 0, maps=False, threshold: float = 0.2,
                     upsample: str = "bilinear", num_cpus: float = 1, feature: str | None = None,
-                    backend: str = "onnxruntime", device: str | None = None, precision: str | None = None):
+                    backend: str = "onnxruntime", device: str | None = None, precision: str | None = None,
+                    classes=None):
     """Explain every image of a Ray Dataset (CAM or another `method`) on a pool of Ray actors.
 
     Each actor loads the model once (``concurrency`` actors, ``num_gpus`` GPUs
@@ -272,6 +319,14 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
         As in `Explainer.explain`: "auto" (CAM where the head is GAP + affine, else
         Grad-CAM), "cam", a gradient method ("gradcam", ...) or a forward-only one.
     top_k : int
+    classes : None, (k,) sequence of int, or camcore.targets.Targets, optional
+        Which classes to explain, as `Explainer.explain_images` takes them (instead of
+        `top_k`): the same classes for every image, or a `Targets` (named classes,
+        multi-label thresholds, contrastive and negated targets).  A `Targets` of
+        per-image rows must be keyed by the images' paths (``Targets(rows).keyed(paths)``,
+        matched as absolute paths against the ``path`` column): the rows of a Dataset come
+        in Ray's order.  They are checked against the model before Ray starts (its head
+        is found here once, on onnxruntime's CPU provider).
     preprocess : Preprocess, optional
         Default: the model's (`Explainer.default_preprocess`).
     batch_size : int
@@ -309,6 +364,9 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
         is empty) and, when asked, ``maps``.  Row order is Ray's.
     """
     options = _explain_options(method, top_k, preprocess, threshold, upsample)
+    targets = _dataset_targets(classes)
+    if targets is not None:
+        options["classes"] = targets
     _check_batch_size(batch_size)
     for name, value in (("num_gpus", num_gpus), ("num_cpus", num_cpus)):
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and value >= 0):
@@ -316,9 +374,11 @@ def explain_dataset(ds, model=None, *, method: str = "auto", top_k: int = 1, pre
     if not (isinstance(maps, bool) or maps in ("full", "feature")):
         raise InvalidInput(f"maps must be False, True, 'full' or 'feature', got {maps!r}")
     _pool_sizes(concurrency)
-    import_ray()
     if isinstance(model, (str, os.PathLike)) and Path(model).is_file():
         model = str(Path(model).resolve())  # actors do not share the driver's working directory
+    if targets is not None:
+        _check_targets(targets, model, feature=feature, preprocess=preprocess, method=method)
+    import_ray()
     return _map(ds, ExplainBatch, batch_size=int(batch_size), concurrency=concurrency, num_gpus=num_gpus,
                 num_cpus=num_cpus, model=model, providers=_providers(num_gpus), feature=feature, options=options,
                 runtime=_runtime(backend, device, precision),

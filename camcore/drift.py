@@ -28,6 +28,22 @@ __all__ = ["drift", "picture", "FIELDS"]
 FIELDS = ("top1_agree", "pearson", "box_iou", "delta_average_drop", "delta_deletion_auc")
 
 
+def _same_runtime(explainer) -> dict:
+    """The `camcore.load` keywords that put another model on `explainer`'s runtime, device and
+    requested precision (a backend without a `runtime`, as a fake, gives the defaults)."""
+    backend = explainer.backend
+    runtime = getattr(backend, "runtime", None)
+    name = getattr(runtime, "name", None)
+    if name is None:
+        return {}
+    chosen = {"backend": name, "precision": getattr(runtime, "requested_precision", None)}
+    if name == "onnxruntime":
+        chosen["providers"] = getattr(backend, "providers", None)
+    else:
+        chosen["device"] = getattr(backend, "device", None)
+    return chosen
+
+
 def _explainer(model, like=None):
     from .api import load
     from .explainer import Explainer
@@ -35,8 +51,7 @@ def _explainer(model, like=None):
     if isinstance(model, Explainer):
         return model
     if like is not None:
-        return load(model, providers=like.backend.providers if hasattr(like.backend, "providers") else None,
-                    class_names=like.class_names)
+        return load(model, class_names=like.class_names, **_same_runtime(like))
     return load(model)
 
 
@@ -64,8 +79,10 @@ def drift(reference, deployed, images, *, preprocess=None, method: str = "auto",
     ----------
     reference, deployed : Explainer, path or onnx.ModelProto
         The float model and its deployed form (quantized, float16, optimized...).  A
-        path is loaded with `camcore.load` (the deployed one with the reference's
-        providers and class names); None as `reference` is the embedded model.
+        path is loaded with `camcore.load` (the deployed one on the reference's runtime,
+        device or providers, requested precision and class names); None as `reference`
+        is the embedded model.  Load both with ``camcore.load(..., backend=, device=,
+        precision=)`` to explain on another runtime.
     images : sequence of (H, W) or (H, W, 3) ndarray
         Decoded images (`camcore.preprocess.read_image`).
     preprocess : Preprocess, optional
@@ -93,7 +110,9 @@ def drift(reference, deployed, images, *, preprocess=None, method: str = "auto",
         ``deployed_deletion_auc``, ``delta_deletion_auc``); ``overall``: ``images``,
         ``top1_agreement`` (fraction), ``pearson_mean``, ``pearson_min``, ``box_iou_mean``,
         ``delta_average_drop`` (difference of the two Average Drops over all images) and
-        ``delta_deletion_auc`` (mean); ``methods``: the method each model used; and, for
+        ``delta_deletion_auc`` (mean); ``methods``: the method each model used;
+        ``runtime``: per model, the runtime that ran it (`camcore.outputs.runtime_of`:
+        ``backend``, ``version``, ``devices``, ``precision`` read back); and, for
         `picture`, ``maps`` (per image: the two ``(H, W)`` maps on the input grid).
 
     Examples
@@ -109,6 +128,7 @@ def drift(reference, deployed, images, *, preprocess=None, method: str = "auto",
     from .localize import boxes as find_boxes
     from .maps import upsample
     from .metrics import iou
+    from .outputs import runtime_of
 
     images = list(images)
     if not images:
@@ -170,6 +190,7 @@ def drift(reference, deployed, images, *, preprocess=None, method: str = "auto",
         overall["delta_deletion_auc"] = float(np.mean([rec["delta_deletion_auc"] for rec in records]))
     return {"images": records, "overall": overall,
             "methods": {"reference": r["own"].method, "deployed": d["own"].method},
+            "runtime": {"reference": runtime_of(ref), "deployed": runtime_of(dep)},
             "maps": [(r["shared"][i].astype(np.float32), d["shared"][i].astype(np.float32))
                      for i in range(len(images))],
             "geometries": r["geometries"]}

@@ -1,5 +1,6 @@
 """The `camcore` command line, end to end in subprocesses, on the embedded model and zoo models."""
 
+import argparse
 import io
 import json
 import os
@@ -665,3 +666,45 @@ def test_explain_same_stem_in_two_folders_gets_two_overlays(tmp_path, capsys):
 ])
 def test_overlay_format_follows_jpeg_inputs_unless_asked(source, requested, expected):
     assert outputs.overlay_format(source, requested) == expected
+
+
+
+# Every command that loads a model takes the shared runtime flags (options.add_runtime_arguments;
+# `camcore bench` names one more runtime with them). `fuse` writes a graph and runs none.
+RUNTIME_COMMANDS = {
+    "explain": ["images"], "demo": [], "inspect": ["model.onnx"], "compare": ["images"],
+    "eval": ["--metadata", "meta", "--images", "images"], "drift": ["embedded", "model.onnx", "images"],
+    "bench": ["model.onnx"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(RUNTIME_COMMANDS))
+def test_every_model_command_takes_the_runtime_flags(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default output folders would land here
+    args = RUNTIME_COMMANDS[command]
+    parsed = cli.build_parser([command]).parse_args([command, *args, "--backend", "openvino", "--device", "GPU",
+                                                     "--precision", "bf16"])
+    assert (parsed.backend, parsed.device, parsed.precision) == ("openvino", "GPU", "bf16")
+    # a bad precision: one error line, before anything is read or written
+    assert cli.main([command, *args, "--precision", "fp32"]) == 1
+    assert capsys.readouterr().err == ("camcore: error: --precision must be one of f32, bf16, f16 (or left out for "
+                                       "the runtime's default), got 'fp32'\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_times_the_runtime_the_shared_flags_name():
+    from camcore.cli.bench import backend_runtime
+    from camcore.benchmark import parse_runtime
+
+    def named(**flags):
+        return backend_runtime(argparse.Namespace(**{"backend": None, "device": None, "precision": None, **flags}))
+
+    assert named() is None
+    assert named(backend="openvino") == "openvino"
+    assert parse_runtime(named(backend="openvino", device="GPU", precision="f16")) == ("openvino", "GPU", "f16")
+    assert parse_runtime(named(precision="f32")) == ("openvino", "CPU", "f32")
+    assert named(backend="onnxruntime") == "cpu"
+    with pytest.raises(CamError, match="--device and --precision are OpenVINO's"):
+        named(backend="onnxruntime", precision="f32")
+    with pytest.raises(CamError, match="--backend must be onnxruntime or openvino, got 'tensorrt'"):
+        named(backend="tensorrt")

@@ -19,6 +19,7 @@ import camcore
 from camcore import distributed
 from camcore.errors import InvalidInput, MissingDependency
 from camcore.methods import METHODS
+from camcore.targets import Targets
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ("chelsea", "coffee", "astronaut", "camera", "rocket", "cat")
@@ -130,6 +131,12 @@ def test_missing_ray_names_the_extra(monkeypatch):
     ({"maps": "half"}, "maps must be False, True, 'full' or 'feature', got 'half'"),
     ({"threshold": 2}, "threshold must be in [0, 1], got 2"),
     ({"preprocess": 224}, "preprocess must be a camcore.Preprocess, got int"),
+    ({"classes": [[281], [285]]}, "classes must be the same (k,) class indices for every image, or a "
+                                  "camcore.targets.Targets (per-image rows keyed by path), got [[281], [285]]"),
+    ({"classes": ["tabby"]}, "classes must be the same (k,) class indices for every image, or a "
+                             "camcore.targets.Targets (per-image rows keyed by path), got ['tabby']"),
+    ({"classes": Targets([[281], [285]])}, "per-image targets on a Ray Dataset must be keyed by the images' "
+                                           "paths: Targets(rows).keyed(paths) (the dataset's row order is its own)"),
 ])
 def test_explain_dataset_validates_before_ray(kwargs, message):
     with pytest.raises(InvalidInput) as info:
@@ -206,6 +213,49 @@ def test_a_path_dataset_is_read_by_the_actors(ray_cluster, photos, explainer, tm
     expected = reference(explainer, good + corrupt, top_k=2)
     assert [r["error"] for r in rows if r["path"] == missing] == [f"image not found: {missing}"]
     check_equal([r for r in rows if r["path"] != missing], expected, maps="full")
+
+
+@pytest.mark.parametrize("target", ["fixed", "contrast"])
+def test_chosen_targets_on_ray_equal_the_local_path(ray_cluster, photos, explainer, target):
+    """`classes` as `Explainer.explain_images` takes it: the same two classes for every image, or per-image
+    classes explained against a reference class (Targets keyed by path); feature maps bit for bit."""
+    good, corrupt = photos
+    paths = good + corrupt
+    if target == "fixed":
+        ours = theirs = [967, 281]  # espresso, tabby
+        ds = ray_cluster.data.read_binary_files(paths, include_paths=True)
+    else:
+        rows = [[(285, 967, 409)[i % 3]] for i in range(len(paths))]  # Egyptian cat, espresso, analog clock
+        theirs = Targets(rows, contrast=281)  # each against tabby
+        ours = theirs.keyed(paths)
+        ds = distributed.path_dataset(paths, 2, batch_size=4)
+    rows = distributed.explain_dataset(ds, classes=ours, batch_size=4, concurrency=2, num_cpus=0.5,
+                                       maps="feature").take_all()
+    expected = reference(explainer, paths, classes=theirs)
+    check_equal(rows, expected, maps="feature")
+    explained = [np.asarray(r["classes"]).tolist() for r in rows if r["error"] is None]
+    assert len(explained) == len(good)
+    if target == "fixed":
+        assert explained == [[967, 281]] * len(good)
+    else:
+        by_path = dict(zip(paths, [[(285, 967, 409)[i % 3]] for i in range(len(paths))]))
+        assert all(np.asarray(r["classes"]).tolist() == by_path[r["path"]] for r in rows if r["error"] is None)
+        # a contrast is not the class alone: the maps differ from the plain class's
+        plain = reference(explainer, good[:1], classes=by_path[good[0]])[good[0]]
+        mine = next(r for r in rows if r["path"] == good[0])
+        assert not np.allclose(mine["maps"], plain.cams)
+
+
+@pytest.mark.parametrize("classes, method, message", [
+    ([1000], "auto", r"classes must be in \[0, 1000\), got 1000"),
+    (Targets([[5], [1000]]).keyed(["a.jpg", "b.jpg"]), "auto", r"class 1000 is out of range: the model has 1000"),
+    (Targets(contrast=1000), "auto", r"the contrast class must be in \[0, 1000\), got 1000"),
+    (Targets(contrast=281), "eigencam", r"contrastive targets need one of cam, gradcam.* method 'eigencam'"),
+])
+def test_targets_are_checked_against_the_model_before_ray(classes, method, message, monkeypatch):
+    monkeypatch.setattr(distributed, "import_ray", lambda: pytest.fail("Ray was reached"))
+    with pytest.raises(InvalidInput, match=message):
+        distributed.explain_dataset(object(), classes=classes, method=method)
 
 
 def test_read_images_column_a_preprocess_and_gradcam(ray_cluster, photos, explainer):

@@ -55,8 +55,9 @@ def main(args) -> int:
     model = paths.pop(0) if paths[0].lower().endswith(".onnx") else None
     if not paths:
         raise CamError("no images given: camcore compare [MODEL.onnx] IMAGE_OR_FOLDER... --methods LIST")
+    runtime = runtime_options(args)  # the runtime flags are checked before anything is read
     files = collect_images(paths)
-    explainer = load(model, feature=args.feature, size=args.size, **runtime_options(args))
+    explainer = load(model, feature=args.feature, size=args.size, **runtime)
     if args.max_channels is not None:
         explainer.method_options["max_channels"] = args.max_channels
     methods = None if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]

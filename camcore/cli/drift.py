@@ -7,8 +7,8 @@ from pathlib import Path
 
 from ..outputs import atomic_write_bytes, encode_image, write_json
 from .console import EXIT_OK
-from .options import (PROVIDERS_HELP, add_preprocess_arguments, collect_images, fraction, positive_int,
-                      preprocess_from_args, provider_list)
+from .options import (add_preprocess_arguments, add_runtime_arguments, collect_images, fraction, positive_int,
+                      preprocess_from_args, runtime_options)
 
 __all__ = ["add_arguments", "main"]
 
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images in drift.png (default: 4)")
     parser.add_argument("--threshold", type=fraction, default=0.2, metavar="T",
                         help="box threshold as a fraction of the map's max (default: 0.2)")
-    parser.add_argument("--providers", metavar="LIST", help=PROVIDERS_HELP)
+    add_runtime_arguments(parser)  # both models run on the runtime, device and precision chosen
     parser.add_argument("--quiet", action="store_true", help="no table")
     add_preprocess_arguments(parser)
 
@@ -47,10 +47,10 @@ def main(args) -> int:
     from ..drift import drift, picture
     from ..preprocess import read_image
 
+    runtime = runtime_options(args)  # a bad combination stops here, before any model is read
     files = collect_images(args.inputs)
-    providers = provider_list(args.providers)
-    reference = load(None if args.reference == "embedded" else args.reference, providers=providers)
-    deployed = load(args.deployed, providers=providers, class_names=reference.class_names)
+    reference = load(None if args.reference == "embedded" else args.reference, size=args.size, **runtime)
+    deployed = load(args.deployed, class_names=reference.class_names, size=args.size, **runtime)
     images = [read_image(p) for p in files]
     result = drift(reference, deployed, images, preprocess=preprocess_from_args(args, reference), method=args.method,
                    threshold=args.threshold, steps=args.steps, faithfulness=not args.no_faithfulness,
@@ -67,7 +67,7 @@ def main(args) -> int:
         records.append({k: (None if isinstance(v, float) and v != v else v) for k, v in rec.items()})
     overall = {k: (None if isinstance(v, float) and v != v else v) for k, v in result["overall"].items()}
     write_json(out / "drift.json", {"reference": args.reference, "deployed": args.deployed,
-                                    "methods": result["methods"], "overall": overall, "images": records,
+                                    "methods": result["methods"], "runtime": result["runtime"], "overall": overall, "images": records,
                                     "picture": picture_name, "steps": args.steps})
     if not args.quiet:
         faith = not args.no_faithfulness

@@ -77,6 +77,7 @@ def main(args) -> int:
     if args.model is not None and not args.model.lower().endswith(".onnx"):
         raise CamError(f"MODEL must be an .onnx file, got {args.model!r}: "
                        "camcore eval [MODEL.onnx] --metadata DIR --images DIR")
+    runtime_options(args)  # the runtime flags are checked before anything is read
     check_engine_arguments(args)
     dataset = read_dataset(args.metadata, synsets=args.synsets, images_root=args.images)
     if dataset.unannotated:

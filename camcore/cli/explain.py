@@ -149,6 +149,7 @@ def main(args) -> int:
         model = paths.pop(0)
     if not paths:
         raise CamError("no images given: camcore explain [MODEL.onnx] IMAGE_OR_FOLDER...")
+    runtime_options(args)  # the runtime flags are checked before anything is read
     check_engine_arguments(args)
     check_output_arguments(args)
     images = collect_images(paths)

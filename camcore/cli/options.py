@@ -35,6 +35,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+PRECISIONS = ("f32", "bf16", "f16")
 PROVIDERS_HELP = "onnxruntime providers, comma separated: cpu, cuda, tensorrt or full names"
 WORKERS_HELP = ("threads that read images ahead of the model, and as many that draw and write "
                 "overlays (default: CPU cores, at most 4; 0 reads in the main thread)")
@@ -145,7 +146,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, providers_default=
                         help="runtime: onnxruntime or openvino (or a registered backend; default: %(default)s)")
     parser.add_argument("--device", metavar="NAME",
                         help="OpenVINO device: CPU (default), GPU, NPU, AUTO (onnxruntime: use --providers)")
-    parser.add_argument("--precision", choices=("f32", "bf16", "f16"),
+    # checked by runtime_options, not by argparse `choices`: a bad value is one error line, no usage text
+    parser.add_argument("--precision", metavar="|".join(PRECISIONS),
                         help="inference precision; default: the runtime's own (OpenVINO: the device's, bf16 on "
                              "CPUs with AVX512-BF16 or AMX; onnxruntime: the model's types)")
     parser.add_argument("--providers", metavar="LIST", default=providers_default, help=PROVIDERS_HELP)
@@ -154,11 +156,15 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, *, providers_default=
 def runtime_options(args) -> dict:
     """The `camcore.load` keywords from the `add_runtime_arguments` flags."""
     backend = getattr(args, "backend", None) or "onnxruntime"
+    precision = getattr(args, "precision", None)
+    if precision is not None and precision not in PRECISIONS:
+        raise CamError(f"--precision must be one of {', '.join(PRECISIONS)} (or left out for the runtime's "
+                       f"default), got {precision!r}")
     providers = provider_list(getattr(args, "providers", None))
     if backend != "onnxruntime" and providers is not None:
         raise CamError(f"--providers is for --backend onnxruntime; --backend {backend} takes --device")
     return {"backend": backend, "providers": providers, "device": getattr(args, "device", None),
-            "precision": getattr(args, "precision", None)}
+            "precision": precision}
 
 
 # ----------------------------------------------------------------- argparse types and inputs
