@@ -38,11 +38,13 @@ __all__ = ["Targets", "Selection", "class_indices", "read_targets", "targets_fro
 
 def seedable(spec) -> bool:
     """Whether a registered method explains any linear combination of logits (a seed vector): a
-    class-specific method that needs only the head's weights, the features and gradients."""
-    return spec.class_specific and spec.needs <= {"weights", "features", "gradients"}
+    class-specific method that needs only the head's weights, the features and gradients (or a
+    transformer's attention and its gradients, `gae`)."""
+    return spec.class_specific and spec.needs <= {"weights", "features", "gradients", "attention",
+                                                  "attention_gradients"}
 
 
-# CAM and the gradient methods, in the registry's order.
+# CAM, the gradient methods and GAE, in the registry's order.
 SEEDED_METHODS = tuple(name for name, spec in REGISTRY.items() if seedable(spec))
 
 # The class index of a single-logit binary model's negative class: its negated logit.

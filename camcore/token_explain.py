@@ -39,11 +39,16 @@ def token_grid(explainer, features: np.ndarray, inputs=None) -> tuple:
     return explainer.head.tokens.grid_for(features.shape[1], _input_size(explainer, inputs))
 
 
-def token_maps(explainer, spec, features: np.ndarray, classes: np.ndarray, inputs=None) -> np.ndarray:
-    """``(n, k, gh, gw)`` maps of the registered method `spec` for token `features` ``(n, T, C)``."""
+def token_maps(explainer, spec, features: np.ndarray, classes: np.ndarray, inputs=None, *,
+               seeds: np.ndarray | None = None) -> np.ndarray:
+    """``(n, k, gh, gw)`` maps of the registered method `spec` for token `features` ``(n, T, C)``.
+
+    With `seeds` ``(n, k, C)``, map ``j`` of item ``i`` explains ``seeds[i, j] . logits[i]``
+    (contrastive and negated targets; `Explainer.maps`).
+    """
     prefix = explainer.head.tokens.prefix
     grid = token_grid(explainer, features, inputs)
-    given = explainer._method_inputs(spec, features, classes, inputs)  # gradients at the tokens, etc.
+    given = explainer._method_inputs(spec, features, classes, inputs, seeds)  # gradients at the tokens, etc.
     view = dict(features=tokens_to_grid(features, grid, prefix=prefix), layout="NHWC")
     if given.gradients is not None:
         view["gradients"] = tokens_to_grid(given.gradients, grid, prefix=prefix)
