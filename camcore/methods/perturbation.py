@@ -185,6 +185,10 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256, r
 # ViT Recipro-CAM's spatial mask around a position (Byun & Lee, 2023): a 3x3 Gaussian.
 GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64) / 16
 _MASKS = ("point", "gaussian")
+# Where ViT Recipro-CAM masks a transformer's tokens (``method_options["mask_at"]``, applied by
+# `camcore.token_explain`): the token target layer itself, or also after the first norm of the
+# block it enters, as OpenVINO XAI 1.1 does.
+MASK_AT = ("input", "normalized")
 
 
 def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax", batch_size=256, mask="point",
@@ -422,6 +426,11 @@ def _ablationcam_maps(given):
 
 def _reciprocam_maps(given):
     # On a transformer's tokens, ViT Recipro-CAM's Gaussian neighbourhood unless told otherwise.
+    at = given.options.get("mask_at", "input")
+    check_choice(at, MASK_AT, "mask_at")
+    if at != "input" and not given.token_model:
+        raise InvalidInput(f"mask_at={at!r} masks a vision transformer's tokens after a block's first norm; "
+                           f"this model's target is a feature map (use mask_at='input')")
     return reciprocam(given.features, given.classes, given.run_head, layout=given.layout,
                       batch_size=given.options.get("batch_size", 256),
                       scoring=given.options.get("scoring", given.scoring), run_pooled=given.run_pooled,
@@ -442,5 +451,5 @@ SPECS = (
     MethodSpec("scorecam", frozenset({"features", "model_runs"}), scorecam, _scorecam_maps,
                options=("batch_size", "max_channels")),
     MethodSpec("reciprocam", frozenset({"features", "head_runs"}), reciprocam, _reciprocam_maps,
-               options=("batch_size", "scoring", "mask")),
+               options=("batch_size", "scoring", "mask", "mask_at")),
 )
