@@ -209,7 +209,18 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     ``g = [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16`` (cut at the border, not renormalized).
     On a transformer the features are the patch tokens of the token target layer on the
     patch grid, and the head runs re-attach each item's prefix tokens (CLS, distillation,
-    registers: any number of them), unmasked (`camcore.Explainer` does this).
+    registers: any number of them), unmasked (`camcore.Explainer` does this).  Where the
+    mask is applied (``method_options["mask_at"]``):
+
+    - ``"input"`` (the default): to the token target layer itself, the last block's input
+      ``x`` under CLS pooling: the block's residual stream carries ``G_p * x`` and its
+      attention branch ``LN1(G_p * x)``; that LayerNorm rescales each token, so inside the
+      3x3 neighbourhood the attention branch sees the tokens at full weight, and outside it
+      ``LN1(0)`` (the norm's bias);
+    - ``"normalized"``: also after the block's first LayerNorm, as OpenVINO XAI 1.1's
+      ``ViTReciproCAM`` does: the residual stream gets ``G_p * x`` and the attention branch
+      ``G_p * LN1(x)`` (``LN1`` of the unmasked tokens), the prefix tokens unmasked in both.
+      With ``scoring="logits"`` (OpenVINO XAI reads the logits) this is OpenVINO XAI's map.
 
     On a GAP + affine head with ``scoring="logits"`` and ``mask="point"``,
     ``M_c[p] = sum_k W[c, k] A_k[p] / (h w) + b_c``: the CAM divided by ``h w``,
