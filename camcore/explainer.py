@@ -698,7 +698,7 @@ def _seeded_maps(explainer, spec, features, seeds, inputs=None):
     gradients; on a transformer the maps are on the patch grid (`token_maps`).  Methods that
     score one class refuse.
     """
-    from .targets import SEEDED_METHODS, seedable
+    from .targets import SEEDED_TEXT, seedable
 
     head = explainer.head
     seeds = np.asarray(seeds, np.float32)
@@ -706,7 +706,7 @@ def _seeded_maps(explainer, spec, features, seeds, inputs=None):
     if seeds.ndim != 3 or seeds.shape[0] != n or seeds.shape[2] != head.num_classes:
         raise InvalidInput(f"seeds must have shape ({n}, k, {head.num_classes}), got {seeds.shape}")
     if not seedable(spec):
-        raise InvalidInput(f"contrastive and negated targets need one of {', '.join(SEEDED_METHODS)}, "
+        raise InvalidInput(f"contrastive and negated targets need one of {SEEDED_TEXT}, "
                            f"got method {spec.name!r}")
     rows = np.arange(n * seeds.shape[1]).reshape(n, -1)  # row i * k + j of the seeded weights
     if head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid

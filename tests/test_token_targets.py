@@ -161,7 +161,7 @@ def test_forward_only_methods_refuse_seeds_in_one_line(method):
     x = _x(model, n=2)
     with pytest.raises(InvalidInput, match="need one of cam, gradcam") as refused:
         explainer.explain(x, classes=Targets([1], contrast=2), method=method)
-    assert "\n" not in str(refused.value) and "gae" in str(refused.value)
+    assert "\n" not in str(refused.value) and "layercam, gae (on a transformer)" in str(refused.value)
     features, _ = explainer.forward({"x": x})
     seeds = np.zeros((2, 1, 5), np.float32)
     seeds[:, 0, 1] = -1
