@@ -323,6 +323,34 @@ class GraphBackend:
 
         return run
 
+    def normalized_head(self):
+        """``(normalize, run)`` for masking a transformer's tokens after a block's first norm.
+
+        ``normalize((M, T, C) tokens) -> (M, T, C)``: the first ``LayerNormalization`` of the
+        block the target enters, applied to them; ``run((M, T, C) tokens, (M, T, C) normalized)
+        -> (M, C)`` logits: the head with that norm's output fed as given (OpenVINO XAI's ViT
+        Recipro-CAM; see `token_graph.split_at_block_norm`).  Raises `NotCamCompatible` where the
+        target enters no such block.
+        """
+        if "normalized" not in self._heads:
+            from .token_graph import split_at_block_norm
+
+            graph, _ = self._head(False)
+            split, norm, name = split_at_block_norm(graph.model, graph.start.name)
+            self._heads["normalized"] = (graph, name, self.runtime.compile(split.SerializeToString(), role="head"),
+                                         self.runtime.compile(norm.SerializeToString(), role="head"))
+        graph, name, compiled, norm = self._heads["normalized"]
+        start = graph.start
+
+        def normalize(tokens):
+            (out,) = norm.run([name], {start.name: np.ascontiguousarray(tokens, dtype=start.dtype)})
+            return out
+
+        def run(tokens, normalized):
+            return self._run_rows(compiled, graph, tokens, self.head.logits, extra={name: normalized})
+
+        return normalize, run
+
     def run_head(self, features: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
         """Run the head alone on any batch of feature maps; see `camcore.Backend.run_head`.
 
@@ -442,8 +470,9 @@ class GraphBackend:
         grads = tuple(v.reshape(n, k, *v.shape[1:]) for v in values[count:])
         return probabilities, grads
 
-    def _run_rows(self, compiled, graph: HeadGraph, rows, fetch, seeds=None) -> np.ndarray:
-        """Run `compiled` on `rows` (fed as the graph's start), chunked for fixed-batch models; `fetch` only."""
+    def _run_rows(self, compiled, graph: HeadGraph, rows, fetch, seeds=None, extra=None) -> np.ndarray:
+        """Run `compiled` on `rows` (fed as the graph's start, and `extra`'s arrays, row for row, as the
+        inputs they name), chunked for fixed-batch models; `fetch` only."""
         fixed = self.head.input.shape[0] if self.head.input.shape else None
         step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(rows), 1)
         parts = []
@@ -453,6 +482,8 @@ class GraphBackend:
             pad = step - n if isinstance(fixed, int) and fixed > 0 else 0
             # The head's own input type: methods hand float32 copies of an fp16 model's features.
             feed = {graph.start.name: np.ascontiguousarray(_pad(part, pad), dtype=graph.start.dtype)}
+            for name, values in (extra or {}).items():
+                feed[name] = np.ascontiguousarray(_pad(values[i:i + step], pad), dtype=graph.start.dtype)
             for spec in graph.frontier:
                 dims = [d if isinstance(d, int) and d > 0 else 1 for d in spec.shape]
                 feed[spec.name] = np.zeros([n + pad, *dims[1:]], spec.dtype)

@@ -38,7 +38,7 @@ from ._proto import attr as _attr
 from ._proto import node_label as _node_label
 from .onnx_graph import _Graph, _layouts, _resolve_logits, _value_nodes, graph_inputs
 
-__all__ = ["analyse", "find_token_head", "image_input", "input_feed_shape"]
+__all__ = ["analyse", "find_token_head", "image_input", "input_feed_shape", "split_at_block_norm"]
 
 # At most this many tokens before the patches (CLS, distillation, registers).
 _MAX_PREFIX = 32
@@ -690,3 +690,72 @@ def find_token_head(model: onnx.ModelProto, *, feature=None, logits=None, output
 
 def _shape_text(shape) -> str:
     return "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in shape) + ")"
+
+
+# --------------------------------------------------------------------------- ViT Recipro-CAM after the norm
+
+
+def split_at_block_norm(head: onnx.ModelProto, target: str) -> tuple[onnx.ModelProto, onnx.ModelProto, str]:
+    """The head from `target` with the first LayerNorm of the block it enters taken out.
+
+    OpenVINO XAI's ViT Recipro-CAM masks the last block's input twice: in the residual stream
+    and after the block's first ``LayerNormalization`` (the attention branch's input).  A
+    masked copy of the tokens through that norm is not the masked norm (the norm rescales each
+    token), so both tensors are fed: the head gets the norm's output as a second input.
+
+    Parameters
+    ----------
+    head : onnx.ModelProto
+        The head alone, ``target`` its first input (`backprop.cut_head`).  Not modified.
+    target : str
+        The token tensor ``(N, T, C)`` that the head starts from.
+
+    Returns
+    -------
+    split : onnx.ModelProto
+        A copy of `head` without the norm, whose inputs are ``target``, the norm's output, then
+        the frontier.
+    norm : onnx.ModelProto
+        The norm alone: ``target`` -> its output (to normalize unmasked tokens).
+    name : str
+        The norm's output.
+
+    Raises
+    ------
+    NotCamCompatible
+        When `target` is not read by exactly one ``LayerNormalization`` and by the residual
+        stream (a decomposed norm, or a tensor that enters no block).
+    """
+    graph = head.graph
+    readers = [n for n in graph.node if target in n.input]
+    norms = [n for n in readers if n.op_type == "LayerNormalization" and n.input[0] == target]
+    if len(norms) != 1 or len(readers) < 2:
+        found = ", ".join(sorted(n.op_type for n in readers)) or "nothing"
+        raise NotCamCompatible(f"masking after the norm needs {target!r} to enter a block: read by one "
+                               f"LayerNormalization and the residual stream, it is read by {found}")
+    norm = norms[0]
+    name = norm.output[0]
+    start = next(i for i in graph.input if i.name == target)
+    out = onnx.ModelProto()
+    out.CopyFrom(head)
+    del out.graph.node[:]
+    out.graph.node.extend(n for n in graph.node if n is not norm)
+    normalized = helper.make_tensor_value_info(name, start.type.tensor_type.elem_type,
+                                               [d.dim_param or d.dim_value for d in start.type.tensor_type.shape.dim])
+    inputs = [start, normalized] + [i for i in graph.input if i.name != target]
+    del out.graph.input[:]
+    out.graph.input.extend(inputs)
+    used = {i for n in out.graph.node for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept)
+    del out.graph.value_info[:]
+    params = [t for t in graph.initializer if t.name in norm.input[1:]]
+    if len(params) != len([i for i in norm.input[1:] if i]):
+        raise NotCamCompatible(f"the LayerNormalization reading {target!r} has non-constant scale or bias")
+    alone = helper.make_graph([norm], "cam_block_norm", [start], [helper.make_tensor_value_info(
+        name, start.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in start.type.tensor_type.shape.dim])],
+        params)
+    norm_model = helper.make_model(alone, opset_imports=list(head.opset_import))
+    norm_model.ir_version = head.ir_version
+    return out, norm_model, name

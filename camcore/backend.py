@@ -110,7 +110,10 @@ class Backend(Protocol):
     transformer's attention probabilities ``(N, heads, T, T)`` per layer and, with ``seeds``
     ``(N, k, C)``, their gradients ``(N, k, heads, T, T)`` (see
     `backends.ort_session.OrtBackend.run_attention`); without it, the attention methods
-    (``"rollout"``, ``"gae"``) are refused.
+    (``"rollout"``, ``"gae"``) are refused.  It may offer ``normalized_head()``:
+    ``(normalize, run)``, the first LayerNorm of the block the token target enters and the head
+    with that norm's output fed separately (see `backends.graph_backend.GraphBackend.normalized_head`);
+    without it, ``method_options={"mask_at": "normalized"}`` is refused.
     """
 
     head: Head

@@ -403,14 +403,13 @@ class Explainer:
             Explain ``seeds[i, j] . logits[i]`` instead of the logit of ``classes[i, j]``
             (contrastive and negated targets, `camcore.targets`): CAM with the weights
             ``seeds @ W`` (exact by linearity), a gradient method with these seeds in the
-            same backward pass.  Other methods refuse it.
+            same backward pass (on a transformer: at the token target layer, viewed on the
+            patch grid; `gae`: the attention gradients of the seeded logits).  Other methods
+            refuse it.
         """
         spec = REGISTRY[self.resolve_method(method)]
         if seeds is not None:  # --- targets: a linear combination of logits
-            if self.head.layout == "NTC":
-                raise NotCamCompatible("contrastive and negated targets are not supported on token models yet; "
-                                       "explain their classes one by one")
-            return _seeded_maps(self, spec, features, seeds)
+            return _seeded_maps(self, spec, features, seeds, inputs)
         if self.head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
             from .token_explain import token_maps
 
@@ -418,8 +417,13 @@ class Explainer:
         maps = spec.compute(self._method_inputs(spec, features, classes, inputs))
         return maps.astype(np.float32, copy=False)
 
-    def _method_inputs(self, spec: MethodSpec, features, classes, feed) -> MethodInputs:
-        """What `spec` needs, gathered for one chunk: nothing is run that the method does not use."""
+    def _method_inputs(self, spec: MethodSpec, features, classes, feed, seeds=None) -> MethodInputs:
+        """What `spec` needs, gathered for one chunk: nothing is run that the method does not use.
+
+        With `seeds` ``(n, k, C)`` (`_seeded_maps`), map ``j`` of item ``i`` explains
+        ``seeds[i, j] . logits[i]``: the weights are ``seeds @ W`` (row ``i * k + j``, which
+        `classes` then indexes) and the gradients are those of the seeded logits.
+        """
         options = dict(self.method_options)
         if spec.options:
             known = method_options()
@@ -427,10 +431,11 @@ class Explainer:
             if unknown:
                 raise InvalidInput(f"method_options takes {', '.join(map(repr, known))}, got {sorted(unknown)}")
         head, given = self.head, {}
-        if "weights" in spec.needs:
-            given["weights"] = head.weights
+        if "weights" in spec.needs:  # seeded: w_c - w_ref, CAM is linear in the weights
+            given["weights"] = head.weights if seeds is None else seeds.reshape(-1, seeds.shape[2]) @ head.weights
         if "gradients" in spec.needs:
-            given["gradients"] = self._class_gradients(features, classes)
+            given["gradients"] = (self._class_gradients(features, classes) if seeds is None
+                                  else np.asarray(self.backend.run_head(features, seeds)))
         if "head_runs" in spec.needs:
             given["run_head"] = self.backend.run_head
             pooled_head = getattr(self.backend, "pooled_head", None)  # optional (see camcore.backend)
@@ -446,15 +451,16 @@ class Explainer:
 
             given.update(run_model=run_model, inputs=feed[name])
         if "attention" in spec.needs:
-            given["attention"] = self._attention_inputs(spec, features, classes, feed)
+            given["attention"] = self._attention_inputs(spec, features, classes, feed, seeds)
         return MethodInputs(features, classes, head.layout, options, scoring=head.scoring,
                             batch_size=self.batch_size, fixed_batch=self.fixed_batch,
                             input_layout=self.input_layout, token_model=getattr(head, "tokens", None) is not None,
                             **given)
 
-    def _attention_inputs(self, spec: MethodSpec, features, classes, feed):
-        """The attention probabilities of the items of `feed` (and their gradients for `classes`
-        when `spec` needs them), with the transformer's prefix tokens, grid and pooling."""
+    def _attention_inputs(self, spec: MethodSpec, features, classes, feed, seeds=None):
+        """The attention probabilities of the items of `feed` (and their gradients for `classes`,
+        or for the seeded logits, when `spec` needs them), with the transformer's prefix tokens,
+        grid and pooling."""
         from .methods.attention import POOLINGS, AttentionInputs
 
         others = ("the feature methods apply (gradcam and its family, eigencam, ablationcam, scorecam, "
@@ -477,8 +483,9 @@ class Explainer:
             size = x.shape[2:4] if self.input_layout == "NCHW" else x.shape[1:3]
         count = np.shape(features)[1] if np.ndim(features) == 3 else None
         grid = tokens.grid_for(count, size) if count is not None else tuple(tokens.grid)
-        seeds = None
-        if "attention_gradients" in spec.needs:
+        if "attention_gradients" not in spec.needs:
+            seeds = None
+        elif seeds is None:
             n, k = classes.shape
             seeds = np.zeros((n, k, self.head.num_classes), np.float32)
             seeds[np.arange(n)[:, None], np.arange(k), classes] = 1
@@ -683,13 +690,15 @@ def _same_width(parts):
     return [(logits, pad(classes, -1), pad(scores, 0), pad(maps, 0)) for logits, classes, scores, maps in parts]
 
 
-def _seeded_maps(explainer, spec, features, seeds):
+def _seeded_maps(explainer, spec, features, seeds, inputs=None):
     """--- targets: ``(n, k, h, w)`` float32 maps of ``seeds[i, j] . logits[i]`` (see `Explainer.maps`).
 
     CAM gets the weights ``seeds @ W`` (one row per map), a gradient method the gradients of
-    the seeded logits from the same backward pass; methods that score one class refuse.
+    the seeded logits from the same backward pass, `gae` the seeded logits' attention
+    gradients; on a transformer the maps are on the patch grid (`token_maps`).  Methods that
+    score one class refuse.
     """
-    from .targets import SEEDED_METHODS, seedable
+    from .targets import SEEDED_TEXT, seedable
 
     head = explainer.head
     seeds = np.asarray(seeds, np.float32)
@@ -697,18 +706,16 @@ def _seeded_maps(explainer, spec, features, seeds):
     if seeds.ndim != 3 or seeds.shape[0] != n or seeds.shape[2] != head.num_classes:
         raise InvalidInput(f"seeds must have shape ({n}, k, {head.num_classes}), got {seeds.shape}")
     if not seedable(spec):
-        raise InvalidInput(f"contrastive and negated targets need one of {', '.join(SEEDED_METHODS)}, "
+        raise InvalidInput(f"contrastive and negated targets need one of {SEEDED_TEXT}, "
                            f"got method {spec.name!r}")
-    k = seeds.shape[1]
-    given = {}
-    if "weights" in spec.needs:  # w_c - w_ref: CAM is linear in the weights
-        given["weights"] = seeds.reshape(n * k, -1) @ head.weights
-    if "gradients" in spec.needs:
-        given["gradients"] = np.asarray(explainer.backend.run_head(features, seeds))
-    inputs = MethodInputs(features, np.arange(n * k).reshape(n, k), head.layout, dict(explainer.method_options),
-                          scoring=head.scoring, batch_size=explainer.batch_size, fixed_batch=explainer.fixed_batch,
-                          input_layout=explainer.input_layout, **given)
-    return spec.compute(inputs).astype(np.float32, copy=False)
+    rows = np.arange(n * seeds.shape[1]).reshape(n, -1)  # row i * k + j of the seeded weights
+    if head.layout == "NTC":  # a vision transformer's tokens: maps on the patch grid
+        from .token_explain import token_maps
+
+        maps = token_maps(explainer, spec, features, rows, inputs, seeds=seeds)
+    else:
+        maps = spec.compute(explainer._method_inputs(spec, features, rows, inputs, seeds))
+    return maps.astype(np.float32, copy=False)
 
 
 def _finish_image(source, classes, scores, cams, geometry, pixels, threshold, resize, method):

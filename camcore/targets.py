@@ -38,12 +38,18 @@ __all__ = ["Targets", "Selection", "class_indices", "read_targets", "targets_fro
 
 def seedable(spec) -> bool:
     """Whether a registered method explains any linear combination of logits (a seed vector): a
-    class-specific method that needs only the head's weights, the features and gradients."""
-    return spec.class_specific and spec.needs <= {"weights", "features", "gradients"}
+    class-specific method that needs only the head's weights, the features and gradients (or a
+    transformer's attention and its gradients, `gae`)."""
+    return spec.class_specific and spec.needs <= {"weights", "features", "gradients", "attention",
+                                                  "attention_gradients"}
 
 
-# CAM and the gradient methods, in the registry's order.
+# CAM, the gradient methods and GAE, in the registry's order.
 SEEDED_METHODS = tuple(name for name, spec in REGISTRY.items() if seedable(spec))
+
+# SEEDED_METHODS as the refusals name them (attention methods apply to transformers only).
+SEEDED_TEXT = ", ".join(name + (" (on a transformer)" if "attention" in REGISTRY[name].needs else "")
+                        for name in SEEDED_METHODS)
 
 # The class index of a single-logit binary model's negative class: its negated logit.
 NEGATIVE = 1
@@ -249,7 +255,7 @@ class Targets:
         """Raise `InvalidInput` (one line) when `method` cannot explain these targets."""
         if self.seeded(num_classes) and method not in SEEDED_METHODS:
             what = "contrastive targets" if self.contrast is not None else "the negative class (a negated logit)"
-            raise InvalidInput(f"{what} need one of {', '.join(SEEDED_METHODS)}; method {method!r} cannot "
+            raise InvalidInput(f"{what} need one of {SEEDED_TEXT}; method {method!r} cannot "
                                f"explain a combination of logits")
 
     def validate(self, n: int, num_classes: int) -> "Targets":

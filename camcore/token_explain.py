@@ -39,15 +39,25 @@ def token_grid(explainer, features: np.ndarray, inputs=None) -> tuple:
     return explainer.head.tokens.grid_for(features.shape[1], _input_size(explainer, inputs))
 
 
-def token_maps(explainer, spec, features: np.ndarray, classes: np.ndarray, inputs=None) -> np.ndarray:
-    """``(n, k, gh, gw)`` maps of the registered method `spec` for token `features` ``(n, T, C)``."""
+def token_maps(explainer, spec, features: np.ndarray, classes: np.ndarray, inputs=None, *,
+               seeds: np.ndarray | None = None) -> np.ndarray:
+    """``(n, k, gh, gw)`` maps of the registered method `spec` for token `features` ``(n, T, C)``.
+
+    With `seeds` ``(n, k, C)``, map ``j`` of item ``i`` explains ``seeds[i, j] . logits[i]``
+    (contrastive and negated targets; `Explainer.maps`).
+    """
     prefix = explainer.head.tokens.prefix
     grid = token_grid(explainer, features, inputs)
-    given = explainer._method_inputs(spec, features, classes, inputs)  # gradients at the tokens, etc.
-    view = dict(features=tokens_to_grid(features, grid, prefix=prefix), layout="NHWC")
+    given = explainer._method_inputs(spec, features, classes, inputs, seeds)  # gradients at the tokens, etc.
+    run = given.run_head
+    view = {}
+    if "mask_at" in spec.options and given.options.get("mask_at") == "normalized":
+        # ViT Recipro-CAM as OpenVINO XAI masks: the tokens and their norm in the block, alike
+        features, run = _with_block_norm(explainer, features)
+        view["run_pooled"] = None
+    view.update(features=tokens_to_grid(features, grid, prefix=prefix), layout="NHWC")
     if given.gradients is not None:
         view["gradients"] = tokens_to_grid(given.gradients, grid, prefix=prefix)
-    run = given.run_head
     if run is None or prefix == 0:
         if run is not None:
             view["run_head"] = lambda g: run(g.reshape(len(g), -1, g.shape[-1]))
@@ -60,6 +70,24 @@ def token_maps(explainer, spec, features: np.ndarray, classes: np.ndarray, input
             given, **{**view, **part}, classes=classes[i:i + 1],
             run_head=lambda g, kept=kept: run(grid_to_tokens(g, kept)))))
     return np.concatenate(maps)
+
+
+def _with_block_norm(explainer, features):
+    """``(tokens and their block norm side by side (n, T, 2C), run_head of such rows)``.
+
+    A mask on the grid scales both halves of a token alike, so a method that masks features
+    masks the tokens in the residual stream and after the first norm of the block they enter.
+    """
+    from .errors import NotCamCompatible
+
+    build = getattr(explainer.backend, "normalized_head", None)
+    if build is None:
+        raise NotCamCompatible("mask_at='normalized' needs a backend that runs the head from a block's norm; "
+                               "this one does not (use mask_at='input')")
+    normalize, run = build()
+    c = features.shape[-1]
+    both = np.concatenate([features, np.asarray(normalize(features), features.dtype)], axis=-1)
+    return both, lambda rows: run(rows[..., :c], rows[..., c:])
 
 
 def token_info(head) -> dict | None:

@@ -184,7 +184,7 @@ def test_compare_with_targets_contrast_and_report(photos, tmp_path):
                        "--out", tmp_path / "refused")
     assert proc.returncode == 1
     assert error_lines(proc.stderr) == ["camcore: error: contrastive targets need one of cam, gradcam, gradcam++, "
-                                        "xgradcam, hirescam, layercam; method 'eigencam' cannot explain a "
+                                        "xgradcam, hirescam, layercam, gae (on a transformer); method 'eigencam' cannot explain a "
                                         "combination of logits"]
     assert not (tmp_path / "refused").exists()
 

@@ -51,7 +51,7 @@ def test_every_method_is_registered_in_order():
     assert REGISTRY["ablationcam"].function is perturbation.ablationcam
     assert REGISTRY["reciprocam"].needs == REGISTRY["ablationcam"].needs == {"features", "head_runs"}
     assert REGISTRY["scorecam"].needs == {"features", "model_runs"}
-    assert method_options() == ("batch_size", "mask", "max_channels", "scoring")
+    assert method_options() == ("batch_size", "mask", "mask_at", "max_channels", "scoring")
 
 
 def test_merge_refuses_a_name_twice_and_specs_an_unknown_need():

@@ -82,3 +82,69 @@ def test_vit_reciprocam_on_tokens_keeps_every_prefix_token(pooling, prefix, grid
     explainer.method_options = {"mask": "point"}
     point = explainer.explain(x, top_k=2, method="reciprocam").maps
     assert point.shape == out.maps.shape and not np.allclose(point, out.maps)
+
+
+def _norm_reference(model, x, prefix, grid, classes):
+    """ViT Recipro-CAM masked as OpenVINO XAI 1.1 masks, by hand: the last block's input and its
+    first LayerNorm's output both multiplied by the Gaussian mask (prefix tokens kept), the rest
+    of the model run from those two tensors (onnx's Extractor, onnxruntime); softmax scores."""
+    import onnx
+    import onnxruntime as ort
+    from onnx.utils import Extractor
+
+    inferred = onnx.shape_inference.infer_shapes(model)
+    norm = next(n for n in inferred.graph.node if n.op_type == "LayerNormalization" and n.input[0] == "block1_in")
+    upper = Extractor(inferred).extract_model(["block1_in", norm.output[0]], ["logits"])
+    lower = Extractor(inferred).extract_model(["x"], ["block1_in", norm.output[0]])
+    run = ort.InferenceSession(upper.SerializeToString(), providers=["CPUExecutionProvider"])
+    tokens, normalized = ort.InferenceSession(lower.SerializeToString(),
+                                              providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    gh, gw = grid
+    want = np.zeros((len(x), classes.shape[1], gh, gw))
+    for i in range(len(x)):
+        for y in range(gh):
+            for xx in range(gw):
+                m = gaussian_mask(gh, gw, y, xx).reshape(-1, 1).astype(np.float32)
+                t, u = tokens[i:i + 1].copy(), normalized[i:i + 1].copy()
+                t[0, prefix:] *= m
+                u[0, prefix:] *= m
+                logits = run.run(["logits"], {"block1_in": t, norm.output[0]: u})[0]
+                want[i, :, y, xx] = softmax(logits.astype(np.float64))[0, classes[i]]
+    return want
+
+
+@pytest.mark.parametrize("pooling,prefix,grid", [("cls", 1, (2, 3)), ("cls_dist_mean", 2, (3, 3)),
+                                                 ("cls_concat_mean", 5, (3, 2))], ids=str)
+def test_mask_at_normalized_masks_the_block_input_and_its_norm(pooling, prefix, grid):
+    model = vit(pooling=pooling, prefix=prefix, grid=grid)
+    explainer = camcore.load(model, providers=["cpu"])
+    explainer.method_options = {"mask_at": "normalized"}
+    assert explainer.head.feature == "block1_in"
+    x = np.random.default_rng(1).standard_normal((2, 3, grid[0] * 2, grid[1] * 2)).astype(np.float32)
+    out = explainer.explain(x, top_k=2, method="reciprocam")
+    want = _norm_reference(model, x, prefix, grid, out.classes)
+    np.testing.assert_allclose(out.maps, want, rtol=1e-5, atol=1e-7)
+    # not the map masked at the block input alone: the norm undoes the mask's scale there
+    explainer.method_options = {}
+    plain = explainer.explain(x, top_k=2, method="reciprocam").maps
+    assert not np.allclose(plain, out.maps, rtol=1e-3, atol=1e-6)
+
+
+def test_mask_at_is_refused_where_it_cannot_apply():
+    model = vit(pooling="cls", prefix=1, grid=(2, 3))
+    x = np.zeros((1, 3, 4, 6), np.float32)
+    explainer = camcore.load(model, providers=["cpu"])
+    explainer.method_options = {"mask_at": "norm"}
+    with pytest.raises(InvalidInput, match="mask_at must be one of 'input', 'normalized'"):
+        explainer.explain(x, method="reciprocam")
+    # the final norm's output enters no block: no LayerNormalization reads it
+    at_end = camcore.load(model, providers=["cpu"], feature="final_norm")
+    at_end.method_options = {"mask_at": "normalized"}
+    with pytest.raises(camcore.NotCamCompatible, match="to enter a block") as refused:
+        at_end.explain(x, method="reciprocam")
+    assert "\n" not in str(refused.value)
+    cnn = camcore.load(None, providers=["cpu"])
+    cnn.method_options = {"mask_at": "normalized"}
+    image = np.zeros((1, *cnn.head.input.shape[1:]), np.float32)
+    with pytest.raises(InvalidInput, match="feature map"):
+        cnn.explain(image, method="reciprocam")

@@ -56,6 +56,6 @@ def method_options() -> tuple:
     Examples
     --------
     >>> method_options()
-    ('batch_size', 'mask', 'max_channels', 'scoring')
+    ('batch_size', 'mask', 'mask_at', 'max_channels', 'scoring')
     """
     return tuple(sorted({key for spec in REGISTRY.values() for key in spec.options}))

@@ -185,6 +185,10 @@ def ablationcam(features, classes, run_head, *, layout="NCHW", batch_size=256, r
 # ViT Recipro-CAM's spatial mask around a position (Byun & Lee, 2023): a 3x3 Gaussian.
 GAUSSIAN_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float64) / 16
 _MASKS = ("point", "gaussian")
+# Where ViT Recipro-CAM masks a transformer's tokens (``method_options["mask_at"]``, applied by
+# `camcore.token_explain`): the token target layer itself, or also after the first norm of the
+# block it enters, as OpenVINO XAI 1.1 does.
+MASK_AT = ("input", "normalized")
 
 
 def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax", batch_size=256, mask="point",
@@ -205,7 +209,18 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
     ``g = [[1, 2, 1], [2, 4, 2], [1, 2, 1]] / 16`` (cut at the border, not renormalized).
     On a transformer the features are the patch tokens of the token target layer on the
     patch grid, and the head runs re-attach each item's prefix tokens (CLS, distillation,
-    registers: any number of them), unmasked (`camcore.Explainer` does this).
+    registers: any number of them), unmasked (`camcore.Explainer` does this).  Where the
+    mask is applied (``method_options["mask_at"]``):
+
+    - ``"input"`` (the default): to the token target layer itself, the last block's input
+      ``x`` under CLS pooling: the block's residual stream carries ``G_p * x`` and its
+      attention branch ``LN1(G_p * x)``; that LayerNorm rescales each token, so inside the
+      3x3 neighbourhood the attention branch sees the tokens at full weight, and outside it
+      ``LN1(0)`` (the norm's bias);
+    - ``"normalized"``: also after the block's first LayerNorm, as OpenVINO XAI 1.1's
+      ``ViTReciproCAM`` does: the residual stream gets ``G_p * x`` and the attention branch
+      ``G_p * LN1(x)`` (``LN1`` of the unmasked tokens), the prefix tokens unmasked in both.
+      With ``scoring="logits"`` (OpenVINO XAI reads the logits) this is OpenVINO XAI's map.
 
     On a GAP + affine head with ``scoring="logits"`` and ``mask="point"``,
     ``M_c[p] = sum_k W[c, k] A_k[p] / (h w) + b_c``: the CAM divided by ``h w``,
@@ -422,6 +437,11 @@ def _ablationcam_maps(given):
 
 def _reciprocam_maps(given):
     # On a transformer's tokens, ViT Recipro-CAM's Gaussian neighbourhood unless told otherwise.
+    at = given.options.get("mask_at", "input")
+    check_choice(at, MASK_AT, "mask_at")
+    if at != "input" and not given.token_model:
+        raise InvalidInput(f"mask_at={at!r} masks a vision transformer's tokens after a block's first norm; "
+                           f"this model's target is a feature map (use mask_at='input')")
     return reciprocam(given.features, given.classes, given.run_head, layout=given.layout,
                       batch_size=given.options.get("batch_size", 256),
                       scoring=given.options.get("scoring", given.scoring), run_pooled=given.run_pooled,
@@ -442,5 +462,5 @@ SPECS = (
     MethodSpec("scorecam", frozenset({"features", "model_runs"}), scorecam, _scorecam_maps,
                options=("batch_size", "max_channels")),
     MethodSpec("reciprocam", frozenset({"features", "head_runs"}), reciprocam, _reciprocam_maps,
-               options=("batch_size", "scoring", "mask")),
+               options=("batch_size", "scoring", "mask", "mask_at")),
 )
