@@ -414,6 +414,8 @@ class GraphBackend:
             built = attention_graph.attention_model(model, names, logits, gradients=gradients)
             if gradients and precision.has_float16(built):  # the float16 forward kept (it is the deployed one)
                 built = precision.float32_scatter_adds(built)
+            if gradients:  # constant subgraphs of the backward pass folded, as for the head (see `head_graph`)
+                built = onnx_graph.fold_constants(built)
             seed = next((s for s in onnx_graph.graph_inputs(built) if s.name == attention_graph.ATTENTION_SEED), None)
             self._heads[key] = (self.runtime.compile(built.SerializeToString(), role="gradients"), names, seed)
         return self._heads[key]

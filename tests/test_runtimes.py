@@ -83,6 +83,29 @@ def test_openvino_f32_equals_onnxruntime_on_the_zoo(name):
         _close(ours.maps, theirs.maps.astype(np.float64), f"{name} {method} maps")
 
 
+@pytest.mark.parametrize("qkv", ["separate", "split"])
+@pytest.mark.parametrize("pooling,prefix", [("cls", 1), ("cls_dist_mean", 2), ("token_mean", 1)])
+def test_openvino_f32_equals_onnxruntime_on_tiny_vits(pooling, prefix, qkv, tmp_path):
+    """Every method, the attention gradients (GAE) included, on the tiny transformers of tests/vit_zoo."""
+    from tests.vit_zoo import vit
+
+    path = tmp_path / "vit.onnx"
+    # 12 channels: with 8, the (N, T, heads, d) = (N, 8, 2, 4) attention output of the distilled model
+    # reads as a 2x4 map of its 8 tokens with no prefix, which the analysis prefers (fewer prefix tokens)
+    path.write_bytes(vit(pooling=pooling, prefix=prefix, grid=(2, 3), qkv=qkv, channels=12).SerializeToString())
+    ort_ex = camcore.load(path, providers=["cpu"])
+    ov_ex = camcore.load(path, backend="openvino", precision="f32")
+    x = np.random.default_rng(0).standard_normal((3, 3, 4, 6)).astype(np.float32)
+    methods = _methods(ort_ex)
+    assert "gae" in methods and "rollout" in methods
+    for method in methods:
+        ours = ov_ex.explain(x, top_k=2, method=method)
+        theirs = ort_ex.explain(x, top_k=2, method=method)
+        np.testing.assert_array_equal(ours.classes, theirs.classes)
+        _close(ours.maps, theirs.maps.astype(np.float64), f"{pooling} {qkv} {method} maps",
+               _tolerance(method, ort_ex, x, theirs.classes, theirs.maps, theirs.logits))
+
+
 @pytest.fixture(scope="module")
 def photos():
     return [getattr(data, name)() for name in PHOTOS]
