@@ -26,6 +26,7 @@ from onnx.reference.op_run import OpRun
 
 from backends.backprop import add_backward, cut_head, gradient_model
 from camcore.errors import InvalidInput, NotCamCompatible
+from tests.fakes import run_time_reduce_axes
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -317,15 +318,8 @@ def test_broadcasting_decided_at_run_time(opset, b_shape, b_dims):
     feeds = {"a": normal((2, 3)), "b": normal(b_shape, 1)}
     for wrt in ("a", "b"):
         build = lambda dt: make([node("Mul", ["a", "b"])], {"a": ["n", "j"], "b": b_dims}, opset=opset, dtype=dt)
-        assert _run_time_reduce_axes(add_backward(build(D), wrt, "y")) != []
+        assert run_time_reduce_axes(add_backward(build(D), wrt, "y")) != []
         check(build, feeds, wrt, use_ort=True)
-
-
-def _run_time_reduce_axes(model) -> list:
-    """The ReduceSums of `model` whose axes are computed in the graph (not constants)."""
-    constants = {t.name for t in model.graph.initializer}
-    return [n.name for n in model.graph.node if n.op_type == "ReduceSum" and len(n.input) > 1 and n.input[1]
-            and n.input[1] not in constants]
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -346,7 +340,7 @@ def test_symbolic_batch_named_apart_is_summed_with_constant_axes(op, b_shape, ba
         return model
 
     for wrt in ("a", "b"):
-        assert _run_time_reduce_axes(add_backward(build(D), wrt, "y")) == []
+        assert run_time_reduce_axes(add_backward(build(D), wrt, "y")) == []
         check(build, feeds, wrt, use_ort=True)
 
 
@@ -366,7 +360,7 @@ def test_gemm_bias_under_a_symbolic_batch_is_summed_with_constant_axes(transpose
             return model
 
         for wrt in ("a", "c"):
-            assert _run_time_reduce_axes(add_backward(build(D), wrt, "y")) == []
+            assert run_time_reduce_axes(add_backward(build(D), wrt, "y")) == []
             check(build, feeds, wrt, use_ort=True)
 
 
@@ -376,13 +370,13 @@ def test_matmul_batch_under_symbolic_dims(b_batch):
     axis two symbols may each stretch is summed by axes computed at run time."""
     feeds = {"a": normal((2, 3, 4)), "b": normal((4, 5), 1)}
     build = lambda dt: make([node("MatMul", ["a", "b"])], {"a": ["n", 3, 4], "b": [4, 5]}, dtype=dt)
-    assert _run_time_reduce_axes(add_backward(build(D), "a", "y")) == []
+    assert run_time_reduce_axes(add_backward(build(D), "a", "y")) == []
     check(build, feeds, "a", use_ort=True)
     stretched = b_batch == "m"  # a's batch of 1 stretched by b's 2
     feeds = {"a": normal((1 if stretched else 2, 3, 4)), "b": normal((2 if stretched else 1, 4, 5), 1)}
     build = lambda dt: make([node("MatMul", ["a", "b"])], {"a": ["n", 3, 4], "b": [b_batch, 4, 5]}, dtype=dt)
     back = add_backward(build(D), "a", "y")
-    assert (_run_time_reduce_axes(back) != []) == stretched
+    assert (run_time_reduce_axes(back) != []) == stretched
     check(build, feeds, "a", use_ort=True)
 
 
