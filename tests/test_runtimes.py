@@ -20,7 +20,7 @@ from camcore import CamError, Explainer
 from camcore.errors import MissingDependency
 from camcore.methods import METHODS, REGISTRY
 from tests import corpus
-from tests.fakes import ReferenceRuntime, load_on
+from tests.fakes import ReferenceRuntime, load_on, run_time_reduce_axes
 from tests.zoo import CASES, REFUSED
 
 RTOL = 1e-4
@@ -221,6 +221,15 @@ def test_cli_inspect_and_explain_say_which_precision_ran(tmp_path):
         "camcore: error: --providers is for --backend onnxruntime; --backend openvino takes --device"]
 
 
+def _attention_gradient_graph(ex: Explainer):
+    """The graph the attention-gradient methods run: every attention probability and its gradient."""
+    from backends import attention_graph
+
+    folded = ex.backend.folded_model
+    return attention_graph.attention_model(folded, attention_graph.attention_probabilities(folded), ex.head.logits,
+                                           gradients=True)
+
+
 # --------------------------------------------------------------------------- the corpus
 
 ENTRIES = corpus.manifest()
@@ -242,7 +251,18 @@ def test_corpus_openvino_f32_equals_onnxruntime(entry):
     x, classes = d["x"], d["grad_classes"][:, None]
     for ex in (ort_ex, ov_ex):
         ex.method_options = {"max_channels": 4}
+    # Every backward graph of the head sums over constant axes; the attention-gradient graph of a
+    # token model may not, where shape inference loses which symbol is the batch (timm's ViT
+    # through the TorchScript exporter: q, k and v unbound from one reshape).
+    assert run_time_reduce_axes(ort_ex.backend.head_graph(True).model) == []
+    unread = ort_ex.head.tokens is not None and run_time_reduce_axes(_attention_gradient_graph(ort_ex)) != []
     for method in _methods(ort_ex):
+        if unread and "attention_gradients" in REGISTRY[method].needs:
+            # The known OpenVINO limit (README, Runtimes): refused in one line naming the op.
+            with pytest.raises(CamError, match=r"openvino cannot read the model: .*ReduceSum.*axes") as info:
+                ov_ex.explain(x, classes=classes, method=method)
+            assert "\n" not in str(info.value)
+            continue
         ours = ov_ex.explain(x, classes=classes, method=method)
         theirs = ort_ex.explain(x, classes=classes, method=method)
         _close(ours.logits, theirs.logits.astype(np.float64), f"{method} logits")
