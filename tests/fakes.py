@@ -66,21 +66,10 @@ class ReferenceRuntime:
         return "f32"
 
 
-def openvino_reads_no_gradients(explainer, attention: bool = False) -> bool:
-    """Whether the head's backward graph (with `attention`: the attention-gradient graph) sums over
-    axes computed at run time (symbolic broadcasting): OpenVINO's ONNX reader needs a ReduceSum's
-    axes of known length and refuses such graphs."""
-    from backends.graph_backend import head_graph
-
-    folded = explainer.backend.folded_model
-    if attention:
-        from backends import attention_graph
-
-        names = attention_graph.attention_probabilities(folded)
-        model = attention_graph.attention_model(folded, names, explainer.head.logits, gradients=True)
-    else:
-        model = head_graph(folded, explainer.head, True).model
+def run_time_reduce_axes(model) -> list:
+    """The ReduceSums of `model` whose axes are computed at run time (broadcasting the shapes
+    leave open): OpenVINO's ONNX reader needs a ReduceSum's axes of known length."""
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    return any(n.op_type == "ReduceSum" and len(n.input) > 1 and n.input[1] and n.input[1] not in constants
-               for n in model.graph.node)
+    return [n.name for n in model.graph.node
+            if n.op_type == "ReduceSum" and len(n.input) > 1 and n.input[1] and n.input[1] not in constants]

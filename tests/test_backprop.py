@@ -26,6 +26,7 @@ from onnx.reference.op_run import OpRun
 
 from backends.backprop import add_backward, cut_head, gradient_model
 from camcore.errors import InvalidInput, NotCamCompatible
+from tests.fakes import run_time_reduce_axes
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -316,8 +317,67 @@ def test_broadcasting_decided_at_run_time(opset, b_shape, b_dims):
     """Symbolic dims hide which side broadcasts: the axes to sum are computed in the graph."""
     feeds = {"a": normal((2, 3)), "b": normal(b_shape, 1)}
     for wrt in ("a", "b"):
-        check(lambda dt: make([node("Mul", ["a", "b"])], {"a": ["n", "j"], "b": b_dims}, opset=opset, dtype=dt),
-              feeds, wrt, use_ort=True)
+        build = lambda dt: make([node("Mul", ["a", "b"])], {"a": ["n", "j"], "b": b_dims}, opset=opset, dtype=dt)
+        assert run_time_reduce_axes(add_backward(build(D), wrt, "y")) != []
+        check(build, feeds, wrt, use_ort=True)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("op, b_shape", [("Add", (4,)), ("Mul", (3, 1)), ("Sub", (1, 3, 4)), ("Div", (1, 1, 4)),
+                                         ("Where", (3, 4))])
+def test_symbolic_batch_named_apart_is_summed_with_constant_axes(op, b_shape, batch):
+    """tf2onnx declares each output's batch with a symbol of its own (``unk__0``): the batch of
+    `a` still is the output's, since `b` cannot stretch it; the axes summed for `b` are constants
+    too.  OpenVINO's ONNX reader needs them so."""
+    feeds = {"a": normal((batch, 3, 4)), "b": normal(b_shape, 1) + (3.0 if op == "Div" else 0.0)}
+    cond = normal((1, 3, 1), 5) > 0
+    inputs = ["cond", "a", "b"] if op == "Where" else ["a", "b"]
+
+    def build(dt):
+        model = make([node(op, inputs)], {"a": ["unk__1", 3, 4], "b": list(b_shape)},
+                     inits={"cond": cond} if op == "Where" else None, dtype=dt)
+        model.graph.output[0].type.CopyFrom(helper.make_tensor_type_proto(dt, ["unk__0", 3, 4]))
+        return model
+
+    for wrt in ("a", "b"):
+        assert run_time_reduce_axes(add_backward(build(D), wrt, "y")) == []
+        check(build, feeds, wrt, use_ort=True)
+
+
+@pytest.mark.parametrize("transpose", [0, 1])
+def test_gemm_bias_under_a_symbolic_batch_is_summed_with_constant_axes(transpose):
+    """Gemm's C of shape (1, N) or (M?, N): its batch axis is summed (a constant axis) only where
+    C has a 1; a C batched like A keeps it."""
+    for c_shape, c_dims in [((1, 3), [1, 3]), ((2, 3), ["unk__2", 3])]:
+        a_shape = (4, 2) if transpose else (2, 4)
+        a_dims = [4, "unk__2"] if transpose else ["unk__2", 4]
+        feeds = {"a": normal(a_shape), "c": normal(c_shape, 1)}
+
+        def build(dt):
+            model = make([node("Gemm", ["a", "w", "c"], transA=transpose)], {"a": a_dims, "c": c_dims},
+                         inits={"w": normal((4, 3), 2)}, dtype=dt)
+            model.graph.output[0].type.CopyFrom(helper.make_tensor_type_proto(dt, ["unk__0", 3]))
+            return model
+
+        for wrt in ("a", "c"):
+            assert run_time_reduce_axes(add_backward(build(D), wrt, "y")) == []
+            check(build, feeds, wrt, use_ort=True)
+
+
+@pytest.mark.parametrize("b_batch", ["m", 1])
+def test_matmul_batch_under_symbolic_dims(b_batch):
+    """MatMul's batch axes: `a`'s symbolic batch is kept where `b` has none or a 1; a batch
+    axis two symbols may each stretch is summed by axes computed at run time."""
+    feeds = {"a": normal((2, 3, 4)), "b": normal((4, 5), 1)}
+    build = lambda dt: make([node("MatMul", ["a", "b"])], {"a": ["n", 3, 4], "b": [4, 5]}, dtype=dt)
+    assert run_time_reduce_axes(add_backward(build(D), "a", "y")) == []
+    check(build, feeds, "a", use_ort=True)
+    stretched = b_batch == "m"  # a's batch of 1 stretched by b's 2
+    feeds = {"a": normal((1 if stretched else 2, 3, 4)), "b": normal((2 if stretched else 1, 4, 5), 1)}
+    build = lambda dt: make([node("MatMul", ["a", "b"])], {"a": ["n", 3, 4], "b": [b_batch, 4, 5]}, dtype=dt)
+    back = add_backward(build(D), "a", "y")
+    assert (run_time_reduce_axes(back) != []) == stretched
+    check(build, feeds, "a", use_ort=True)
 
 
 def test_symbolic_broadcasting_before_opset_13_is_refused():

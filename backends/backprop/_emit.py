@@ -186,8 +186,22 @@ class _Context:
             self.refuse(f"{what} must be a constant")
         return value
 
-    def unbroadcast(self, g: str, g_dims: tuple, like: str, like_dims: tuple | None = None) -> str:
-        """Sum `g` (shaped `g_dims`) over the axes that numpy broadcasting added to `like`."""
+    def others(self, i: int) -> list:
+        """Dims of the node's inputs other than input `i` (None where a rank is unknown): the
+        operands an elementwise op broadcasts input `i` with."""
+        return [self.e.ix.dims(x) for k, x in enumerate(self.node.input) if k != i and x]
+
+    def unbroadcast(self, g: str, g_dims: tuple, like: str, like_dims: tuple | None = None, *,
+                    peers: list | None = None) -> str:
+        """Sum `g` (shaped `g_dims`) over the axes that numpy broadcasting added to `like`.
+
+        `peers` are the dims of the operands `like` was broadcast with (None: unknown).  An
+        axis of `like` whose size is not known to be 1 is summed only if some operand may
+        stretch it: where every peer has a 1, the same symbol, or no axis there, the output's
+        size is `like`'s, whatever the names shape inference gave them (tf2onnx declares a
+        symbol of its own on each output).  The axes are then constants; only where the
+        shapes leave it open are they computed at run time.
+        """
         e = self.e
         x_dims = like_dims if like_dims is not None else self.dims(like)
         lead = len(g_dims) - len(x_dims)
@@ -197,7 +211,8 @@ class _Context:
             if d == 1:
                 if o != 1:
                     axes.append(lead + j)
-            elif not (isinstance(d, int) or (d is not None and d == o)):
+            elif not (isinstance(d, int) or (d is not None and d == o)
+                      or _kept(d, lead + j, len(g_dims), peers)):
                 ambiguous = True
         if ambiguous:
             if e.opset < axes_input_opset("ReduceSum"):
@@ -213,6 +228,20 @@ class _Context:
             return g
         s = e.reduce("ReduceSum", g, axes, keepdims=1)
         return e.reshape(s, e.shape(like)) if lead else s
+
+
+def _kept(d, axis: int, rank: int, peers: list | None) -> bool:
+    """Whether no peer can stretch `axis` (of a rank-`rank` broadcast result) past size `d`:
+    each has a 1 there, the same symbol as `d`, or no such axis (right-aligned)."""
+    if peers is None:
+        return False
+    for p in peers:
+        if p is None:
+            return False
+        k = axis - (rank - len(p))
+        if k >= 0 and not (p[k] == 1 or (d is not None and p[k] == d)):
+            return False
+    return True
 
 
 def _normalize_axes(c: _Context, axes, rank: int) -> list:

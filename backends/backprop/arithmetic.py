@@ -15,7 +15,7 @@ def _binary(c, grad_a, grad_b, positions=(0, 1)):
     out, y_dims = {}, c.dims(c.y())
     for i, fn in zip(positions, (grad_a, grad_b)):
         if c.active(i):
-            out[i] = c.unbroadcast(fn(), y_dims, c.x(i))
+            out[i] = c.unbroadcast(fn(), y_dims, c.x(i), peers=c.others(i))
     return out
 
 
@@ -54,13 +54,13 @@ def _neg(c):
 
 def _sum(c):
     y_dims = c.dims(c.y())
-    return {i: c.unbroadcast(c.g(), y_dims, x) for i, x in enumerate(c.node.input) if c.active(i)}
+    return {i: c.unbroadcast(c.g(), y_dims, x, peers=c.others(i)) for i, x in enumerate(c.node.input) if c.active(i)}
 
 
 def _mean(c):
     e, y_dims = c.e, c.dims(c.y())
     g = e.div(c.g(), e.scalar(len(c.node.input), c.y()))
-    return {i: c.unbroadcast(g, y_dims, x) for i, x in enumerate(c.node.input) if c.active(i)}
+    return {i: c.unbroadcast(g, y_dims, x, peers=c.others(i)) for i, x in enumerate(c.node.input) if c.active(i)}
 
 
 def _max_min(c):
@@ -69,7 +69,8 @@ def _max_min(c):
     masks = [e.mask(e.op("Equal", [x, y]), y) for x in c.node.input]
     count = masks[0] if len(masks) == 1 else e.typed(e.op("Sum", masks), y)
     g = e.div(c.g(), count)
-    return {i: c.unbroadcast(e.mul(g, masks[i]), y_dims, x) for i, x in enumerate(c.node.input) if c.active(i)}
+    return {i: c.unbroadcast(e.mul(g, masks[i]), y_dims, x, peers=c.others(i))
+            for i, x in enumerate(c.node.input) if c.active(i)}
 
 
 def _where(c):
@@ -84,7 +85,8 @@ def _prelu(c):
     if c.active(0):
         out[0] = e.where(positive, g, e.mul(g, slope), g)
     if c.active(1):
-        out[1] = c.unbroadcast(e.where(positive, e.scalar(0, x), e.mul(g, x), g), c.dims(x), slope)
+        out[1] = c.unbroadcast(e.where(positive, e.scalar(0, x), e.mul(g, x), g), c.dims(x), slope,
+                               peers=c.others(1))
     return out
 
 

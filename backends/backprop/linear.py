@@ -28,7 +28,9 @@ def _gemm(c):
         out[1] = e.typed(e.op("Gemm", args[0], alpha=alpha, **args[1]), b)
     if c.active(2):
         gc = g if beta == 1 else e.mul(g, e.scalar(beta, g))
-        out[2] = c.unbroadcast(gc, c.dims(c.y()), c.x(2))
+        ad, bd = c.e.ix.dims(a), c.e.ix.dims(b)  # C broadcasts with the product, (M, N)
+        product = (ad[1] if ta else ad[0], bd[0] if tb else bd[1]) if ad and bd and len(ad) == len(bd) == 2 else None
+        out[2] = c.unbroadcast(gc, c.dims(c.y()), c.x(2), peers=[product])
     return out
 
 
@@ -53,11 +55,11 @@ def _matmul(c):
     out = {}
     if c.active(0):
         d = e.typed(e.op("MatMul", [g2, _swap_last(e, b2, len(b2d))]), a)
-        d = c.unbroadcast(d, (*batch, a2d[-2], a2d[-1]), a2, a2d)
+        d = c.unbroadcast(d, (*batch, a2d[-2], a2d[-1]), a2, a2d, peers=[(*b2d[:-2], 1, 1)])
         out[0] = d if a2 == a else e.reshape(d, e.shape(a))
     if c.active(1):
         d = e.typed(e.op("MatMul", [_swap_last(e, a2, len(a2d)), g2]), b)
-        d = c.unbroadcast(d, (*batch, b2d[-2], b2d[-1]), b2, b2d)
+        d = c.unbroadcast(d, (*batch, b2d[-2], b2d[-1]), b2, b2d, peers=[(*a2d[:-2], 1, 1)])
         out[1] = d if b2 == b else e.reshape(d, e.shape(b))
     return out
 
