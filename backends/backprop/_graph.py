@@ -185,7 +185,8 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
         Not modified.
     target : str
         The feature tensor, e.g. ``(N, K, h, w)``.  It becomes the first input of the head,
-        with a free batch axis.
+        with a free batch axis, unless every input of `model` declares the same static batch
+        as `target` (a fixed-batch export, run in chunks of that batch): that batch is kept.
     logits : str
         The output of the head.
 
@@ -249,9 +250,11 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
     head = Extractor(work).extract_model([target, *frontier_list], [logits])
 
     # Free the batch axis of the target and of frontier tensors that share it; drop the
-    # inferred internal shapes (they hold the old batch size).
+    # inferred internal shapes (they hold the old batch size).  A model exported with a fixed
+    # batch keeps it: it runs in chunks of that batch anyway, and a free symbol meeting the
+    # static batch inside (a dynamo export's Reshapes) would leave broadcasting open.
     batch = ix.dims(target)[0] if ix.dims(target) else None
-    free = "cam_batch"
+    free = batch if _fixed_batch(ix) == batch else "cam_batch"
     for vi in head.graph.input:
         dims = vi.type.tensor_type.shape.dim
         for i, dim in enumerate(dims):
@@ -260,7 +263,10 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
                 dim.dim_param = f"cam_{vi.name}_{i}"
             elif i == 0 and (vi.name == target or (batch is not None and (dim.dim_value or dim.dim_param) == batch)):
                 dim.Clear()
-                dim.dim_param = free
+                if isinstance(free, int):
+                    dim.dim_value = free
+                else:
+                    dim.dim_param = free
     del head.graph.value_info[:]
     head.graph.output[0].type.tensor_type.ClearField("shape")
     head.ir_version = model.ir_version
@@ -268,6 +274,13 @@ def cut_head(model: onnx.ModelProto, target: str, logits: str) -> tuple[onnx.Mod
     if inferred is not None and inferred.tensor_type.HasField("shape"):
         head.graph.output[0].type.CopyFrom(inferred)
     return _pooled_convs_as_gemm(head), frontier_list
+
+
+def _fixed_batch(ix: _Index) -> int | None:
+    """The batch size every graph input declares as a static first axis, else None."""
+    firsts = {(ix.dims(name) or (None,))[0] if ix.dims(name) else None for name in ix.inputs}
+    (first,) = firsts if len(firsts) == 1 else (None,)
+    return first if isinstance(first, int) and first > 0 else None
 
 
 def _pooled_convs_as_gemm(model: onnx.ModelProto) -> onnx.ModelProto:
