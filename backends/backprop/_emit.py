@@ -199,13 +199,15 @@ class _Context:
         axis of `like` whose size is not known to be 1 is summed only if some operand may
         stretch it: where every peer has a 1, the same symbol, or no axis there, the output's
         size is `like`'s, whatever the names shape inference gave them (tf2onnx declares a
-        symbol of its own on each output).  The axes are then constants; only where the
-        shapes leave it open are they computed at run time.
+        symbol of its own on each output).  Every sum has constant axes (OpenVINO's ONNX
+        reader needs them): an axis the shapes leave open, of size 1 or `g`'s at run time, is
+        summed anyway, and ``Where`` keeps the sum or `g` by the run-time sizes, then a
+        ``Slice`` to `like`'s size keeps one row of the sum or all of `g`.
         """
         e = self.e
         x_dims = like_dims if like_dims is not None else self.dims(like)
         lead = len(g_dims) - len(x_dims)
-        axes, ambiguous = list(range(lead)), False
+        axes, open_axes = list(range(lead)), []
         for j, d in enumerate(x_dims):
             o = g_dims[lead + j]
             if d == 1:
@@ -213,20 +215,17 @@ class _Context:
                     axes.append(lead + j)
             elif not (isinstance(d, int) or (d is not None and d == o)
                       or _kept(d, lead + j, len(g_dims), peers)):
-                ambiguous = True
-        if ambiguous:
-            if e.opset < axes_input_opset("ReduceSum"):
-                self.refuse(f"cannot tell which axes of '{like}' were broadcast before opset 13")
+                open_axes.append(j)
+        s = e.reduce("ReduceSum", g, axes, keepdims=1) if axes else g
+        if open_axes:
             x_shape = e.shape(like)
-            if lead:
-                x_shape = e.op("Concat", [e.ints([1] * lead), x_shape], axis=0)
-            differs = e.op("Not", [e.op("Equal", [x_shape, e.op("Shape", [g])])])
-            axes_t = e.op("Reshape", [e.op("NonZero", [differs]), e.ints([-1])])
-            s = e.typed(e.op("ReduceSum", [g, axes_t], keepdims=1, noop_with_empty_axes=1), g)
-            return e.reshape(s, e.shape(like))
-        if not axes:
+            for j in open_axes:
+                size = e.op("Slice", [x_shape, e.ints([j]), e.ints([j + 1])])
+                same = e.op("Equal", [size, e.op("Slice", [e.shape(s), e.ints([lead + j]), e.ints([lead + j + 1])])])
+                both = e.where(same, s, e.reduce("ReduceSum", s, [lead + j], keepdims=1), s)
+                s = e.typed(e.op("Slice", [both, e.ints([0]), size, e.ints([lead + j])]), s)
+        if not axes and not open_axes:
             return g
-        s = e.reduce("ReduceSum", g, axes, keepdims=1)
         return e.reshape(s, e.shape(like)) if lead else s
 
 

@@ -42,9 +42,71 @@ def _unknown_nonpositive_dims(model: onnx.ModelProto) -> onnx.ModelProto:
 def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
     model = _unknown_nonpositive_dims(model)
     try:
-        return shape_inference.infer_shapes(model, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # a graph inference rejects keeps the types it declares
         return model
+    return _batch_resolved(inferred)
+
+
+# Two batch sizes the inputs' batch symbol is set to, to tell what onnx's symbolic inference cannot.
+_PROBES = (7, 13)
+
+
+def _batch_resolved(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (shape-inferred) with the dims its inputs' batch symbol decides made known.
+
+    onnx's inference cannot divide by a symbol: after a Reshape to ``(batch, -1, heads, d)``
+    (TorchScript's attention) the token axis gets a symbol of its own, and so do tensors
+    that only have the batch's size.  Two more inferences with the batch symbol set to each
+    of `_PROBES` tell them: a dim with one value in both is that static size, one equal to
+    the probe in each is the batch.  Done only where every input has the same symbol first.
+    """
+    g = model.graph
+    constants = {t.name for t in g.initializer}
+    firsts = set()
+    for vi in g.input:
+        if vi.name in constants:
+            continue
+        shape = vi.type.tensor_type.shape if vi.type.tensor_type.HasField("shape") else None
+        firsts.add(shape.dim[0].dim_param if shape is not None and len(shape.dim) else "")
+    if len(firsts) != 1 or not next(iter(firsts)):
+        return model
+    (batch,) = firsts
+    known = {d.dim_param for vi in g.input for d in vi.type.tensor_type.shape.dim if d.dim_param}
+    values = [*g.value_info, *g.output]
+    if not any(not d.dim_value and d.dim_param not in known for vi in values for d in vi.type.tensor_type.shape.dim):
+        return model
+    probes = []
+    for size in _PROBES:
+        probe = copy_model(model)
+        del probe.graph.value_info[:]
+        for vi in [*probe.graph.input, *probe.graph.output]:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.dim_param == batch:
+                    d.dim_value = size
+                elif d.dim_param and d.dim_param not in known:
+                    d.Clear()
+        try:
+            probe = shape_inference.infer_shapes(probe, data_prop=True)
+        except Exception:
+            return model
+        probes.append({vi.name: vi.type.tensor_type.shape.dim for vi in [*probe.graph.value_info, *probe.graph.output]
+                       if vi.type.tensor_type.HasField("shape")})
+    for vi in values:
+        dims = vi.type.tensor_type.shape.dim
+        a, b = (p.get(vi.name) for p in probes)
+        if a is None or b is None or not len(a) == len(b) == len(dims):
+            continue
+        for d, x, y in zip(dims, a, b):
+            if d.dim_value or d.dim_param in known or not (x.dim_value and y.dim_value):
+                continue
+            if x.dim_value == y.dim_value:
+                d.Clear()
+                d.dim_value = x.dim_value
+            elif (x.dim_value, y.dim_value) == _PROBES:
+                d.Clear()
+                d.dim_param = batch
+    return model
 
 
 def _subgraph_inputs(node) -> set:
