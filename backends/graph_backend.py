@@ -459,7 +459,14 @@ class GraphBackend:
             m = len(next(iter(part.values())))
             pad = step - m if isinstance(fixed, int) and fixed > 0 else 0  # a fixed-batch export: pad the last
             part = {key: np.ascontiguousarray(_pad(v, pad, zeros=key == ATTENTION_SEED)) for key, v in part.items()}
-            got = compiled.run(fetch, part)
+            try:
+                got = compiled.run(fetch, part)
+            except CamError:
+                # Windowed attention (Swin) is refused as such on every runtime: OpenVINO fails on
+                # its gradient graph's scatters before the shapes below can tell; the forward does.
+                if seeds is not None:
+                    self.run_attention(inputs, tokens=tokens)
+                raise
             for name, v in zip(names, got):
                 if v.shape[0] != m + pad or (tokens is not None and v.shape[-2:] != (tokens, tokens)):
                     refuse(f"{name!r} is {v.shape} for {m + pad} rows (attention per window, as in Swin)")
