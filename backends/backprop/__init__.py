@@ -6,7 +6,7 @@ so this module writes the backward pass itself, as ordinary default-domain nodes
 model's own opset: whatever runs the model runs its gradient, on any execution provider.
 
 * `cut_head` extracts the head: the sub-graph computing the logits from a feature tensor
-  ``target`` (given a free batch axis), plus the "frontier", the other non-constant tensors
+  ``target`` (given a free batch axis; a fixed-batch export keeps its batch), plus the "frontier", the other non-constant tensors
   the head reads that do not depend on ``target`` (a skip connection around the target
   layer, or a graph input read only through ``Shape``).
 * `add_backward` appends the vector-Jacobian product ``d sum(seed * of) / d wrt`` to a
@@ -37,8 +37,8 @@ module per family, each ending in its own ``RULES`` table that `RULES` merges be
   GatherElements (repeated indices need opset 16), Expand, Pad (mode constant; pads
   constant or computed, negative pads crop);
 * `arithmetic`, with numpy broadcasting: Add, Sub, Mul, Div, Pow, Neg, Sum, Mean, Max, Min
-  (ties share), Where, PRelu (slope too); the axes to sum are found from static dims, or
-  at run time from opset 13 when dims are symbolic;
+  (ties share), Where, PRelu (slope too); the axes to sum are constants, found from the
+  dims; an axis symbolic dims leave open is summed, and the run-time sizes select the sum;
 * `activation`: Relu, LeakyRelu, Elu, Sigmoid, HardSigmoid, HardSwish, Tanh, Clip, Erf,
   Gelu (both approximations), Softplus, Softsign, Mish, Abs, Exp, Log, Sqrt, Reciprocal,
   Softmax and LogSoftmax (2-D coercion before opset 13);
@@ -146,7 +146,7 @@ def gradient_model(model: onnx.ModelProto, target: str, logits: str, *, seed: st
                    grad: str = "cam_grad") -> onnx.ModelProto:
     """The head from `target` to `logits` with the gradient of ``sum(seed * logits)``.
 
-    Inputs: `target` (free batch axis), the frontier tensors of `cut_head`, then `seed`
+    Inputs: `target` (batch axis as `cut_head` leaves it), the frontier tensors of `cut_head`, then `seed`
     (shaped like `logits`).  Outputs: `logits`, then `grad` (shaped like `target`).
 
     Examples

@@ -1,8 +1,8 @@
 """Gradient rules for elementwise arithmetic with numpy broadcasting.
 
 Add, Sub, Mul, Div, Pow, Neg, Sum, Mean, Max, Min (ties share), Where, PRelu (slope too);
-the axes to sum are found from static dims, or at run time from opset 13 when dims are
-symbolic.
+the axes to sum are constants, found from the dims; an axis symbolic dims leave open is
+summed, and the run-time sizes select the sum or the gradient (`_Context.unbroadcast`).
 
 Each rule maps a `_Context` to ``{input index: gradient}``; `RULES` ends the module.
 """
