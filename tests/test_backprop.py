@@ -374,6 +374,30 @@ def test_gemm_bias_under_a_symbolic_batch_is_summed_with_constant_axes(transpose
             check(build, feeds, wrt, use_ort=True)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sizes_the_batch_decides_are_read_at_two_probe_batches(batch):
+    """TorchScript's attention reshapes to ``(batch, -1, heads, d)``: onnx's inference cannot
+    divide by the symbol, so the token axis gets a symbol of its own, which the residual's 6 could
+    be a stretched 1 of.  Inferred again at two concrete batches, the axis is 6: the residual's
+    sum has constant axes and no run-time selection."""
+    feeds = {"x": normal((batch, 6, 4)), "r": normal((batch, 6, 4), 1)}
+
+    def build(dt):
+        nodes = [node("Shape", ["x"], ["s"]), node("Slice", ["s", "zero", "one"], ["n"]),
+                 node("Concat", ["n", "split"], ["heads_shape"], axis=0), node("Reshape", ["x", "heads_shape"], ["h"]),
+                 node("Concat", ["n", "merge"], ["merge_shape"], axis=0), node("Reshape", ["h", "merge_shape"], ["m"]),
+                 node("Add", ["m", "r"])]
+        inits = {"zero": np.array([0]), "one": np.array([1]), "split": np.array([-1, 2, 2]), "merge": np.array([-1, 4])}
+        return make(nodes, {"x": ["batch", 6, 4], "r": ["batch", 6, 4]}, inits=inits, dtype=dt)
+
+    inferred = onnx.shape_inference.infer_shapes(build(D), data_prop=True)
+    token_axis = {vi.name: vi.type.tensor_type.shape for vi in inferred.graph.value_info}["m"].dim[1]
+    assert not token_axis.dim_value  # what onnx's inference alone gives
+    back = add_backward(build(D), "x", "y")
+    assert run_time_reduce_axes(back) == [] and _open_sums(back) == 0
+    check(build, feeds, "x", use_ort=True)
+
+
 @pytest.mark.parametrize("b_batch", ["m", 1])
 def test_matmul_batch_under_symbolic_dims(b_batch):
     """MatMul's batch axes: `a`'s symbolic batch is kept where `b` has none or a 1; a batch

@@ -43,8 +43,9 @@ def _tolerance(method: str, ex: Explainer, x, classes, maps: np.ndarray, logits:
     (``w_k = (y_c - y_c^k) / y_c``): a relative difference ``RTOL`` of the logits moves each weight
     by up to ``2 RTOL max|y| / |y_c|``, and the map by that times ``sum_k |A_k|``.  XGrad-CAM divides
     by each channel's activation sum: the difference grows by ``sum|A_k| / |sum A_k|``.  Score-CAM
-    min-max normalizes each channel over the positions: by ``max|A_k| / (max A_k - min A_k)``
-    (Hugging Face's LeViT, at random weights, has channels constant over its tokens up to rounding:
+    min-max normalizes each channel over the positions: by ``max|A_k| / (max A_k - min A_k)`` over
+    the channels that vary (Hugging Face's LeViT, at random weights, has channels constant over its
+    tokens up to rounding:
     both runtimes normalize that rounding to [0, 1], and which channels have the highest variance
     is rounding too).
     """
@@ -58,7 +59,8 @@ def _tolerance(method: str, ex: Explainer, x, classes, maps: np.ndarray, logits:
     if method == "scorecam":
         per_channel = np.moveaxis(f, channel, 1).reshape(f.shape[0], f.shape[channel], -1)
         span = per_channel.max(-1) - per_channel.min(-1)
-        return RTOL * scale * max(1.0, float((np.abs(per_channel).max(-1) / np.maximum(span, 1e-300)).max()))
+        varies = span > 0  # a constant channel gives zeros on both
+        return RTOL * scale * max(1.0, float((np.abs(per_channel).max(-1)[varies] / span[varies]).max(initial=1.0)))
     if method == "ablationcam":
         y = np.abs(logits.astype(np.float64))
         ratio = float(y.max() / np.take_along_axis(y, classes, 1).min())

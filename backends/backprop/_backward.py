@@ -29,7 +29,7 @@ def add_backward(model: onnx.ModelProto, wrt, of: str, *, rules: dict, seed: str
         raise NotCamCompatible(f"add_backward takes distinct tensors to differentiate with one distinct gradient "
                                f"name each, got wrt={wrts} and grad={grads}")
     opset = _check_opset(model)
-    ix = _Index(model)
+    ix = _Index(model, resolve_batch=True)  # sums over axes the shapes tell: constants, fewer ops
     ix.require(*wrts, of)
     for name in (seed, *grads):
         if ix.exists(name):

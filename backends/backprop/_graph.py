@@ -39,13 +39,13 @@ def _unknown_nonpositive_dims(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _infer(model: onnx.ModelProto) -> onnx.ModelProto:
+def _infer(model: onnx.ModelProto, resolve_batch: bool = False) -> onnx.ModelProto:
     model = _unknown_nonpositive_dims(model)
     try:
         inferred = shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # a graph inference rejects keeps the types it declares
         return model
-    return _batch_resolved(inferred)
+    return _batch_resolved(inferred) if resolve_batch else inferred
 
 
 # Two batch sizes the inputs' batch symbol is set to, to tell what onnx's symbolic inference cannot.
@@ -121,10 +121,11 @@ def _subgraph_inputs(node) -> set:
 
 
 class _Index:
-    """Producers, types and constants of one shape-inferred graph."""
+    """Producers, types and constants of one shape-inferred graph; with `resolve_batch`, the dims
+    its inputs' batch decides resolved too (`_batch_resolved`: two more inferences)."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = _infer(model)
+    def __init__(self, model: onnx.ModelProto, *, resolve_batch: bool = False):
+        self.model = _infer(model, resolve_batch)
         g = self.model.graph
         self.types = value_types(g)
         self.initializers = {t.name: t for t in g.initializer}
