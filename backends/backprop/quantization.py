@@ -19,7 +19,10 @@ constant (they are parameters, or, for DynamicQuantizeLinear, statistics of the 
 * MatMulInteger ``y = (a - za) (b - zb)``: ``da = dy (b - zb)^T``, ``db = (a - za)^T dy``;
 * ConvInteger ``y = conv(x - zx, w - zw)``: ``dx`` as for Conv with weights ``w - zw``;
 * Cast from an integer tensor (MatMulInteger's int32 product to float): the gradient
-  passes unchanged, in float (the `shape` family's Cast rule).
+  passes unchanged, in float (the `shape` family's Cast rule);
+* ops that only move or select an integer tensor's values (Reshape, Transpose, Squeeze,
+  Split, Gather, Slice, Concat, Expand...; QOperator transformers unpack their fused QKV
+  product so, in uint8): the `shape` family's rules, the gradient in float.
 
 Gradients of integer tensors are float tensors.  The estimator is exact inside the range
 for the composite ``DQ(Q(x))`` seen from ``x`` up to rounding (the test checks it against
