@@ -282,3 +282,47 @@ def test_gradient_reaches_keys_and_values_through_integer_moves_of_a_qoperator_a
     # The estimator differentiates at the rounded operands (int8 steps): a few % of the scale.
     np.testing.assert_allclose(got, expected, rtol=0, atol=0.05 * np.abs(expected).max())
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("form", ["qdq", "qoperator"])
+@pytest.mark.parametrize("k,classes", [(4, 3), (6, 5)])
+def test_gradient_passes_the_saturated_output_pairs_of_two_summed_heads(form, k, classes):
+    """DeiT with its teacher: ``logits = DQ(Q(DQ(Q(head)) + DQ(Q(head_dist)))) / 2`` (QOperator: a
+    QLinearAdd of the two quantized heads).  Each pair only rounds and saturates the reported
+    logits; the gradient is taken through them, exactly ``seed @ (W1 + W2) / 2``, also for the
+    classes the pairs' calibrated ranges clip (there the pairs' own gradient is zero)."""
+    from backends import quant_graph
+
+    rng = np.random.default_rng(k + classes + len(form))
+    w1, w2 = (rng.standard_normal((classes, k)).astype(np.float32) for _ in range(2))
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    h1, h2 = x @ w1.T, x @ w2.T
+    # Ranges covering half of each tensor's span: its largest values saturate.
+    params = {n: _qparams(v * 0.5, margin=0.0) for n, v in (("h1", h1), ("h2", h2), ("s", h1 + h2))}
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.float32(2), "two")]
+    for name, (scale, zero) in params.items():
+        inits += [numpy_helper.from_array(scale, f"{name}_s"), numpy_helper.from_array(zero, f"{name}_z")]
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h1"], transB=1), helper.make_node("Gemm", ["x", "w2"], ["h2"], transB=1),
+             helper.make_node("QuantizeLinear", ["h1", "h1_s", "h1_z"], ["h1q"]),
+             helper.make_node("QuantizeLinear", ["h2", "h2_s", "h2_z"], ["h2q"])]
+    if form == "qdq":
+        nodes += [helper.make_node("DequantizeLinear", ["h1q", "h1_s", "h1_z"], ["h1d"]),
+                  helper.make_node("DequantizeLinear", ["h2q", "h2_s", "h2_z"], ["h2d"]),
+                  helper.make_node("Add", ["h1d", "h2d"], ["s"]),
+                  helper.make_node("QuantizeLinear", ["s", "s_s", "s_z"], ["sq"])]
+    else:
+        nodes.append(helper.make_node("QLinearAdd", ["h1q", "h1_s", "h1_z", "h2q", "h2_s", "h2_z", "s_s", "s_z"], ["sq"],
+                                      domain="com.microsoft"))
+    nodes += [helper.make_node("DequantizeLinear", ["sq", "s_s", "s_z"], ["sd"]),
+              helper.make_node("Div", ["sd", "two"], ["logits"])]
+    graph = helper.make_graph(nodes, "two_heads", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x.shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = quant_graph.runnable(helper.make_model(graph, opset_imports=OPSET + [helper.make_opsetid("com.microsoft", 1)]))
+    seed = np.eye(classes, dtype=np.float32)[np.argmax(h1 + h2, 1)]  # each row's top class: saturated
+    bypassed, of = quant_graph.output_quantization_bypassed(model, "logits")
+    got = _grad(bypassed, "x", of, x, seed)
+    np.testing.assert_allclose(got, seed @ (w1 + w2) / 2, rtol=1e-5, atol=1e-6)
+    # Through the pairs themselves the clipped estimator stops it for some rows' top class.
+    stopped = np.all(_grad(model, "x", "logits", x, seed) == 0, axis=1)
+    assert stopped.any() and np.all(got[stopped] != 0)
