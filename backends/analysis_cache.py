@@ -4,7 +4,8 @@
 `find_target`, `expose_outputs`); importing `onnx` alone takes most of a one-image
 ``camcore explain`` (its `ml_dtypes` extension).  The analysis only depends on the model
 file, the tensor-name overrides and the versions of camcore, onnx and onnxruntime, so
-its result is stored once per such key:
+its result is stored once per such key (with a fingerprint of camcore's graph code, so that a
+changed checkout of the same version does not read an older analysis):
 
 ``<folder>/<key>/head.json``
     The `Head` (TensorSpec dtypes as numpy dtype strings, shapes with ints, str or
@@ -26,6 +27,7 @@ disables the cache).  Deleting it at any time is safe.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -93,8 +95,18 @@ def entry_key(model_sha256: str, *, feature=None, logits=None, output=None, onnx
     onnx's version is read from the installed package's metadata: `onnx` is not imported.
     """
     return {"format": FORMAT, "model_sha256": model_sha256, "feature": feature, "logits": logits,
-            "output": output, "camcore": camcore_version, "onnx": _package_version("onnx"),
-            "onnxruntime": onnxruntime_version}
+            "output": output, "camcore": camcore_version, "code": code_fingerprint(),
+            "onnx": _package_version("onnx"), "onnxruntime": onnxruntime_version}
+
+
+@functools.cache
+def code_fingerprint() -> str:
+    """sha256 of the analysis code (this package's modules): an entry written by other code of the
+    same camcore version (a development checkout, a patched install) is a miss, not a stale answer."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.rglob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
 
 
 def key_name(parts: dict) -> str:

@@ -153,6 +153,16 @@ def test_changed_file_after_a_hit_is_an_error_when_the_graph_is_read(cache, tmp_
         ex.backend.model
 
 
+def test_other_analysis_code_is_a_miss(cache, tmp_path, monkeypatch):
+    """An entry written by other graph code of the same camcore version is not read."""
+    path = CASES["gap_gemm"]().save(tmp_path)
+    camcore.load(path)
+    assert camcore.load(path).backend.cache_hit
+    assert len(analysis_cache.code_fingerprint()) == 64
+    monkeypatch.setattr(analysis_cache, "code_fingerprint", lambda: "0" * 64)
+    assert not camcore.load(path).backend.cache_hit and len(entries(cache)) == 2
+
+
 def test_feature_override_is_another_entry(cache, tmp_path):
     zm = CASES["gap_gemm"]()
     path = zm.save(tmp_path)

@@ -53,7 +53,8 @@ module per family, each ending in its own ``RULES`` table that `RULES` merges be
   ReduceMin, ReduceL1, ReduceL2, ReduceSumSquare, ReduceLogSumExp (axes constant);
 * `quantization`, by the clipped straight-through estimator (onnxruntime's FakeQuantGrad):
   QuantizeLinear, DequantizeLinear (per tensor or per axis), DynamicQuantizeLinear,
-  MatMulInteger, ConvInteger; integer tensors they produce carry float gradients, and other
+  MatMulInteger, ConvInteger; integer tensors they produce, and moves of those (Reshape,
+  Split, Gather, Slice...), carry float gradients, and other
   integer kernels (QLinear*, fused ``com.microsoft`` ops) are refused in one line naming the
   methods that need no gradient.
 

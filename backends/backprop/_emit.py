@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 from camcore.errors import NotCamCompatible
 
 from .._proto import attr, axes_input_opset, node_label, text_attr
-from ._graph import _Index
+from ._graph import _FLOAT_TYPES, _Index
 
 # ScatterElements' reduction="add" (needed where selections may repeat an index).
 _SCATTER_ADD_OPSET = 16
@@ -44,6 +44,14 @@ class _Emitter:
 
     def elem(self, name: str) -> int:
         return self.types.get(name) or self.ix.elem_type(name) or self.default_type
+
+    def grad_elem(self, name: str) -> int:
+        """The element type of a gradient shaped like `name`: its own type, or, for an integer
+        tensor that carries a gradient (see `quantization`), the float type of the pass."""
+        elem = self.elem(name)
+        if elem in _FLOAT_TYPES:
+            return elem
+        return self.default_type if self.default_type in _FLOAT_TYPES else onnx.TensorProto.FLOAT
 
     def op(self, op_type: str, inputs, *, n_out: int = 1, hint: str | None = None, attributes=(), **attrs):
         outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
@@ -74,7 +82,9 @@ class _Emitter:
         return self._shapes[x]
 
     def typed(self, name: str, like: str) -> str:
-        self.types[name] = self.elem(like)
+        """`name`, a gradient or a value computed for one, typed like `like` (float where
+        `like` is an integer tensor)."""
+        self.types[name] = self.grad_elem(like)
         return name
 
     # arithmetic, results typed like their first operand
@@ -98,7 +108,7 @@ class _Emitter:
 
     def mask(self, cond, like):
         """A bool tensor cast to `like`'s element type."""
-        return self.typed(self.op("Cast", [cond], to=self.elem(like)), like)
+        return self.typed(self.op("Cast", [cond], to=self.grad_elem(like)), like)
 
     def reshape(self, x, shape):
         return self.typed(self.op("Reshape", [x, shape]), x)
@@ -120,16 +130,17 @@ class _Emitter:
     def count(self, big: str, small: str, like: str):
         """numel(big) / numel(small) as a scalar of `like`'s type."""
         ratio = self.op("Div", [self.op("Size", [big]), self.op("Size", [small])])
-        return self.typed(self.op("Cast", [ratio], to=self.elem(like)), like)
+        return self.typed(self.op("Cast", [ratio], to=self.grad_elem(like)), like)
 
     def zeros_like(self, x: str):
-        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(self.elem(x))))
+        """A zero gradient shaped like `x`."""
+        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(self.grad_elem(x))))
         return self.typed(self.op("ConstantOfShape", [self.shape(x)], value=value), x)
 
     def scatter(self, x: str, selected: str, g: str, *, add: bool):
         """Gradient of a selection: `g` scattered into zeros shaped like `x` at the flat
         indices `selected` (the selection applied to ``arange(x.size)``)."""
-        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(self.elem(x))))
+        value = numpy_helper.from_array(np.zeros(1, dtype=helper.tensor_dtype_to_np_dtype(self.grad_elem(x))))
         flat = self.op("ConstantOfShape", [self.op("Reshape", [self.op("Size", [x]), self.ints([1])])], value=value)
         attrs = {"reduction": "add"} if add else {}
         minus_one = self.ints([-1])

@@ -19,7 +19,10 @@ constant (they are parameters, or, for DynamicQuantizeLinear, statistics of the 
 * MatMulInteger ``y = (a - za) (b - zb)``: ``da = dy (b - zb)^T``, ``db = (a - za)^T dy``;
 * ConvInteger ``y = conv(x - zx, w - zw)``: ``dx`` as for Conv with weights ``w - zw``;
 * Cast from an integer tensor (MatMulInteger's int32 product to float): the gradient
-  passes unchanged, in float (the `shape` family's Cast rule).
+  passes unchanged, in float (the `shape` family's Cast rule);
+* ops that only move or select an integer tensor's values (Reshape, Transpose, Squeeze,
+  Split, Gather, Slice, Concat, Expand...; QOperator transformers unpack their fused QKV
+  product so, in uint8): the `shape` family's rules, the gradient in float.
 
 Gradients of integer tensors are float tensors.  The estimator is exact inside the range
 for the composite ``DQ(Q(x))`` seen from ``x`` up to rounding (the test checks it against
@@ -41,9 +44,12 @@ __all__ = ["RULES", "carries_gradient", "integer_rule", "NO_GRADIENT_METHODS"]
 
 # Ops whose first output, an integer tensor, still carries a gradient.
 _QUANTIZED = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "ConvInteger"}
-# Ops that move an integer tensor's values (a Reshape between a QuantizeLinear and its
-# DequantizeLinear): their output carries the gradient when their input does.
-_MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"}
+# Ops that move or select an integer tensor's values without computing new ones (a Reshape
+# between a QuantizeLinear and its DequantizeLinear; in QOperator transformers, the fused QKV
+# product's Reshape -> Split/Gather -> Transpose on uint8 between QLinear ops): each of their
+# outputs carries the gradient when a data input does.  Their rules are the `shape` family's.
+_MOVES = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Split", "Slice", "Gather",
+          "GatherElements", "Concat", "Expand"}
 _INT_RANGES = {TensorProto.UINT8: (0, 255), TensorProto.INT8: (-128, 127),
                TensorProto.UINT16: (0, 65535), TensorProto.INT16: (-32768, 32767)}
 _FLOAT = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BFLOAT16}
@@ -192,8 +198,10 @@ def carries_gradient(node, active) -> list:
     """
     if node.op_type in _QUANTIZED and node.input and node.input[0] in active:
         return list(node.output[:1])
-    if node.op_type in _MOVES and node.input and node.input[0] in active:
-        return list(node.output[:1])
+    if node.op_type in _MOVES and node.input:
+        data = node.input if node.op_type == "Concat" else node.input[:1]
+        if any(i in active for i in data):
+            return [o for o in node.output if o]
     return []
 
 

@@ -85,12 +85,17 @@ def _check_pooled(run_pooled):
         raise InvalidInput(f"run_pooled must be None or a callable, got {type(run_pooled).__name__}")
 
 
-def _scores(logits: np.ndarray, scoring: str) -> np.ndarray:
+def _picked_scores(logits: np.ndarray, sel: np.ndarray, scoring: str) -> np.ndarray:
+    """``(N, P, k)`` scores of the classes ``sel`` ``(N, k)`` from ``(N, P, C)`` logits.
+
+    The softmax is normalized only where it is read: ``exp(z_c - logsumexp(z))``, no ``(N, P, C)``
+    division.
+    """
+    picked = np.take_along_axis(logits, sel[:, None, :], axis=2)
     if scoring == "softmax":
-        return softmax(logits)
-    if scoring == "sigmoid":
-        return sigmoid(logits)
-    return logits
+        top = logits.max(axis=2, keepdims=True)
+        return np.exp(picked - top - np.log(np.exp(logits - top).sum(axis=2, keepdims=True)))
+    return sigmoid(picked) if scoring == "sigmoid" else picked
 
 
 def _weighted_maps(weights: np.ndarray, f: np.ndarray, layout: str) -> np.ndarray:
@@ -311,8 +316,7 @@ def reciprocam(features, classes, run_head, *, layout="NCHW", scoring="softmax",
             return (buffer[:len(rows)],)
 
         logits = _run_rows(run_head, make_rows, n * positions, len(buffer))
-    scores = _scores(logits, scoring)
-    picked = np.take_along_axis(scores.reshape(n, positions, -1), sel[:, None, :], axis=2)  # (N, h*w, k)
+    picked = _picked_scores(logits.reshape(n, positions, -1), sel, scoring)  # (N, h*w, k)
     return picked.transpose(0, 2, 1).reshape(n, sel.shape[1], h, w).astype(f.dtype, copy=False)
 
 
