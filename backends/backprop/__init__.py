@@ -6,9 +6,9 @@ so this module writes the backward pass itself, as ordinary default-domain nodes
 model's own opset: whatever runs the model runs its gradient, on any execution provider.
 
 * `cut_head` extracts the head: the sub-graph computing the logits from a feature tensor
-  ``target`` (given a free batch axis; a fixed-batch export keeps its batch), plus the "frontier", the other non-constant tensors
-  the head reads that do not depend on ``target`` (a skip connection around the target
-  layer, or a graph input read only through ``Shape``).
+  ``target`` (given a free batch axis; a fixed-batch export keeps its batch), plus the
+  "frontier", the other non-constant tensors the head reads that do not depend on ``target``
+  (a skip connection around the target layer, or a graph input read only through ``Shape``).
 * `add_backward` appends the vector-Jacobian product ``d sum(seed * of) / d wrt`` to a
   copy of a model: ``seed`` becomes a new input shaped like ``of``, the gradient (shaped
   like ``wrt``) a new output.  Each node on a path from ``wrt`` to ``of`` is differentiated
@@ -147,8 +147,8 @@ def gradient_model(model: onnx.ModelProto, target: str, logits: str, *, seed: st
                    grad: str = "cam_grad") -> onnx.ModelProto:
     """The head from `target` to `logits` with the gradient of ``sum(seed * logits)``.
 
-    Inputs: `target` (batch axis as `cut_head` leaves it), the frontier tensors of `cut_head`, then `seed`
-    (shaped like `logits`).  Outputs: `logits`, then `grad` (shaped like `target`).
+    Inputs: `target` (its batch axis as `cut_head` leaves it), the frontier tensors of
+    `cut_head`, then `seed` (shaped like `logits`).  Outputs: `logits`, then `grad` (shaped like `target`).
 
     Examples
     --------
