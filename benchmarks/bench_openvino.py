@@ -22,8 +22,9 @@ Part 2, OpenVINO XAI: OVX 1.1 pins OpenVINO 2024.4 and numpy 1.x, so it runs in 
 environment (``--ovx-python``), through ``benchmarks/ovx_reciprocam.py``, which writes
 JSON.  Blocks alternate: OVX at its default, OVX at f32 (each a fresh process: `repeat`
 timed calls after `warmup`), then camcore's Recipro-CAM, batch 1, the same number of
-calls timed the same way (``time.perf_counter`` around each call) on OpenVINO default,
-OpenVINO f32 and onnxruntime.  Figures are medians over all blocks' calls.
+calls timed the same way (``time.perf_counter`` around each call) on onnxruntime, OpenVINO
+default and OpenVINO f32, each in a fresh process as OVX is (in one process, the runtime
+timed just before left its threads competing for the 2 cores).  Figures are medians over all blocks' calls.
 
 Run it from the repository root::
 
@@ -79,6 +80,22 @@ def run_ovx(python: str, model: Path, precision: str, repeat: int, warmup: int) 
         return json.loads(out.read_text())
 
 
+def run_camcore(name: str, plain_path, fused_path, repeat: int, warmup: int) -> list:
+    """camcore's Recipro-CAM on runtime `name`, batch 1, timed in a fresh process (`time_calls`)."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", name, str(plain_path),
+                           str(fused_path), str(repeat), str(warmup)], capture_output=True, text=True, timeout=1200)
+    if done.returncode != 0:
+        raise CamError(f"camcore child on {name} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _child(name: str, plain_path: str, fused_path: str, repeat: str, warmup: str) -> int:
+    setup = configurations(name, plain_path, fused_path)
+    step = bench.method_step(setup.explainer, bench.random_feed(setup.specs, 1), "reciprocam")
+    print(json.dumps(time_calls(step, int(repeat), int(warmup))))
+    return 0
+
+
 def time_calls(step, repeat: int, warmup: int) -> list:
     for _ in range(warmup):
         step()
@@ -96,6 +113,9 @@ def pearson(a, b) -> float:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return _child(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=15, help="interleaved rounds kept (part 1)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -147,16 +167,14 @@ def main(argv=None) -> int:
         ovx = {}
         if args.ovx_python:
             calls = {f"camcore {name}": [] for name in setups}
-            feed = bench.random_feed(next(iter(setups.values())).specs, 1)
             for _ in range(args.ovx_blocks):
                 for precision in ("default", "f32"):
                     got = run_ovx(args.ovx_python, model, precision, args.ovx_repeat, 5)
                     entry = ovx.setdefault(precision, {**{k: v for k, v in got.items() if k != "seconds"},
                                                        "seconds": []})
                     entry["seconds"] += got["seconds"]
-                for name, setup in setups.items():
-                    step = bench.method_step(setup.explainer, feed, "reciprocam")
-                    calls[f"camcore {name}"] += time_calls(step, args.ovx_repeat, 5)
+                for name in setups:  # each in a fresh process too, as OVX: no other runtime's threads about
+                    calls[f"camcore {name}"] += run_camcore(name, plain_path, fused_path, args.ovx_repeat, 5)
             x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
             for name, setup in setups.items():
                 out = setup.explainer.explain(x, top_k=1, method="reciprocam")
