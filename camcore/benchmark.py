@@ -403,12 +403,16 @@ def available_runtimes() -> list:
 # --------------------------------------------------------------------------- benchmark
 
 
-def time_interleaved(steps: dict, *, repeat: int, warmup: int) -> dict:
+def time_interleaved(steps: dict, *, repeat: int, warmup: int, settle: int = 1) -> dict:
     """Time ``{(mode, batch): callable}`` in interleaved rounds.
 
     Each round runs every batch size and, for each, every mode it has once;
     the mode order rotates from round to round.  Returns ``{(mode, batch): [seconds]}``
-    for the `repeat` rounds kept after `warmup` untimed ones.
+    for the `repeat` rounds kept after `warmup` untimed ones.  Each timed call follows
+    `settle` untimed calls of the same mode: a runtime's worker threads keep spinning for a
+    while after a run (onnxruntime's, OpenVINO's), and the first call of another session
+    after it paid for them (on 2 cores, plain inference at batch 1 measured 1.5-2x slower
+    than alone).
     """
     modes = tuple(dict.fromkeys(mode for mode, _ in steps))
     batches = tuple(dict.fromkeys(batch for _, batch in steps))
@@ -417,6 +421,8 @@ def time_interleaved(steps: dict, *, repeat: int, warmup: int) -> dict:
         order = modes[r % len(modes):] + modes[:r % len(modes)]
         for batch in batches:
             for mode in (m for m in order if (m, batch) in steps):
+                for _ in range(settle):
+                    steps[mode, batch]()
                 start = time.perf_counter()
                 steps[mode, batch]()
                 elapsed = time.perf_counter() - start
