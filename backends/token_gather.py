@@ -221,7 +221,7 @@ def _crossing(g: _Graph, node, axis: int, indices: tuple, version: int) -> _Cros
         perm = attr(node, "perm", None) or list(range(rank))[::-1]
         return _Crossing({0: perm[axis]})
     if op in ("Squeeze", "Unsqueeze"):
-        axes = _axes(g, node, version)
+        axes = _axes(g, node)
         if axes is None:
             return None
         if op == "Squeeze":
@@ -254,7 +254,7 @@ def _binary(g: _Graph, node, axis: int, indices: tuple, y: tuple) -> _Crossing |
     return _Crossing(picks, constants) if picks else None
 
 
-def _axes(g: _Graph, node, version: int):
+def _axes(g: _Graph, node):
     if len(node.input) > 1 and node.input[1]:
         value = g.constant(node.input[1])
         return None if value is None else [int(a) for a in np.ravel(value)]
@@ -293,10 +293,9 @@ def _split_fused_projections(model: onnx.ModelProto) -> None:
     (the head then projects one query, not ``T``).
     """
     g = _Graph.build(model)
-    version = opset(model)
     replace, inits = {}, []
     for node in model.graph.node:
-        parts = _fused_parts(g, node, version)
+        parts = _fused_parts(g, node)
         if parts is None:
             continue
         matmul, add, reshape, transpose, outs, n, readers = parts
@@ -335,7 +334,7 @@ def _split_fused_projections(model: onnx.ModelProto) -> None:
     _drop_dead_nodes(model)
 
 
-def _fused_parts(g: _Graph, matmul, version: int):
+def _fused_parts(g: _Graph, matmul):
     """``(MatMul, Add or None, Reshape, Transpose, part outputs, n, nodes splitting the parts)`` of a
     fused projection, else None."""
     if matmul.op_type != "MatMul" or matmul.domain not in ("", "ai.onnx"):
@@ -376,13 +375,13 @@ def _fused_parts(g: _Graph, matmul, version: int):
     outs = [None] * n
     if len(readers) == 1 and readers[0].op_type == "Split":
         split = readers[0]
-        sizes = _axes(g, split, version) if len(split.input) > 1 else attr(split, "split", None)
+        sizes = _axes(g, split) if len(split.input) > 1 else attr(split, "split", None)
         if ((attr(split, "axis", 0) or 0) != 0 or len(split.output) != n
                 or (sizes is not None and list(sizes) != [1] * n)):
             return None
         for i, part in enumerate(split.output):
             squeeze = sole_reader(part)
-            axes = None if squeeze is None or squeeze.op_type != "Squeeze" else _axes(g, squeeze, version)
+            axes = None if squeeze is None or squeeze.op_type != "Squeeze" else _axes(g, squeeze)
             if axes is None or [a % (len(y)) for a in axes] != [0]:
                 return None
             outs[i] = squeeze.output[0]
