@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import camcore
 from camcore import CamError, NotCamCompatible
 from tests.test_attention import gae_reference, rollout_reference
+from tests.test_transformers import _load, _relative, _x
 
 corpus = pytest.importorskip("tests.corpus", reason="tests/corpus.py (the real-export corpus) is not in this checkout")
 
@@ -37,15 +37,12 @@ WINDOWED = [e for e in ENTRIES if e.get("attention_kind") == "windowed"]
 OTHER = [e for e in ENTRIES if e not in GLOBAL and e not in WINDOWED]
 
 
-def _load(case):
-    size = case.get("image_size")
-    return camcore.load(case["path"], providers=["cpu"], size=(size, size) if size else None)
-
-
-def _relative(ours, theirs) -> float:
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    assert ours.shape == theirs.shape, f"shape {ours.shape}, torch's {theirs.shape}"
-    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
+def _case(entry):
+    """The entry's recorded data, its explainer and the model-ready input."""
+    corpus.require(FRAMEWORK)
+    d = corpus.load(entry)
+    explainer = _load(d)
+    return d["data"], explainer, _x(explainer, d["data"])
 
 
 def test_the_corpus_has_transformers_with_attention_to_read():
@@ -55,13 +52,9 @@ def test_the_corpus_has_transformers_with_attention_to_read():
 
 @pytest.mark.parametrize("entry", GLOBAL, ids=corpus.entry_id)
 def test_attention_and_its_gradients_match_torch(entry):
-    corpus.require(FRAMEWORK)
-    case = corpus.load(entry)
-    d = case["data"]
-    explainer = _load(case)
+    d, explainer, x = _case(entry)
     tokens = explainer.head.tokens
     assert tokens is not None and len(tokens.attention) == len(entry["attention"])
-    x = {explainer.head.input.name: d["x"].astype(explainer.head.input.dtype)}
     n, classes = len(d["x"]), d["grad_classes"]
     seeds = np.zeros((n, 1, explainer.head.num_classes), np.float32)
     seeds[np.arange(n), 0, classes] = 1
@@ -76,11 +69,7 @@ def test_attention_and_its_gradients_match_torch(entry):
 
 @pytest.mark.parametrize("entry", GLOBAL, ids=corpus.entry_id)
 def test_rollout_and_gae_match_the_numpy_reference_on_torch_attention(entry):
-    corpus.require(FRAMEWORK)
-    case = corpus.load(entry)
-    d = case["data"]
-    explainer = _load(case)
-    x = {explainer.head.input.name: d["x"].astype(explainer.head.input.dtype)}
+    d, explainer, x = _case(entry)
     classes = d["grad_classes"][:, None]
     prefix, grid, pooling = entry["prefix_tokens"], tuple(entry["grid"]), entry["pooling"]
     att = [d[a["name"]].astype(np.float64) for a in entry["attention"]]
@@ -96,11 +85,7 @@ def test_rollout_and_gae_match_the_numpy_reference_on_torch_attention(entry):
 
 @pytest.mark.parametrize("entry", WINDOWED, ids=corpus.entry_id)
 def test_windowed_attention_is_refused_in_one_line(entry):
-    corpus.require(FRAMEWORK)
-    case = corpus.load(entry)
-    d = case["data"]
-    explainer = _load(case)
-    x = {explainer.head.input.name: d["x"].astype(explainer.head.input.dtype)}
+    _, explainer, x = _case(entry)
     for method in ("rollout", "gae"):
         with pytest.raises(NotCamCompatible, match=r"needs? .*attention.*(windowed|Swin).*the feature methods apply") as err:
             explainer.explain(x, method=method)
@@ -110,11 +95,7 @@ def test_windowed_attention_is_refused_in_one_line(entry):
 @pytest.mark.parametrize("entry", OTHER, ids=corpus.entry_id)
 def test_other_attention_gives_a_grid_map_or_one_line(entry):
     """CvT, LeViT, PVTv2: attention of other stages or spatially reduced keys; a map on the grid or a refusal."""
-    corpus.require(FRAMEWORK)
-    case = corpus.load(entry)
-    d = case["data"]
-    explainer = _load(case)
-    x = {explainer.head.input.name: d["x"].astype(explainer.head.input.dtype)}
+    d, explainer, x = _case(entry)
     for method in ("rollout", "gae"):
         try:
             maps = explainer.explain(x, method=method).maps
