@@ -21,6 +21,23 @@ def seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
+def randomize_torch(model) -> None:
+    """Random biases, norm affines and BatchNorm running stats of a torch model, so exporters cannot
+    fold them away (torch is imported here: the Keras and Paddle exporters run without it)."""
+    import torch
+
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0.0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and isinstance(m, norms):
+                m.weight.uniform_(0.5, 1.5)
+            if isinstance(getattr(m, "bias", None), torch.Tensor):
+                m.bias.normal_(0.0, 0.1)
+
+
 def is_affine(head, features: np.ndarray, rng: np.random.Generator, rtol: float = 1e-4) -> bool:
     """Whether ``head`` (features -> logits) is affine: ``head(a) + head(b) == head(a + b) + head(0)``.
 

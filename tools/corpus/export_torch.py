@@ -57,25 +57,11 @@ MODELS = {
 }
 
 
-def randomize(model: torch.nn.Module) -> None:
-    """Random biases, norm affines and BatchNorm running stats, so exporters cannot fold them away."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-            if isinstance(getattr(m, "weight", None), torch.Tensor) and isinstance(
-                    m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-            if isinstance(getattr(m, "bias", None), torch.Tensor):
-                m.bias.normal_(0.0, 0.1)
-
-
 def export(name: str, cfg: dict, out) -> None:
     seed = common.seed(name)
     torch.manual_seed(seed)
     model = timm.create_model(cfg["arch"], pretrained=False, num_classes=10, **cfg.get("kw", {}))
-    randomize(model)
+    common.randomize_torch(model)
     model.eval()
     x = torch.randn(common.BATCH, 3, cfg["size"], cfg["size"])
 

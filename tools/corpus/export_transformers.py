@@ -305,18 +305,10 @@ def build_model(lib: str, family: str, seed: int):
 
 
 def randomize(model: torch.nn.Module) -> None:
-    """Random biases, norm affines, BatchNorm stats and learned tokens, so nothing folds away and
-    the prefix tokens differ from each other."""
+    """`common.randomize_torch`, and random learned tokens, so nothing folds away and the prefix
+    tokens differ from each other."""
+    common.randomize_torch(model)
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-                m.running_mean.normal_(0.0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-            if isinstance(getattr(m, "weight", None), torch.Tensor) and isinstance(
-                    m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)):
-                m.weight.uniform_(0.5, 1.5)
-            if isinstance(getattr(m, "bias", None), torch.Tensor):
-                m.bias.normal_(0.0, 0.1)
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if p.abs().max() == 0 or leaf in ("cls_token", "dist_token", "reg_token", "register_tokens",
