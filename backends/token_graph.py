@@ -172,6 +172,9 @@ def _token_reads(g: _Graph, nodes) -> list:
             if axes is not None and len(axes) == 1 and axes[0] % 4 in (2, 3):
                 lifted[node.output[0]] = (transposed[x], 3 if axes[0] % 4 == 2 else 2)
             continue
+        if x in lifted and op in _PER_VALUE:  # an int8 graph's Q/DQ pair between the view and its pool
+            lifted[node.output[0]] = lifted[x]
+            continue
         if x in lifted and op in ("ReduceMean", "GlobalAveragePool", "AveragePool"):
             source, axis = lifted[x]
             axes = (2, 3) if op != "ReduceMean" else _reduce_axes(g, node)

@@ -152,3 +152,21 @@ def test_swin_attention_methods_are_refused_in_one_line_in_int8(tmp_path):
             explainer.explain(x, method=method)
         message = str(refusal.value)
         assert "\n" not in message and "gradcam" in message and "reciprocam" in message
+
+
+@pytest.mark.parametrize("form", ["qdq", "qoperator", "dynamic", "float16_keep_io"])
+def test_dynamo_swin_is_read_on_its_grid_in_deployed_forms(form, tmp_path):
+    """The dynamo exporter writes HF Swin's AdaptiveAvgPool1d as a pool of an unsqueezed (N, C, 1, T)
+    view, and QDQ puts a Q/DQ pair between the view and the pool: the tokens are still found (the
+    int8 model was read as a CNN with a 1x16 map before), and every method maps on the 4x4 grid."""
+    entry = _entry("hf_swin_dynamo")
+    size = (entry["image_size"],) * 2
+    path = _form(corpus.home() / "models" / entry["file"], form, camcore.Preprocess.imagenet(size), tmp_path)
+    explainer = camcore.load(path, providers=["cpu"], size=size)
+    tokens = explainer.head.tokens
+    assert tokens is not None and (tokens.pooling, tokens.prefix, list(tokens.grid)) == (
+        entry["pooling"], entry["prefix_tokens"], entry["grid"])
+    x = np.random.default_rng(0).standard_normal((2, 3, *size)).astype(explainer.head.input.dtype)
+    for method in ("gradcam", "eigencam", "reciprocam"):
+        maps = explainer.explain(x, method=method).maps
+        assert maps.shape == (2, 1, *entry["grid"]) and np.isfinite(maps).all(), method
